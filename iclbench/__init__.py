@@ -1,0 +1,28 @@
+"""iclbench: a plugin-based benchmark suite for in-context learning.
+
+Public API: :func:`run` trains and evaluates one task × model; :class:`Task`, :class:`Model`,
+:class:`Probe`, :class:`Baseline` and :data:`hookimpl` are what plugins build on.
+"""
+
+from importlib import metadata as _metadata
+
+from .hookspecs import hookimpl
+from .model import HookPoint, Model
+from .probe import Probe, ProbeResult
+from .task import Baseline, Batch, Task
+
+try:
+    __version__ = _metadata.version("iclbench")
+except _metadata.PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0+unknown"
+
+
+def run(*args, **kwargs):
+    """Train, evaluate and record one run; see :func:`iclbench.runner.run`."""
+    from .runner import run as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["Baseline", "Batch", "HookPoint", "Model", "Probe", "ProbeResult", "Task", "hookimpl", "run",
+           "__version__"]

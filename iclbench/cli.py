@@ -1,0 +1,124 @@
+"""Command line: ``iclbench run | list | leaderboard``. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import ICLBenchError
+
+KINDS = ("tasks", "models", "baselines", "probes")
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="train a model on a task, evaluate it beside the baselines, record the run")
+    p.add_argument("--task", help="task name (see `iclbench list tasks`)")
+    p.add_argument("--model", help="model name (see `iclbench list models`)")
+    p.add_argument("--config", help="YAML file with task/model/train/eval/seed/device/out keys")
+    p.add_argument("--steps", type=int, help="training steps (train.steps)")
+    p.add_argument("--seed", type=int, help="seed for initialisation and the training stream")
+    p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", help="results directory (default: results)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field, e.g. --set task.noise=0.1 --set model.d_model=128")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table; print the run dir")
+
+
+def cmd_run(args) -> int:
+    from .runner import format_curves, run
+
+    result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,
+                 device=args.device, out=args.out, overrides=args.overrides, quiet=args.quiet)
+    if args.quiet:
+        print(result.run_dir)
+        return 0
+    m = result.metrics
+    print(format_curves(m))
+    t = m["train"]
+    print(f"\n{m['task']} × {m['model']} seed {m['seed']} on {m['provenance']['device']}: "
+          f"{t['steps']} steps in {t['train_time_s']:.1f}s ({t['tokens_per_s']:,.0f} tokens/s), "
+          f"total {m['wall_time_s']:.1f}s")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    from .registry import get_registry
+
+    reg = get_registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        if kind == "baselines":
+            rows = []
+            for task_name, entry in sorted(reg.tasks.items()):
+                try:
+                    task = entry.obj()
+                    for name, e in reg.task_baselines(task).items():
+                        doc = (getattr(e.obj, "__doc__", None) or "").strip().splitlines()
+                        rows.append([f"{task_name}:{name}", e.description or (doc[0] if doc else ""), e.plugin])
+                except Exception as exc:  # a broken task must not hide the others
+                    rows.append([f"{task_name}:?", f"cannot list: {type(exc).__name__}: {exc}", entry.plugin])
+        else:
+            table = getattr(reg, kind)
+            rows = [[n, e.description, e.plugin] for n, e in sorted(table.items())]
+        if len(kinds) > 1:
+            print(f"\n{kind}:")
+        print(tabulate(rows, headers=["name", "description", "plugin"], tablefmt="plain") if rows
+              else f"(no {kind} registered)")
+    if reg.failed:
+        print("\nplugins that failed to load:")
+        for name, err in reg.failed.items():
+            print(f"  {name}: {err}")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard import render
+
+    print(render(args.results, args.format))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="iclbench", description="Benchmark suite for in-context learning.")
+    p.add_argument("--version", action="version", version=f"iclbench {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    lp = sub.add_parser("list", help="list registered tasks, models, baselines, probes")
+    lp.add_argument("kind", nargs="?", choices=KINDS)
+    lb = sub.add_parser("leaderboard", help="table of every run under a results directory")
+    lb.add_argument("--results", default="results", help="results directory (default: results)")
+    from .leaderboard import FORMATS
+
+    lb.add_argument("--format", default="github", choices=FORMATS)
+    return p
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ICLBenchError as exc:
+        print(f"iclbench: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("iclbench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line unless asked for the traceback
+        if os.environ.get("ICLBENCH_DEBUG"):
+            raise
+        print(f"iclbench: internal error: {type(exc).__name__}: {exc} (set ICLBENCH_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Run configuration: YAML file + CLI shortcuts + ``--set key=value`` overrides, validated up front.
+
+Resolved form (what ``config.yaml`` in a run directory holds)::
+
+    task:  {name: affine, context_len: 16, ...}     # the task's Options, every field
+    model: {name: gpt3l, n_layers: 3, ...}          # the model's Options, every field
+    train: {steps: ..., batch_size: ..., lr: ...}   # TrainOptions
+    eval:  {n_sequences: ..., seed: ..., ...}       # EvalOptions
+    seed: 0
+    device: auto
+    out: results
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ICLBenchError, did_you_mean
+from .options import build_options, parse_scalar
+from .registry import Registry
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: int = 200
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; or fp32 / bf16
+    log_every: int = 100
+
+    def validate(self):
+        if self.steps <= 0:
+            raise ValueError(f"steps must be > 0, got {self.steps}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup, grad_clip and weight_decay must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every must be > 0, got {self.log_every}")
+
+
+@dataclass
+class EvalOptions:
+    n_sequences: int = 4096
+    seed: int = 20240601  # the evaluation set depends on this only, not on the run's seed
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    score_from: int = -1  # first position in the summary mean; -1: the task's default
+
+    def validate(self):
+        if self.n_sequences < 2:
+            raise ValueError(f"n_sequences must be >= 2, got {self.n_sequences}")
+        if self.bootstrap < 1:
+            raise ValueError(f"bootstrap must be >= 1, got {self.bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+
+
+TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out")
+#: fields that do not change what a run computes; left out of the config hash
+NOT_HASHED = {("train", "log_every")}
+
+
+@dataclass
+class RunConfig:
+    task: str
+    model: str
+    task_options: Any
+    model_options: Any
+    train: TrainOptions = field(default_factory=TrainOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    seed: int = 0
+    device: str = "auto"
+    out: str = "results"
+
+    def to_dict(self) -> dict:
+        return {
+            "task": {"name": self.task, **dataclasses.asdict(self.task_options)},
+            "model": {"name": self.model, **dataclasses.asdict(self.model_options)},
+            "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
+            "seed": self.seed,
+            "device": self.device,
+            "out": self.out,
+        }
+
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections; runs agreeing on them are comparable."""
+        d = self.to_dict()
+        payload = {s: {k: v for k, v in d[s].items() if (s, k) not in NOT_HASHED} for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def config_hash(self) -> str:
+        """Everything that changes the numbers except the seed (and where the run is computed/stored)."""
+        return self.section_hash("task", "model", "train", "eval")
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.task}-{self.model}-{self.config_hash}-s{self.seed}"
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ICLBenchError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ICLBenchError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ICLBenchError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(tree: dict, key: str, value: Any, where: str):
+    parts = key.split(".")
+    if not all(parts):
+        raise ICLBenchError(f"malformed key {key!r} in {where}; use section.field, e.g. task.noise")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else {"name": child}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve(registry: Registry, *, config: str | Path | dict | None = None, task: str | None = None,
+            model: str | None = None, steps: int | None = None, seed: int | None = None,
+            device: str | None = None, out: str | None = None, overrides=()) -> RunConfig:
+    """Merge file, shortcuts and overrides (later wins) and validate everything against the schemas."""
+    where = "config"
+    if isinstance(config, (str, Path)):
+        where = str(config)
+        raw = load_yaml(config)
+    else:
+        raw = dict(config or {})
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ICLBenchError(f"unknown key '{key}' in {where}" + did_you_mean(str(key), TOP_LEVEL))
+    for section in ("task", "model"):
+        if isinstance(raw.get(section), str):
+            raw[section] = {"name": raw[section]}
+    for key, value in (("task", task), ("model", model)):
+        if value is not None:
+            raw.setdefault(key, {})
+            if not isinstance(raw[key], dict):
+                raise ICLBenchError(f"'{key}' in {where} must be a name or a mapping")
+            raw[key]["name"] = value
+    if steps is not None:
+        raw.setdefault("train", {})
+        raw["train"]["steps"] = steps
+    for key, value in (("seed", seed), ("device", device), ("out", out)):
+        if value is not None:
+            raw[key] = value
+    if isinstance(overrides, dict):
+        overrides = list(overrides.items())  # Python values, taken as they are
+    for item in overrides:
+        if isinstance(item, tuple):
+            key, value = item
+        else:
+            if "=" not in item:
+                raise ICLBenchError(f"--set expects key=value, got {item!r}")
+            key, text = item.split("=", 1)
+            value = parse_scalar(text)
+        key = key.strip()
+        if key.split(".")[0] not in TOP_LEVEL:
+            raise ICLBenchError(f"unknown key '{key}' in --set" + did_you_mean(key.split(".")[0], TOP_LEVEL))
+        if "." not in key:
+            raw[key] = value
+        else:
+            _set_dotted(raw, key, value, "--set")
+
+    sections = {}
+    for section in ("task", "model", "train", "eval"):
+        value = raw.get(section, {})
+        if not isinstance(value, dict):
+            raise ICLBenchError(f"'{section}' in {where} must be a mapping, got {value!r}")
+        sections[section] = dict(value)
+    for section in ("task", "model"):
+        if not sections[section].get("name"):
+            raise ICLBenchError(f"no {section} given; pass --{section} NAME (see `iclbench list {section}s`)")
+    task_name = str(sections["task"].pop("name"))
+    model_name = str(sections["model"].pop("name"))
+    task_cls = registry.task(task_name)
+    model_cls = registry.model(model_name)
+
+    seed_value = raw.get("seed", 0)
+    if not isinstance(seed_value, int) or isinstance(seed_value, bool) or seed_value < 0:
+        raise ICLBenchError(f"seed must be a non-negative integer, got {seed_value!r}")
+    device_value = raw.get("device", "auto")
+    if not isinstance(device_value, str):
+        raise ICLBenchError(f"device must be a string, got {device_value!r}")
+    return RunConfig(
+        task=task_name,
+        model=model_name,
+        task_options=build_options(task_cls.Options, sections["task"], "task"),
+        model_options=build_options(model_cls.Options, sections["model"], "model"),
+        train=build_options(TrainOptions, sections["train"], "train"),
+        eval=build_options(EvalOptions, sections["eval"], "eval"),
+        seed=seed_value,
+        device=device_value,
+        out=str(raw.get("out", "results")),
+    )

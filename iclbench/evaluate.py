@@ -1,0 +1,62 @@
+"""Evaluation: normalized error per context position with paired bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .task import Batch
+from .trainer import normalized_error
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batch: Batch, chunk: int = 2048) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(batch.inputs[i:i + chunk]).float() for i in range(0, len(batch), chunk)])
+
+
+def bootstrap_weights(n: int, replicates: int, seed: int) -> torch.Tensor:
+    """``[R, n]`` resampling counts; shared by every predictor so their intervals are paired."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (replicates, n), generator=gen)
+    return torch.zeros(replicates, n).scatter_add_(1, idx, torch.ones(replicates, n))
+
+
+def error_curves(predictions: dict[str, torch.Tensor], batch: Batch, normalizer: torch.Tensor,
+                 score_from: int, replicates: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> dict:
+    """Per-position mean normalized squared error, its CI, and the mean over scored positions >= score_from.
+
+    Returns ``{"positions": [...], "score_from": k, "predictors": {name: {...}}}``.
+    """
+    positions = torch.nonzero(batch.mask.cpu()).flatten()
+    summary_cols = positions >= score_from
+    if not bool(summary_cols.any()):
+        summary_cols = torch.ones_like(summary_cols)
+    weights = bootstrap_weights(len(batch), replicates, seed).double()
+    alpha = (1 - confidence) / 2
+    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
+    out = {}
+    for name, pred in predictions.items():
+        err = normalized_error(pred, batch, normalizer).cpu().double()[:, positions]  # [N, P]
+        curve = err.mean(0)
+        boot = weights @ err / len(batch)  # [R, P]
+        lo, hi = torch.quantile(boot, q, dim=0)
+        summary_boot = boot[:, summary_cols].mean(1)
+        s_lo, s_hi = torch.quantile(summary_boot, q)
+        out[name] = {
+            "mean": float(curve[summary_cols].mean()),
+            "ci": [float(s_lo), float(s_hi)],
+            "curve": [float(v) for v in curve],
+            "curve_lo": [float(v) for v in lo],
+            "curve_hi": [float(v) for v in hi],
+            "mse": float((pred.float() - batch.targets.float()).pow(2).mean(-1).cpu()[:, positions]
+                         [:, summary_cols].mean()),
+        }
+    return {"positions": [int(p) for p in positions], "score_from": int(score_from),
+            "confidence": confidence, "bootstrap": replicates, "predictors": out}
+
+
+def baseline_predictions(baselines: dict[str, Callable[[Batch], torch.Tensor]], batch: Batch) -> dict:
+    return {name: fn(batch).float() for name, fn in baselines.items()}

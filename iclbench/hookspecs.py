@@ -1,0 +1,84 @@
+"""Every hook iclbench calls, in one place (modelled on pytest's hookspec.py).
+
+A plugin is a module with functions decorated by ``iclbench.hookimpl`` and named as below, registered
+through the ``iclbench`` entry-point group::
+
+    [project.entry-points.iclbench]
+    my_tasks = "my_package.my_module"
+
+The built-in tasks and models register through exactly this mechanism. Registration hooks return a list;
+the registry merges the lists of all plugins and refuses two plugins claiming one name. Lifecycle hooks
+return nothing and let a logger (MLflow, TensorBoard, W&B, ...) follow a run without any engine change.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("iclbench")
+hookimpl = pluggy.HookimplMarker("iclbench")
+
+
+# --- registration -------------------------------------------------------------------------------------
+
+@hookspec
+def iclbench_tasks():
+    """Return a list of :class:`iclbench.Task` subclasses this plugin provides.
+
+    Called once when the registry is built. Each class needs a unique ``name``, a one-line ``description``
+    and an ``Options`` dataclass whose field defaults are the task's defaults.
+    """
+
+
+@hookspec
+def iclbench_models():
+    """Return a list of :class:`iclbench.Model` subclasses this plugin provides.
+
+    Called once when the registry is built. ``Model.variant(name, ...)`` makes a named configuration
+    (e.g. ``gpt3l``) of one architecture without a new class.
+    """
+
+
+@hookspec
+def iclbench_baselines():
+    """Return a list of :class:`iclbench.Baseline` for tasks registered by any plugin.
+
+    Tasks declare their own baselines; this hook lets a third party add an estimator to an existing task
+    (the baseline's ``task`` names it). Baselines see the same evaluation batch as the model.
+    """
+
+
+@hookspec
+def iclbench_probes():
+    """Return a list of :class:`iclbench.Probe` subclasses this plugin provides.
+
+    Probes read a trained model through its hook points; they never train the model they inspect.
+    """
+
+
+# --- run lifecycle ------------------------------------------------------------------------------------
+
+@hookspec
+def iclbench_run_started(run_dir, config):
+    """Called after the run directory is created and the resolved config written, before training.
+
+    ``run_dir`` is a ``pathlib.Path``; ``config`` the resolved :class:`iclbench.config.RunConfig`.
+    """
+
+
+@hookspec
+def iclbench_train_log(run_dir, step, metrics):
+    """Called every ``train.log_every`` steps with a dict of scalars (loss, lr, tokens_per_s, ...)."""
+
+
+@hookspec
+def iclbench_eval_finished(run_dir, config, metrics):
+    """Called when evaluation is done, before ``metrics.json`` is written; ``metrics`` is that dict.
+
+    A plugin may add keys under ``metrics["extra"][plugin_name]``; everything else should be left alone.
+    """
+
+
+@hookspec
+def iclbench_run_finished(run_dir, config, metrics):
+    """Called after every file of a successful run is written."""

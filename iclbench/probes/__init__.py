@@ -1,0 +1,1 @@
+"""Shared interpretability probes (registered through the same hook as third-party probes)."""

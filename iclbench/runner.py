@@ -1,0 +1,155 @@
+"""One run: resolve config → build task and model → train → evaluate against baselines → write the record."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import store
+from .config import RunConfig, resolve
+from .errors import ICLBenchError, TrainingDiverged
+from .evaluate import baseline_predictions, error_curves, predict
+from .registry import Registry, get_registry
+from .trainer import resolve_device, train
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    config: RunConfig
+    task: object
+    model: torch.nn.Module
+
+
+def build(registry: Registry, cfg: RunConfig, device: torch.device):
+    """Instantiate the task and a freshly initialised model (initialisation seeded by ``cfg.seed``)."""
+    task = registry.task(cfg.task)(cfg.task_options)
+    model_cls = registry.model(cfg.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = model_cls(cfg.model_options, task.d_in, task.d_out, task.context_len)
+    return task, model.to(device)
+
+
+def load_run(run_dir: str | Path, registry: Registry | None = None, device: str = "cpu"):
+    """Rebuild ``(config, task, model)`` of a finished run from its directory (weights via safetensors)."""
+    registry = registry or get_registry()
+    run_dir = Path(run_dir)
+    cfg = resolve(registry, config=run_dir / store.CONFIG)
+    dev = resolve_device(device)
+    task, model = build(registry, cfg, dev)
+    model.load_state_dict(store.load_state_dict(run_dir / store.CHECKPOINT))
+    model.eval()
+    return cfg, task, model
+
+
+def evaluation_batch(task, cfg: RunConfig, device: torch.device):
+    """The fixed evaluation set: drawn on the CPU from ``eval.seed`` so it is the same on every device and
+    for every training seed, then moved to ``device``."""
+    gen = torch.Generator("cpu").manual_seed(cfg.eval.seed)
+    return task.sample(cfg.eval.n_sequences, gen, "cpu").to(device)
+
+
+def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
+        seed: int | None = None, device: str | None = None, out: str | None = None, overrides=(),
+        quiet: bool = True, registry: Registry | None = None) -> RunResult:
+    """Train ``model`` on ``task``, evaluate it beside the task's baselines, write the run directory.
+
+    ``config``: a YAML path or a dict in the resolved layout; ``overrides``: ``["task.noise=0.1", ...]`` or
+    ``{"task.noise": 0.1}``. Returns the run directory, the metrics dict, and the trained model.
+    """
+    registry = registry or get_registry()
+    cfg = resolve(registry, config=config, task=task, model=model, steps=steps, seed=seed, device=device,
+                  out=out, overrides=overrides)
+    dev = resolve_device(cfg.device)
+    task_obj, model_obj = build(registry, cfg, dev)
+    baselines = {n: e.obj for n, e in registry.task_baselines(task_obj).items()}
+    if "model" in baselines:
+        raise ICLBenchError(f"task '{cfg.task}' declares a baseline named 'model', which is reserved")
+
+    run_dir = Path(cfg.out) / cfg.run_name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ICLBenchError(f"cannot create run directory {str(run_dir)!r}: {exc.strerror}") from None
+    (run_dir / store.METRICS).unlink(missing_ok=True)  # the directory now describes this run
+    store.write_yaml(run_dir / store.CONFIG, cfg.to_dict())
+    store.write_json(run_dir / store.STATUS, {"status": "running", "started": time.time()})
+    hook = registry.hook
+    hook.iclbench_run_started(run_dir=run_dir, config=cfg)
+
+    started = time.perf_counter()
+    with open(run_dir / store.LOG, "w", buffering=1) as log_file:
+        log_file.write(json.dumps({"event": "start", "run": cfg.run_name, "device": str(dev)}) + "\n")
+
+        def log(step, metrics):
+            log_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            hook.iclbench_train_log(run_dir=run_dir, step=step, metrics=metrics)
+
+        try:
+            stats = train(model_obj, task_obj, cfg.train, cfg.seed, dev, log=log, progress=not quiet)
+        except TrainingDiverged as exc:
+            store.write_json(run_dir / store.STATUS, {"status": "diverged", "message": str(exc)})
+            raise TrainingDiverged(f"{exc} (log kept in {run_dir / store.LOG})") from None
+        except KeyboardInterrupt:
+            store.write_json(run_dir / store.STATUS, {"status": "interrupted", "message": "Ctrl-C"})
+            raise
+        log_file.write(json.dumps({"event": "trained", **stats}) + "\n")
+
+    store.save_state_dict(run_dir / store.CHECKPOINT, model_obj.state_dict(),
+                          {"config": json.dumps(cfg.to_dict())})
+    batch = evaluation_batch(task_obj, cfg, dev)
+    predictions = {"model": predict(model_obj, batch)}
+    predictions.update(baseline_predictions(baselines, batch))
+    score_from = cfg.eval.score_from if cfg.eval.score_from >= 0 else task_obj.score_from
+    curves = error_curves(predictions, batch, task_obj.normalizer(dev), score_from, cfg.eval.bootstrap,
+                          cfg.eval.confidence, seed=cfg.eval.seed)
+    wall = time.perf_counter() - started
+    metrics = {
+        "task": cfg.task,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "config_hash": cfg.config_hash,
+        "groups": {"task": cfg.section_hash("task", "eval"), "model": cfg.section_hash("model", "train")},
+        "summary": {name: {"mean": p["mean"], "ci": p["ci"]} for name, p in curves["predictors"].items()},
+        "curves": curves,
+        "baselines": sorted(baselines),
+        "train": stats,
+        "wall_time_s": wall,
+        "provenance": {**store.provenance(dev), "seed": cfg.seed},
+        "config": cfg.to_dict(),
+        "extra": {},
+    }
+    hook.iclbench_eval_finished(run_dir=run_dir, config=cfg, metrics=metrics)
+    store.write_json(run_dir / store.METRICS, metrics)
+    store.write_json(run_dir / store.STATUS, {"status": "complete", "wall_time_s": wall})
+    hook.iclbench_run_finished(run_dir=run_dir, config=cfg, metrics=metrics)
+    return RunResult(run_dir, metrics, cfg, task_obj, model_obj)
+
+
+def format_curves(metrics: dict, fmt: str = "github") -> str:
+    """Per-position table: one row per position, one column per predictor, 'mean [lo, hi]'."""
+    from tabulate import tabulate
+
+    curves = metrics["curves"]
+    names = ["model"] + [n for n in curves["predictors"] if n != "model"]
+    rows = []
+    for i, pos in enumerate(curves["positions"]):
+        row = [pos]
+        for n in names:
+            p = curves["predictors"][n]
+            row.append(f"{p['curve'][i]:.4f} [{p['curve_lo'][i]:.4f}, {p['curve_hi'][i]:.4f}]")
+        rows.append(row)
+    k = curves["score_from"]
+    row = [f"mean t>={k}"]
+    for n in names:
+        s = metrics["summary"][n]
+        row.append(f"{s['mean']:.4f} [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}]")
+    rows.append(row)
+    return tabulate(rows, headers=["t"] + [f"{n} ({metrics['model']})" if n == "model" else n for n in names],
+                    tablefmt=fmt, disable_numparse=True)

@@ -1,0 +1,119 @@
+"""The task contract: what a task plugin provides and what every part of the engine may rely on."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+
+@dataclass
+class Batch:
+    """A batch of sequences.
+
+    ``inputs[b, t]`` is what the model sees at position ``t``; ``targets[b, t]`` what it must predict there,
+    using ``inputs[b, :t+1]`` only. ``mask[t]`` marks the positions that are scored. ``latents`` holds the
+    sequence's hidden parameters (a, b, w, clean states, ...) for oracles and probes.
+    """
+
+    inputs: torch.Tensor  # [B, T, d_in]
+    targets: torch.Tensor  # [B, T, d_out]
+    mask: torch.Tensor  # [T] bool
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.inputs.to(device), self.targets.to(device), self.mask.to(device),
+                     {k: v.to(device) for k, v in self.latents.items()})
+
+    def slice(self, index) -> "Batch":
+        return Batch(self.inputs[index], self.targets[index], self.mask,
+                     {k: v[index] for k, v in self.latents.items()})
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A classical predictor: ``fn(batch) -> predictions [B, T, d_out]`` using only the context up to each
+    position (never ``targets`` at or after it). ``task`` names the task it applies to."""
+
+    task: str
+    name: str
+    fn: Callable[[Batch], torch.Tensor]
+    description: str = ""
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Task:
+    """Base class of a task plugin.
+
+    Subclasses set ``name``, ``description``, an ``Options`` dataclass, and implement :meth:`sample`,
+    :meth:`baselines` and the ``d_in``/``d_out``/``context_len`` properties. ``normalizer`` defaults to a
+    Monte-Carlo estimate of the prior-mean error; override it where a closed form exists.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    #: first position that enters the headline summary (earlier ones are shown but not averaged)
+    score_from: ClassVar[int] = 0
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else self.Options()
+        self._normalizer_cache: dict[str, torch.Tensor] = {}
+
+    # --- shape -----------------------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def d_out(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def context_len(self) -> int:
+        """Number of positions T in one sequence."""
+        raise NotImplementedError
+
+    # --- data ------------------------------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Batch:
+        """Draw ``n`` fresh sequences on ``device`` using only ``generator`` for randomness."""
+        raise NotImplementedError
+
+    def baselines(self) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        """Classical predictors by name; see :class:`Baseline` for the no-peeking contract."""
+        return {}
+
+    def ood_variants(self) -> dict[str, "Task"]:
+        """Named distribution shifts evaluated on the trained model (none by default)."""
+        return {}
+
+    def normalizer(self, device="cpu") -> torch.Tensor:
+        """Per-position squared error ``[T]`` of predicting the prior mean, so that 1.0 means
+        'learned nothing' on every task. Estimated once from 2**17 sequences with a fixed seed."""
+        key = str(device)
+        if key not in self._normalizer_cache:
+            gen = torch.Generator("cpu").manual_seed(0x1C1B)
+            targets = torch.cat([self.sample(1 << 14, gen, "cpu").targets.double() for _ in range(8)])
+            var = targets.var(dim=0, unbiased=True).mean(dim=-1)
+            self._normalizer_cache[key] = var.clamp_min(1e-12).float().to(device)
+        return self._normalizer_cache[key]
+
+    def with_options(self, **changes) -> "Task":
+        return type(self)(dataclasses.replace(self.options, **changes))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+def uniform(shape, low: float, high: float, generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device) * (high - low) + low
+

@@ -1,0 +1,132 @@
+"""Scalar affine recurrences, the seed paper's task (Bhargav & Gu 2024).
+
+Each sequence draws its own rule and start::
+
+    |a| ~ U[a_low, a_high] with a random sign,   b ~ U[-b_max, b_max],   x_0 ~ U[-x0_max, x0_max]
+    x_{t+1} = a * x_t + b,                        observed y_t = x_t + noise * N(0, 1)
+
+At position t the model has seen y_0..y_t and predicts y_{t+1}. With |a| <= 1 every sequence stays bounded:
+|x_t| <= x0_max + t * b_max. Two transitions determine (a, b) exactly when noise = 0, so least squares is
+exact from position 2 on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from iclbench import Task, hookimpl
+from iclbench.task import Batch, uniform
+
+
+@dataclass
+class AffineOptions:
+    context_len: int = 16
+    a_low: float = 0.0
+    a_high: float = 1.0
+    b_max: float = 0.25
+    x0_max: float = 1.0
+    noise: float = 0.0
+
+    def validate(self):
+        if self.context_len < 2:
+            raise ValueError(f"context_len must be >= 2, got {self.context_len}")
+        if not 0 <= self.a_low <= self.a_high:
+            raise ValueError(f"need 0 <= a_low <= a_high, got a_low={self.a_low}, a_high={self.a_high}")
+        for key in ("b_max", "x0_max", "noise"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+
+
+def _abs_moment(m: int, low: float, high: float) -> float:
+    """E[a^m] for |a| ~ U[low, high] with a random sign."""
+    if m % 2:
+        return 0.0
+    if high == low:
+        return high ** m
+    return (high ** (m + 1) - low ** (m + 1)) / ((m + 1) * (high - low))
+
+
+def least_squares_recurrence(y: torch.Tensor, features) -> torch.Tensor:
+    """Predict y[:, t+1] at every t by least squares on the transitions seen up to t.
+
+    ``features(y_prev) -> [B, T, k]`` builds regressors from the values before each transition (the
+    target of transition s is y[:, s+1]). Sufficient statistics are accumulated with cumsum, so every
+    position is solved at once; the minimum-norm solution (pinv) is used while the system is
+    under-determined. Computed in float64 for conditioning.
+    """
+    y64 = y.double()
+    phi = features(y64)  # [B, T, k]: regressors at each position
+    # transition s uses phi[:, s] -> y[:, s+1]; at position t we have transitions s < t
+    xtx = torch.einsum("bti,btj->btij", phi[:, :-1], phi[:, :-1]).cumsum(1)
+    xty = (phi[:, :-1] * y64[:, 1:, None]).cumsum(1)
+    zeros_m = torch.zeros_like(xtx[:, :1])
+    zeros_v = torch.zeros_like(xty[:, :1])
+    xtx = torch.cat([zeros_m, xtx], 1)  # [B, T, k, k]: statistics of transitions before t
+    xty = torch.cat([zeros_v, xty], 1)
+    coef = (torch.linalg.pinv(xtx, hermitian=True) @ xty[..., None])[..., 0]
+    return (coef * phi).sum(-1).to(y.dtype)
+
+
+class AffineTask(Task):
+    name = "affine"
+    description = "scalar affine recurrences x_{t+1} = a*x_t + b, rule drawn per sequence (seed paper)"
+    Options = AffineOptions
+    score_from = 3
+
+    @property
+    def d_in(self):
+        return 1
+
+    @property
+    def d_out(self):
+        return 1
+
+    @property
+    def context_len(self):
+        return self.options.context_len
+
+    def sample(self, n, generator, device="cpu"):
+        o = self.options
+        T = o.context_len
+        mag = uniform((n,), o.a_low, o.a_high, generator, device)
+        sign = torch.randint(0, 2, (n,), generator=generator, device=device) * 2 - 1
+        a = mag * sign
+        b = uniform((n,), -o.b_max, o.b_max, generator, device)
+        x = torch.empty(n, T + 1, device=device)
+        x[:, 0] = uniform((n,), -o.x0_max, o.x0_max, generator, device)
+        for t in range(T):
+            x[:, t + 1] = a * x[:, t] + b
+        y = x + o.noise * torch.randn(x.shape, generator=generator, device=device) if o.noise else x
+        return Batch(inputs=y[:, :-1, None], targets=y[:, 1:, None],
+                     mask=torch.ones(T, dtype=torch.bool, device=device),
+                     latents={"a": a, "b": b, "x": x})
+
+    def normalizer(self, device="cpu"):
+        """Closed form of Var(y_{t+1}) (the prior mean is 0 by symmetry):
+        x_t = a^t x_0 + b * sum_{k<t} a^k with a, b, x_0 independent, so
+        Var x_t = E[a^{2t}] x0_max^2/3 + b_max^2/3 * sum_{j,k<t} E[a^{j+k}], plus noise^2."""
+        o = self.options
+        m = lambda k: _abs_moment(k, o.a_low, o.a_high)  # noqa: E731
+        out = []
+        for t in range(1, o.context_len + 1):
+            geo = sum(m(j + k) for j in range(t) for k in range(t))
+            out.append(m(2 * t) * o.x0_max ** 2 / 3 + o.b_max ** 2 / 3 * geo + o.noise ** 2)
+        return torch.tensor(out, dtype=torch.float32, device=device).clamp_min(1e-12)
+
+    def baselines(self):
+        return {
+            "least_squares": lambda batch: least_squares_recurrence(
+                batch.inputs[..., 0], lambda y: torch.stack([y, torch.ones_like(y)], -1))[..., None],
+            "copy_last": lambda batch: batch.inputs.clone(),
+            "context_mean": lambda batch: batch.inputs.cumsum(1) / torch.arange(
+                1, batch.inputs.shape[1] + 1, device=batch.inputs.device)[None, :, None],
+            "oracle": lambda batch: (batch.latents["a"][:, None] * batch.latents["x"][:, :-1]
+                                     + batch.latents["b"][:, None])[..., None],
+        }
+
+
+@hookimpl
+def iclbench_tasks():
+    return [AffineTask]

@@ -1,0 +1,22 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: small enough to train in seconds on 2 cores, big enough to learn affine clearly
+TINY = ["model.d_model=32", "model.d_mlp=64", "eval.n_sequences=512", "eval.bootstrap=100"]
+
+
+def cli(*args, env=None, cwd=None, timeout=300):
+    """Run the installed console script the way a user would; returns CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "iclbench.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)
