@@ -109,6 +109,9 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     score_from = cfg.eval.score_from if cfg.eval.score_from >= 0 else task_obj.score_from
     curves = error_curves(predictions, batch, task_obj.normalizer(dev), score_from, cfg.eval.bootstrap,
                           cfg.eval.confidence, seed=cfg.eval.seed)
+    # the all-zeros predictor anchors the leaderboard's ICL score (0 = zero predictor, 1 = best baseline)
+    zero = error_curves({"zero": torch.zeros_like(batch.targets)}, batch, task_obj.normalizer(dev), score_from,
+                        replicates=1)["predictors"]["zero"]
     wall = time.perf_counter() - started
     metrics = {
         "task": cfg.task,
@@ -117,6 +120,7 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
         "config_hash": cfg.config_hash,
         "groups": {"task": cfg.section_hash("task", "eval"), "model": cfg.section_hash("model", "train")},
         "summary": {name: {"mean": p["mean"], "ci": p["ci"]} for name, p in curves["predictors"].items()},
+        "reference": {"zero": {"mean": zero["mean"], "curve": zero["curve"]}},
         "curves": curves,
         "baselines": sorted(baselines),
         "train": stats,
