@@ -76,9 +76,18 @@ def cmd_list(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import render
+    from .leaderboard import render, render_compare
 
-    print(render(args.results, args.format))
+    if args.score_from is not None and args.score_from < 0:
+        raise ICLBenchError(f"--from must be >= 0, got {args.score_from}")
+    if args.compare:
+        for path in args.compare:
+            if not os.path.isdir(path):
+                raise ICLBenchError(f"--compare: {path!r} is not a directory (give two results or run directories)")
+        print(render_compare(args.compare[0], args.compare[1], args.format, args.metric, args.score_from))
+        return 0
+    print(render(args.results, args.format, metric=args.metric, score_from=args.score_from,
+                 tasks=args.task or (), models=args.model or ()))
     return 0
 
 
@@ -96,6 +105,16 @@ def parser() -> argparse.ArgumentParser:
     from .leaderboard import FORMATS
 
     lb.add_argument("--format", default="github", choices=FORMATS)
+    from .leaderboard import METRIC_HELP
+
+    lb.add_argument("--metric", default="error", choices=sorted(METRIC_HELP),
+                    help="; ".join(f"{k}: {v}" for k, v in METRIC_HELP.items()))
+    lb.add_argument("--from", dest="score_from", type=int, metavar="K",
+                    help="average over positions t >= K instead of each task's default")
+    lb.add_argument("--task", action="append", help="only this task (repeatable)")
+    lb.add_argument("--model", action="append", help="only this model (repeatable); baselines stay")
+    lb.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="two results or run directories side by side: B - A and whether it exceeds the CI")
     return p
 
 

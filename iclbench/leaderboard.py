@@ -28,14 +28,55 @@ def find_runs(results: Path) -> list[Path]:
     return sorted(d for d in dirs if not any(part.startswith(".") for part in d.relative_to(results).parts))
 
 
-def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr)) -> pd.DataFrame:
-    """Tidy table: one row per (run, predictor) with the summary mean and its CI."""
+METRIC_HELP = {
+    "error": "normalized squared error averaged over positions t >= score_from (1.0 = prior mean; lower is "
+             "better)",
+    "excess": "error minus the best non-oracle baseline's error in the same run (lower is better; < 0 beats "
+              "every baseline)",
+    "icl_score": "(zero - error) / (zero - best baseline): 0 = the all-zeros predictor, 1 = the best non-oracle "
+                 "baseline (higher is better)",
+}
+
+
+def _mean_from(predictor: dict, positions: list[int], start: int | None) -> float:
+    if start is None:
+        return float(predictor["mean"])
+    values = [v for p, v in zip(positions, predictor["curve"]) if p >= start]
+    if not values:
+        raise ValueError(f"no scored position >= {start}")
+    return sum(values) / len(values)
+
+
+def is_oracle(name: str) -> bool:
+    """Baselines that read the latent parameters are references, not competitors."""
+    return name.startswith("oracle")
+
+
+def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric: str = "error",
+            score_from: int | None = None) -> pd.DataFrame:
+    """Tidy table: one row per (run, predictor) with the chosen metric and its CI half-width (when the metric
+    is the run's own summary; NaN otherwise)."""
     rows = []
     for run_dir in find_runs(results):
         try:
             m = read_run(run_dir)
             groups = m.get("groups", {"task": m["config_hash"], "model": m["config_hash"]})
+            curves = m.get("curves", {}).get("predictors", {})
+            positions = m.get("curves", {}).get("positions", [])
+            if score_from is None:
+                errors = {n: float(s["mean"]) for n, s in m["summary"].items()}
+            else:
+                errors = {n: _mean_from(curves[n], positions, score_from) for n in m["summary"]}
+            competitors = [e for n, e in errors.items() if n != "model" and not is_oracle(n)]
+            best = min(competitors) if competitors else float("nan")
+            zero_ref = m.get("reference", {}).get("zero")
+            zero = 1.0 if zero_ref is None else (float(zero_ref["mean"]) if score_from is None else _mean_from(
+                zero_ref, positions, score_from))
             for name, s in m["summary"].items():
+                err = errors[name]
+                value = {"error": err, "excess": err - best,
+                         "icl_score": (zero - err) / (zero - best) if zero != best else float("nan")}[metric]
+                half = (s["ci"][1] - s["ci"][0]) / 2 if metric == "error" and score_from is None else float("nan")
                 is_model = name == "model"
                 rows.append({
                     "run": str(run_dir),
@@ -45,12 +86,13 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr)) -> pd.D
                     "task": m["task"],
                     "task_config": groups["task"],
                     "seed": m["seed"],
-                    "error": float(s["mean"]),
+                    "value": value,
+                    "ci_half": half,
                 })
-        except (DamagedRun, KeyError, TypeError, ValueError) as exc:
+        except (DamagedRun, KeyError, TypeError, ValueError, IndexError) as exc:
             warn(f"iclbench: warning: skipping damaged run directory {run_dir}: {exc}")
     return pd.DataFrame(rows, columns=["run", "kind", "name", "config", "task", "task_config", "seed",
-                                       "error"])
+                                       "value", "ci_half"])
 
 
 def _labels(df: pd.DataFrame, name_col: str, cfg_col: str) -> pd.Series:
@@ -59,28 +101,38 @@ def _labels(df: pd.DataFrame, name_col: str, cfg_col: str) -> pd.Series:
     return df[name_col].where(n_cfg <= 1, df[name_col] + "@" + df[cfg_col])
 
 
-def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (row label, task label): mean and sd over seeds, seed count.
+def aggregate(runs: pd.DataFrame, tasks=(), models=()) -> pd.DataFrame:
+    """One row per (row label, task label): mean and sd over seeds, seed count, and a CI half-width.
 
     Baselines do not depend on the model or seed, only on the task config and evaluation set; a baseline's
-    value is averaged over the runs that evaluated it, and counted by distinct seeds as well.
+    value is averaged over the runs that evaluated it, counted once per seed. ``tasks``/``models`` filter
+    by name (empty: keep all). The CI half-width is the seed spread's (1.96 sd/√n) when n ≥ 2, else the
+    run's own bootstrap interval.
     """
-    if runs.empty:
-        return pd.DataFrame(columns=["kind", "row", "task", "mean", "sd", "n_seeds"])
+    keys = ["kind", "row", "task_label"]
+    columns = ["kind", "row", "task", "mean", "sd", "n_seeds", "ci_half"]
     df = runs.copy()
+    if tasks:
+        df = df[df.task.isin(tasks)]
+    if models:
+        df = df[(df.kind == "baseline") | df.name.isin(models)]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
     df["task_label"] = _labels(df, "task", "task_config")
-    models = df[df.kind == "model"].copy()
-    models["row"] = _labels(models, "name", "config")
+    model_rows = df[df.kind == "model"].copy()
+    model_rows["row"] = _labels(model_rows, "name", "config")
     base = df[df.kind == "baseline"].copy()
     base["row"] = "baseline: " + base["name"]
-    df = pd.concat([models, base])
+    df = pd.concat([model_rows, base])
     # one value per (row, task, seed) first, so that a baseline evaluated by several models counts once
-    per_seed = df.groupby(["kind", "row", "task_label", "seed"], as_index=False)["error"].mean()
-    out = per_seed.groupby(["kind", "row", "task_label"], as_index=False).agg(
-        mean=("error", "mean"), sd=("error", "std"), n_seeds=("seed", "nunique"))
-    out = out.rename(columns={"task_label": "task"})
+    per_seed = df.groupby([*keys, "seed"], as_index=False)[["value", "ci_half"]].mean()
+    out = per_seed.groupby(keys, as_index=False).agg(
+        mean=("value", "mean"), sd=("value", "std"), n_seeds=("seed", "nunique"), boot=("ci_half", "mean"))
+    spread = 1.96 * out["sd"] / out["n_seeds"].clip(lower=1) ** 0.5
+    out["ci_half"] = spread.where(out["n_seeds"] >= 2, out["boot"])
+    out = out.drop(columns="boot").rename(columns={"task_label": "task"})
     out["kind"] = pd.Categorical(out["kind"], ["model", "baseline"], ordered=True)
-    return out.sort_values(["kind", "row", "task"]).reset_index(drop=True)
+    return out.sort_values(["kind", "row", "task"]).reset_index(drop=True)[columns]
 
 
 def wide(agg: pd.DataFrame) -> pd.DataFrame:
@@ -97,10 +149,11 @@ def wide(agg: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(order).fillna("—")
 
 
-def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=sys.stderr)) -> str:
+def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=sys.stderr),
+           metric: str = "error", score_from: int | None = None, tasks=(), models=()) -> str:
     from tabulate import tabulate
 
-    agg = aggregate(collect(results, warn))
+    agg = aggregate(collect(results, warn, metric, score_from), tasks, models)
     if fmt == "csv":
         return agg.to_csv(index=False)
     if fmt == "json":
@@ -108,7 +161,40 @@ def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=
     if agg.empty:
         return f"no complete runs under {results}"
     table = wide(agg)
-    title = ("normalized squared error, mean over positions t >= score_from (1.0 = prior mean; lower is "
-             "better); mean ± sd over seeds (n = seeds)")
+    where = f" (positions t >= {score_from})" if score_from is not None else ""
+    title = f"{metric}{where}: {METRIC_HELP[metric]}; mean ± sd over seeds (n = seeds)"
     body = tabulate(table, headers=["model"] + list(table.columns), tablefmt=fmt, disable_numparse=True)
     return body if fmt == "latex" else f"{title}\n\n{body}"
+
+
+def compare(a: Path, b: Path, metric: str = "error", score_from: int | None = None,
+            warn=lambda msg: print(msg, file=sys.stderr)) -> pd.DataFrame:
+    """Side by side: every (row, task) present in both, B − A, and whether |B − A| exceeds the combined CI
+    half-width sqrt(ci_a² + ci_b²) (see :func:`aggregate` for the CI; 'n/a' where none is known)."""
+    ra, rb = collect(a, warn, metric, score_from), collect(b, warn, metric, score_from)
+    if ra.empty or rb.empty:
+        return pd.DataFrame(columns=["row", "task", "A", "B", "B - A", "exceeds CI"])
+    # each side labelled on its own: a name with one configuration per side is matched by name, so two
+    # configurations (say two learning rates) can be compared; hashes appear only where a side has several
+    merged = aggregate(ra).merge(aggregate(rb), on=["kind", "row", "task"], suffixes=("_a", "_b"))
+    merged["delta"] = merged["mean_b"] - merged["mean_a"]
+    ci = (merged["ci_half_a"] ** 2 + merged["ci_half_b"] ** 2) ** 0.5
+    merged["exceeds"] = [("n/a" if pd.isna(c) else ("yes" if abs(d) > c else "no"))
+                         for d, c in zip(merged["delta"], ci)]
+    return merged.rename(columns={"mean_a": "A", "mean_b": "B", "delta": "B - A", "exceeds": "exceeds CI"})[
+        ["row", "task", "A", "B", "B - A", "exceeds CI"]]
+
+
+def render_compare(a: Path, b: Path, fmt: str = "github", metric: str = "error",
+                   score_from: int | None = None) -> str:
+    from tabulate import tabulate
+
+    df = compare(a, b, metric, score_from)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return df.to_json(orient="records", indent=2)
+    if df.empty:
+        return f"nothing in common between {a} and {b}"
+    return (f"{metric}: A = {a}, B = {b}\n\n"
+            + tabulate(df, headers="keys", tablefmt=fmt, showindex=False, floatfmt=".4f"))

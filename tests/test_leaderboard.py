@@ -2,15 +2,22 @@ import json
 from pathlib import Path
 
 from iclbench import store
-from iclbench.leaderboard import aggregate, collect, render
+from conftest import cli
+from iclbench.leaderboard import aggregate, collect, compare, render
 
 
-def fake_run(root: Path, task, model, seed, err, base=0.5, task_cfg="t1", model_cfg="m1"):
+def fake_run(root: Path, task, model, seed, err, base=0.5, task_cfg="t1", model_cfg="m1", ci=0.0):
+    """A run whose curves are flat at ``err`` (model) and ``base`` (copy_last) over positions 0..3, with an
+    oracle at 0 and the zero predictor at 1.0."""
     d = root / f"{task}-{model}-{model_cfg}{task_cfg}-s{seed}"
+    flat = lambda v: {"mean": v, "ci": [v - ci, v + ci], "curve": [v] * 4}  # noqa: E731
     store.write_json(d / "metrics.json", {
         "task": task, "model": model, "seed": seed, "config_hash": model_cfg + task_cfg, "config": {},
         "groups": {"task": task_cfg, "model": model_cfg},
-        "summary": {"model": {"mean": err, "ci": [err, err]}, "copy_last": {"mean": base, "ci": [base, base]}},
+        "summary": {"model": flat(err), "copy_last": flat(base), "oracle": flat(0.0)},
+        "curves": {"positions": [0, 1, 2, 3], "predictors": {"model": flat(err), "copy_last": flat(base),
+                                                             "oracle": flat(0.0)}},
+        "reference": {"zero": {"mean": 1.0, "curve": [1.0] * 4}},
     })
     return d
 
@@ -30,7 +37,7 @@ def test_mean_over_seeds_with_counts_and_configs_kept_apart(tmp_path):
     text = render(tmp_path, "github")
     assert "0.0200 ± 0.0141 (n=2)" in text and "| baseline: copy_last" in text
     assert json.loads(render(tmp_path, "json"))[0]["kind"] == "model"
-    assert render(tmp_path, "csv").splitlines()[0] == "kind,row,task,mean,sd,n_seeds"
+    assert render(tmp_path, "csv").splitlines()[0] == "kind,row,task,mean,sd,n_seeds,ci_half"
     assert "\\begin{tabular}" in render(tmp_path, "latex")
 
 
@@ -58,3 +65,37 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
 
 def test_empty_results_dir(tmp_path):
     assert "no complete runs" in render(tmp_path / "nothing")
+
+
+def test_excess_and_icl_score_known_values(tmp_path):
+    fake_run(tmp_path, "affine", "gpt3l", 0, 0.2, base=0.6)
+    excess = aggregate(collect(tmp_path, metric="excess"))
+    icl = aggregate(collect(tmp_path, metric="icl_score"))
+    pick = lambda agg, row: float(agg[agg.row == row]["mean"].iloc[0])  # noqa: E731
+    # the oracle (0.0) is a reference, not a competitor: the best baseline is copy_last at 0.6
+    assert abs(pick(excess, "gpt3l") + 0.4) < 1e-12
+    assert abs(pick(icl, "gpt3l") - (1 - 0.2) / (1 - 0.6)) < 1e-12
+    assert abs(pick(icl, "baseline: copy_last") - 1.0) < 1e-12
+
+
+def test_filters_and_compare(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, err in enumerate([0.10, 0.11, 0.09]):
+        fake_run(a, "affine", "gpt3l", seed, err, model_cfg="lr1")
+        fake_run(b, "affine", "gpt3l", seed, err + 0.2, model_cfg="lr2")  # clearly worse
+    fake_run(a, "affine", "gpt1l", 0, 0.3, ci=0.05)
+    fake_run(b, "affine", "gpt1l", 0, 0.31, ci=0.05)  # within the CI
+    fake_run(a, "linreg", "gpt3l", 0, 0.5, model_cfg="lr1")
+    only = aggregate(collect(a), tasks=["affine"], models=["gpt1l"])
+    assert set(only.row) == {"gpt1l", "baseline: copy_last", "baseline: oracle"} and set(only.task) == {"affine"}
+    diff = compare(a, b).set_index(["row", "task"])
+    assert abs(diff.loc[("gpt3l", "affine"), "B - A"] - 0.2) < 1e-9
+    assert diff.loc[("gpt3l", "affine"), "exceeds CI"] == "yes"
+    assert diff.loc[("gpt1l", "affine"), "exceeds CI"] == "no"
+    assert ("gpt3l", "linreg") not in diff.index  # only what both sides have
+    out = cli("leaderboard", "--compare", str(a), str(b), "--format", "plain")
+    assert out.returncode == 0 and "exceeds CI" in out.stdout
+    out = cli("leaderboard", "--results", str(a), "--metric", "icl_score", "--from", "2", "--task", "affine")
+    assert out.returncode == 0 and "icl_score (positions t >= 2)" in out.stdout and "linreg" not in out.stdout
+    bad = cli("leaderboard", "--compare", str(a), str(tmp_path / "missing"))
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr
