@@ -91,6 +91,35 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .leaderboard import find_runs
+    from .report import build_report
+    from .store import DamagedRun, read_run
+
+    if args.runs:
+        runs = [Path(r) for r in args.runs]
+        for r in runs:
+            try:
+                read_run(r)
+            except DamagedRun as exc:
+                raise ICLBenchError(f"{r} is not a complete run directory: {exc}") from None
+    else:
+        runs = []
+        for r in find_runs(Path(args.results)):
+            try:
+                read_run(r)
+                runs.append(r)
+            except DamagedRun:
+                pass  # the leaderboard section warns about it
+        if not runs:
+            raise ICLBenchError(f"no complete runs under {args.results!r}")
+    md, page = build_report(runs, Path(args.out), Path(args.results) if not args.runs else None)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -115,10 +144,14 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--model", action="append", help="only this model (repeatable); baselines stay")
     lb.add_argument("--compare", nargs=2, metavar=("A", "B"),
                     help="two results or run directories side by side: B - A and whether it exceeds the CI")
+    rp = sub.add_parser("report", help="Markdown + HTML report with figures for runs")
+    rp.add_argument("runs", nargs="*", help="run directories (default: every complete run under --results)")
+    rp.add_argument("--results", default="results", help="results directory (default: results)")
+    rp.add_argument("--out", default="report", help="output directory (default: report)")
     return p
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard}
+COMMANDS = {"report": cmd_report, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard}
 
 
 def main(argv=None) -> int:
