@@ -57,11 +57,13 @@ def evaluation_batch(task, cfg: RunConfig, device: torch.device):
 
 def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
         seed: int | None = None, device: str | None = None, out: str | None = None, overrides=(),
-        quiet: bool = True, registry: Registry | None = None) -> RunResult:
+        quiet: bool = True, registry: Registry | None = None, run_dir: str | Path | None = None) -> RunResult:
     """Train ``model`` on ``task``, evaluate it beside the task's baselines, write the run directory.
 
     ``config``: a YAML path or a dict in the resolved layout; ``overrides``: ``["task.noise=0.1", ...]`` or
     ``{"task.noise": 0.1}``. Returns the run directory, the metrics dict, and the trained model.
+    ``run_dir``: write the record there instead of ``out/<run name>`` (a sweep worker without the driver's
+    disk computes into a temporary directory and ships the files back).
     """
     registry = registry or get_registry()
     cfg = resolve(registry, config=config, task=task, model=model, steps=steps, seed=seed, device=device,
@@ -72,7 +74,7 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     if "model" in baselines:
         raise ICLBenchError(f"task '{cfg.task}' declares a baseline named 'model', which is reserved")
 
-    run_dir = Path(cfg.out) / cfg.run_name
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out) / cfg.run_name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
