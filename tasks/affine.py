@@ -19,6 +19,8 @@ import torch
 from iclbench import Task, hookimpl
 from iclbench.task import Batch, uniform
 
+from ._fit import least_squares_recurrence
+
 
 @dataclass
 class AffineOptions:
@@ -46,27 +48,6 @@ def _abs_moment(m: int, low: float, high: float) -> float:
     if high == low:
         return high ** m
     return (high ** (m + 1) - low ** (m + 1)) / ((m + 1) * (high - low))
-
-
-def least_squares_recurrence(y: torch.Tensor, features) -> torch.Tensor:
-    """Predict y[:, t+1] at every t by least squares on the transitions seen up to t.
-
-    ``features(y_prev) -> [B, T, k]`` builds regressors from the values before each transition (the
-    target of transition s is y[:, s+1]). Sufficient statistics are accumulated with cumsum, so every
-    position is solved at once; the minimum-norm solution (pinv) is used while the system is
-    under-determined. Computed in float64 for conditioning.
-    """
-    y64 = y.double()
-    phi = features(y64)  # [B, T, k]: regressors at each position
-    # transition s uses phi[:, s] -> y[:, s+1]; at position t we have transitions s < t
-    xtx = torch.einsum("bti,btj->btij", phi[:, :-1], phi[:, :-1]).cumsum(1)
-    xty = (phi[:, :-1] * y64[:, 1:, None]).cumsum(1)
-    zeros_m = torch.zeros_like(xtx[:, :1])
-    zeros_v = torch.zeros_like(xty[:, :1])
-    xtx = torch.cat([zeros_m, xtx], 1)  # [B, T, k, k]: statistics of transitions before t
-    xty = torch.cat([zeros_v, xty], 1)
-    coef = (torch.linalg.pinv(xtx, hermitian=True) @ xty[..., None])[..., 0]
-    return (coef * phi).sum(-1).to(y.dtype)
 
 
 class AffineTask(Task):

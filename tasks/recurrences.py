@@ -1,0 +1,436 @@
+"""Sequences continued in context: vector and higher-order linear recurrences, nonlinear recurrences and
+polynomial sequences — the seed paper's "higher-dimensional recurrences" and "polynomial sequences".
+
+As in ``affine``, each sequence draws its own rule, the model sees y_0..y_t at position t and predicts
+y_{t+1}, and observations may carry Gaussian noise ``noise``. Every rule family is kept bounded (see each
+task's docstring), and every task's baselines include least squares on the features that match the rule
+(exact once enough transitions are seen, without noise), copy-last and the oracle that knows the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from iclbench import Task, hookimpl
+from iclbench.task import Batch, uniform
+
+from ._fit import least_squares_recurrence, prefix_least_squares
+from ._shifts import standard_shifts
+
+OOD_NOISE = 0.1  # relative to the state scale
+
+
+def observe(x: torch.Tensor, noise: float, generator) -> torch.Tensor:
+    return x + noise * torch.randn(x.shape, generator=generator, device=x.device) if noise else x
+
+
+def copy_last(batch: Batch) -> torch.Tensor:
+    return batch.inputs.clone()
+
+
+def affine_least_squares(batch: Batch) -> torch.Tensor:
+    """Least squares on [y_t, 1] — the affine rule the seed paper studies; shows what a linear fit misses."""
+    return least_squares_recurrence(batch.inputs[..., 0], _affine_features)[..., None]
+
+
+def _affine_features(y):
+    return torch.stack([y, torch.ones_like(y)], -1)
+
+
+class Recurrence(Task):
+    """Shared shape of the scalar tasks: one value per position, every position scored."""
+
+    score_from = 3
+
+    @property
+    def d_in(self):
+        return 1
+
+    @property
+    def d_out(self):
+        return 1
+
+    @property
+    def context_len(self):
+        return self.options.context_len
+
+    def batch(self, x, latents, generator, mask=None) -> Batch:
+        """Observe the clean states ``x [B, T+1]`` and cut them into inputs and next-value targets."""
+        y = observe(x, self.options.noise, generator)
+        T = x.shape[1] - 1
+        mask = torch.ones(T, dtype=torch.bool, device=x.device) if mask is None else mask
+        return Batch(inputs=y[:, :-1, None], targets=y[:, 1:, None], mask=mask, latents={**latents, "x": x})
+
+
+def _validate_common(o):
+    if o.context_len < 2:
+        raise ValueError(f"context_len must be >= 2, got {o.context_len}")
+    for key in ("noise", "x0_max"):
+        if getattr(o, key, 0) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(o, key)}")
+
+
+# --- affine-vec -------------------------------------------------------------------------------------------
+@dataclass
+class AffineVecOptions:
+    d: int = 2
+    context_len: int = 16
+    rho_low: float = 0.0
+    rho_high: float = 1.0
+    b_max: float = 0.25
+    x0_max: float = 1.0
+    noise: float = 0.0
+
+    def validate(self):
+        _validate_common(self)
+        if self.d < 1:
+            raise ValueError(f"d must be >= 1, got {self.d}")
+        if not 0 <= self.rho_low <= self.rho_high:
+            raise ValueError(f"need 0 <= rho_low <= rho_high, got {self.rho_low}, {self.rho_high}")
+        if self.b_max < 0:
+            raise ValueError(f"b_max must be >= 0, got {self.b_max}")
+
+
+class AffineVecTask(Task):
+    """x_{t+1} = A x_t + b in d dimensions.
+
+    ``A = rho * G / |G|_2`` with ``G`` standard Gaussian and ``rho ~ U[rho_low, rho_high]``: the spectral
+    norm is rho, so the spectral radius is at most rho < 1 and — unlike scaling the spectral radius alone —
+    there is no transient growth: ``|x_t|_2 <= |x_0|_2 + t |b|_2``. ``b ~ U[-b_max, b_max]^d``,
+    ``x_0 ~ U[-x0_max, x0_max]^d``. Least squares on [y_t, 1] is exact after d + 1 transitions.
+    """
+
+    name = "affine-vec"
+    description = "vector affine recurrences x_{t+1} = A x_t + b, |A|_2 < 1 (higher-dimensional recurrences)"
+    Options = AffineVecOptions
+    score_from = 3
+
+    @property
+    def d_in(self):
+        return self.options.d
+
+    @property
+    def d_out(self):
+        return self.options.d
+
+    @property
+    def context_len(self):
+        return self.options.context_len
+
+    def sample(self, n, generator, device="cpu"):
+        o = self.options
+        g = torch.randn(n, o.d, o.d, generator=generator, device=device)
+        rho = uniform((n,), o.rho_low, o.rho_high, generator, device)
+        A = g * (rho / torch.linalg.matrix_norm(g, ord=2))[:, None, None]
+        b = uniform((n, o.d), -o.b_max, o.b_max, generator, device)
+        x = torch.empty(n, o.context_len + 1, o.d, device=device)
+        x[:, 0] = uniform((n, o.d), -o.x0_max, o.x0_max, generator, device)
+        for t in range(o.context_len):
+            x[:, t + 1] = (A @ x[:, t, :, None])[..., 0] + b
+        y = observe(x, o.noise, generator)
+        return Batch(inputs=y[:, :-1], targets=y[:, 1:], mask=torch.ones(o.context_len, dtype=torch.bool,
+                     device=device), latents={"A": A, "b": b, "x": x})
+
+    def baselines(self):
+        return {
+            "least_squares": lambda batch: least_squares_recurrence(
+                batch.inputs, lambda y: torch.cat([y, torch.ones_like(y[..., :1])], -1)),
+            "copy_last": copy_last,
+            "oracle": lambda batch: (batch.latents["A"][:, None] @ batch.latents["x"][:, :-1, :, None])[..., 0]
+            + batch.latents["b"][:, None],
+        }
+
+    def ood_variants(self):
+        o = self.options
+        return {"rho_in_(1,1.1]": self.with_options(rho_low=1.0, rho_high=1.1),
+                **standard_shifts(lambda s: self.with_options(x0_max=s * o.x0_max, b_max=s * o.b_max),
+                                  OOD_NOISE * o.x0_max, self.with_options(noise=OOD_NOISE * o.x0_max),
+                                  self.with_options(context_len=2 * o.context_len))}
+
+
+# --- linrec -----------------------------------------------------------------------------------------------
+@dataclass
+class LinRecOptions:
+    order: int = 2
+    context_len: int = 16
+    rho_low: float = 0.0
+    rho_high: float = 1.0
+    c_max: float = 0.25
+    x0_max: float = 1.0
+    noise: float = 0.0
+
+    def validate(self):
+        _validate_common(self)
+        if not 1 <= self.order < self.context_len:
+            raise ValueError(f"order must be in [1, context_len), got {self.order}")
+        if not 0 <= self.rho_low <= self.rho_high:
+            raise ValueError(f"need 0 <= rho_low <= rho_high, got {self.rho_low}, {self.rho_high}")
+        if self.c_max < 0:
+            raise ValueError(f"c_max must be >= 0, got {self.c_max}")
+
+
+def lagged(y: torch.Tensor, order: int) -> torch.Tensor:
+    """``[y_t, y_{t-1}, ..., y_{t-order+1}, 1]`` at every t (zeros before the sequence starts)."""
+    lags = [torch.nn.functional.pad(y, (k, 0))[..., : y.shape[-1]] for k in range(order)]
+    return torch.stack([*lags, torch.ones_like(y)], -1)
+
+
+class LinRecTask(Recurrence):
+    """Order-p linear recurrences x_{t+1} = sum_i a_i x_{t+1-i} + c (Fibonacci-like, kept bounded).
+
+    ``a = rho * u / |u|_1`` with ``u ~ U[-1, 1]^p`` and ``rho ~ U[rho_low, rho_high]``; ``c ~ U[-c_max,
+    c_max]``; the first p values ``~ U[-x0_max, x0_max]``. With ``|a|_1 <= 1``, ``|x_t| <= x0_max + t c_max``.
+    The first p - 1 targets are initial values, not the rule, so they are not scored. Least squares on the
+    p lags and a constant is exact after p + 1 rule transitions.
+    """
+
+    name = "linrec"
+    description = "order-p linear recurrences x_{t+1} = sum_i a_i x_{t+1-i} + c, |a|_1 < 1"
+    Options = LinRecOptions
+
+    def sample(self, n, generator, device="cpu"):
+        o = self.options
+        u = uniform((n, o.order), -1, 1, generator, device)
+        rho = uniform((n, 1), o.rho_low, o.rho_high, generator, device)
+        a = rho * u / u.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+        c = uniform((n,), -o.c_max, o.c_max, generator, device)
+        x = torch.empty(n, o.context_len + 1, device=device)
+        x[:, : o.order] = uniform((n, o.order), -o.x0_max, o.x0_max, generator, device)
+        for t in range(o.order - 1, o.context_len):
+            x[:, t + 1] = (a * x[:, t + 1 - o.order: t + 1].flip(-1)).sum(-1) + c
+        return self.batch(x, {"a": a, "c": c}, generator, mask=self.rule_positions(device))
+
+    def rule_positions(self, device="cpu") -> torch.Tensor:
+        """Positions whose target follows the rule (t >= order - 1)."""
+        return torch.arange(self.options.context_len, device=device) >= self.options.order - 1
+
+    def baselines(self):
+        order = self.options.order
+
+        def least_squares(batch):
+            weights = self.rule_positions(batch.inputs.device)[:-1]
+            return least_squares_recurrence(batch.inputs[..., 0], lambda y: lagged(y, order), weights)[..., None]
+
+        def oracle(batch):
+            a, x = batch.latents["a"], batch.latents["x"][:, :-1]
+            return ((lagged(x, order)[..., :-1] * a[:, None]).sum(-1) + batch.latents["c"][:, None])[..., None]
+
+        return {"least_squares": least_squares, "copy_last": copy_last, "oracle": oracle}
+
+    def ood_variants(self):
+        o = self.options
+        return {"rho_in_(1,1.1]": self.with_options(rho_low=1.0, rho_high=1.1),
+                **standard_shifts(lambda s: self.with_options(x0_max=s * o.x0_max, c_max=s * o.c_max),
+                                  OOD_NOISE * o.x0_max, self.with_options(noise=OOD_NOISE * o.x0_max),
+                                  self.with_options(context_len=2 * o.context_len))}
+
+
+# --- quadratic --------------------------------------------------------------------------------------------
+@dataclass
+class QuadraticOptions:
+    context_len: int = 16
+    scale: float = 1.0  # observed values are scale * x_t (the rule acts on x in [-1, 1])
+    noise: float = 0.0
+
+    def validate(self):
+        _validate_common(self)
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+
+
+def _quadratic_features(y):
+    return torch.stack([y * y, y, torch.ones_like(y)], -1)
+
+
+class QuadraticTask(Recurrence):
+    """x_{t+1} = a x_t^2 + b x_t + c, observed as scale * x_t.
+
+    ``(a, b, c) = u / max(1, |u|_1)`` with ``u ~ U[-1, 1]^3`` (the cube pulled into the unit l1 ball) and
+    ``x_0 ~ U[-1, 1]``: ``|a| + |b| + |c| <= 1`` maps [-1, 1] into itself, so ``|x_t| <= 1``. Scaling keeps the
+    family (scale * x follows a quadratic rule too), so least squares on [y^2, y, 1] stays exact from 3
+    transitions. No parameter shift is declared: outside the l1 ball orbits can escape to infinity.
+    """
+
+    name = "quadratic"
+    description = "quadratic recurrences x_{t+1} = a x_t^2 + b x_t + c, kept in [-1, 1]"
+    Options = QuadraticOptions
+
+    def sample(self, n, generator, device="cpu"):
+        o = self.options
+        u = uniform((n, 3), -1, 1, generator, device)
+        coef = u / u.abs().sum(-1, keepdim=True).clamp_min(1)
+        a, b, c = coef.unbind(-1)
+        x = torch.empty(n, o.context_len + 1, device=device)
+        x[:, 0] = uniform((n,), -1, 1, generator, device)
+        for t in range(o.context_len):
+            x[:, t + 1] = (a * x[:, t] + b) * x[:, t] + c
+        return self.batch(o.scale * x, {"a": a, "b": b, "c": c}, generator)
+
+    def baselines(self):
+        scale = self.options.scale
+
+        def oracle(batch):
+            lat = batch.latents
+            x = lat["x"][:, :-1] / scale
+            return (scale * ((lat["a"][:, None] * x + lat["b"][:, None]) * x + lat["c"][:, None]))[..., None]
+
+        return {
+            "least_squares": lambda batch: least_squares_recurrence(batch.inputs[..., 0],
+                                                                    _quadratic_features)[..., None],
+            "affine_least_squares": affine_least_squares,
+            "copy_last": copy_last,
+            "oracle": oracle,
+        }
+
+    def ood_variants(self):
+        o = self.options
+        return standard_shifts(lambda s: self.with_options(scale=s * o.scale), OOD_NOISE * o.scale,
+                               self.with_options(noise=OOD_NOISE * o.scale),
+                               self.with_options(context_len=2 * o.context_len))
+
+
+# --- logistic ---------------------------------------------------------------------------------------------
+@dataclass
+class LogisticOptions:
+    context_len: int = 16
+    r_low: float = 2.5
+    r_high: float = 4.0
+    scale: float = 1.0  # observed values are scale * x_t (the rule acts on x in [0, 1])
+    noise: float = 0.0
+
+    def validate(self):
+        _validate_common(self)
+        if not 0 <= self.r_low <= self.r_high <= 4:
+            raise ValueError(f"need 0 <= r_low <= r_high <= 4 (beyond 4 orbits leave [0, 1]), got "
+                             f"{self.r_low}, {self.r_high}")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+
+
+def _logistic_features(y):
+    return torch.stack([y, y * y], -1)
+
+
+class LogisticTask(Recurrence):
+    """The logistic map x_{t+1} = r x_t (1 - x_t), observed as scale * x_t.
+
+    ``r ~ U[r_low, r_high] = U[2.5, 4]`` spans fixed points (r < 3), period doubling and chaos (r > 3.57);
+    ``x_0 ~ U[0, 1]``; ``x_t`` stays in [0, 1]. Least squares on [y, y^2] (the map's features; unlike
+    r * y (1 - y) it survives scaling) is exact after 2 transitions. The parameter shift takes r below the
+    trained range, into [1, 2.5] (where orbits settle on a fixed point).
+    """
+
+    name = "logistic"
+    description = "logistic map x_{t+1} = r x_t (1 - x_t), r in periodic and chaotic regimes"
+    Options = LogisticOptions
+
+    def sample(self, n, generator, device="cpu"):
+        o = self.options
+        r = uniform((n,), o.r_low, o.r_high, generator, device)
+        x = torch.empty(n, o.context_len + 1, device=device)
+        x[:, 0] = torch.rand(n, generator=generator, device=device)
+        for t in range(o.context_len):
+            x[:, t + 1] = r * x[:, t] * (1 - x[:, t])
+        return self.batch(o.scale * x, {"r": r}, generator)
+
+    def baselines(self):
+        scale = self.options.scale
+
+        def oracle(batch):
+            x = batch.latents["x"][:, :-1] / scale
+            return (scale * batch.latents["r"][:, None] * x * (1 - x))[..., None]
+
+        return {
+            "least_squares": lambda batch: least_squares_recurrence(batch.inputs[..., 0],
+                                                                    _logistic_features)[..., None],
+            "affine_least_squares": affine_least_squares,
+            "copy_last": copy_last,
+            "oracle": oracle,
+        }
+
+    def ood_variants(self):
+        o = self.options
+        return {"r_in_[1,2.5]": self.with_options(r_low=1.0, r_high=2.5),
+                **standard_shifts(lambda s: self.with_options(scale=s * o.scale), OOD_NOISE * o.scale,
+                                  self.with_options(noise=OOD_NOISE * o.scale),
+                                  self.with_options(context_len=2 * o.context_len))}
+
+
+# --- poly -------------------------------------------------------------------------------------------------
+@dataclass
+class PolyOptions:
+    context_len: int = 16
+    degree: int = 3
+    coef_max: float = 1.0
+    horizon: int = 16  # time unit: s_t = t / horizon, so a longer context extends the same polynomials
+    noise: float = 0.0
+
+    def validate(self):
+        _validate_common(self)
+        if self.degree < 0:
+            raise ValueError(f"degree must be >= 0, got {self.degree}")
+        if self.coef_max < 0:
+            raise ValueError(f"coef_max must be >= 0, got {self.coef_max}")
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+
+
+class PolyTask(Recurrence):
+    """Polynomial sequences x_t = p(s_t) = sum_{k <= degree} c_k s_t^k with s_t = t / horizon.
+
+    ``c_k ~ U[-coef_max, coef_max]`` independently, so ``|x_t| <= (degree + 1) coef_max`` while t <= horizon,
+    and the prior variance has the closed form ``coef_max^2 / 3 * sum_k s^{2k}`` (mean 0). Least squares on
+    the monomials of time fits the points y_0..y_t and is exact from degree + 1 points. The parameter shift
+    raises the degree by one.
+    """
+
+    name = "poly"
+    description = "polynomial sequences x_t = p(t), random polynomials of degree <= 3"
+    Options = PolyOptions
+
+    def times(self, device="cpu") -> torch.Tensor:
+        """``s_t`` for t = 0..context_len, float64."""
+        return torch.arange(self.options.context_len + 1, device=device, dtype=torch.float64) / self.options.horizon
+
+    def monomials(self, device="cpu") -> torch.Tensor:
+        """``[T+1, degree+1]``: 1, s_t, ..., s_t^degree."""
+        return self.times(device)[:, None] ** torch.arange(self.options.degree + 1, device=device)
+
+    def sample(self, n, generator, device="cpu"):
+        o = self.options
+        c = uniform((n, o.degree + 1), -o.coef_max, o.coef_max, generator, device)
+        x = (c.double() @ self.monomials(device).T).float()
+        return self.batch(x, {"c": c}, generator)
+
+    def normalizer(self, device="cpu"):
+        o = self.options
+        s = self.times()[1:]
+        var = o.coef_max ** 2 / 3 * (s[:, None] ** (2 * torch.arange(o.degree + 1))).sum(-1) + o.noise ** 2
+        return var.float().to(device).clamp_min(1e-12)
+
+    def baselines(self):
+        def least_squares(batch):
+            B, T = batch.inputs.shape[:2]
+            phi = self.monomials(batch.inputs.device)
+            coef = prefix_least_squares(phi[None, :T].expand(B, -1, -1), batch.inputs)[:, 1:]  # points <= t
+            return (coef * phi[None, 1:, :, None]).sum(-2).to(batch.inputs.dtype)
+
+        def oracle(batch):
+            return (batch.latents["c"].double() @ self.monomials(batch.inputs.device)[1:].T).float()[..., None]
+
+        return {"least_squares": least_squares, "affine_least_squares": affine_least_squares,
+                "copy_last": copy_last, "oracle": oracle}
+
+    def ood_variants(self):
+        o = self.options
+        return {"degree_+1": self.with_options(degree=o.degree + 1),
+                **standard_shifts(lambda s: self.with_options(coef_max=s * o.coef_max),
+                                  OOD_NOISE * o.coef_max, self.with_options(noise=OOD_NOISE * o.coef_max),
+                                  self.with_options(context_len=2 * o.context_len))}
+
+
+@hookimpl
+def iclbench_tasks():
+    return [AffineVecTask, LinRecTask, QuadraticTask, LogisticTask, PolyTask]

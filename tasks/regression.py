@@ -1,0 +1,324 @@
+"""Function classes learned in context from (x, y) pairs, as in Garg et al. 2022.
+
+Each sequence draws its own function f and ``n_points`` inputs ``x_i ~ N(0, x_scale^2 I_d)``; targets are
+``y_i = f(x_i) + noise * N(0, 1)``. The prompt interleaves one token per position (``d_in = d + 1``)::
+
+    position 2i:   [x_i, 0]    the model predicts y_i here, from x_i and the pairs before it (scored)
+    position 2i+1: [0.., y_i]  the answer is revealed (not scored)
+
+so after k examples the query sits at position 2k. The families:
+
+- ``linreg``: ``f(x) = w.x`` with ``w ~ N(0, w_scale^2 I_d)``.
+- ``sparse-linreg``: the same with only ``nonzero`` entries of w (at random coordinates) non-zero.
+- ``relu-nn``: ``f(x) = sum_j v_j relu(u_j.x)`` over ``hidden`` units, ``u_j ~ N(0, I_d)``,
+  ``v_j ~ N(0, 2 w_scale^2 / (hidden d))`` so that ``Var f(x) = w_scale^2 x_scale^2``.
+
+Every prior is symmetric, so the prior mean of y is 0 and the normalizer is ``Var y`` in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from iclbench import Task, hookimpl
+from iclbench.task import Batch
+
+from ._fit import prefix_least_squares
+from ._shifts import standard_shifts
+
+NEIGHBOURS = 3  # k of the k-nearest-neighbours baseline (Garg et al.)
+
+
+@dataclass
+class LinRegOptions:
+    d: int = 4
+    n_points: int = 12
+    w_scale: float = 1.0
+    x_scale: float = 1.0
+    noise: float = 0.0
+
+    def validate(self):
+        if self.d < 1:
+            raise ValueError(f"d must be >= 1, got {self.d}")
+        if self.n_points < 2:
+            raise ValueError(f"n_points must be >= 2, got {self.n_points}")
+        for key in ("w_scale", "x_scale", "noise"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class SparseLinRegOptions(LinRegOptions):
+    d: int = 8
+    nonzero: int = 2
+
+    def validate(self):
+        super().validate()
+        if not 1 <= self.nonzero <= self.d:
+            raise ValueError(f"nonzero must be in [1, d={self.d}], got {self.nonzero}")
+
+
+@dataclass
+class ReluNNOptions(LinRegOptions):
+    hidden: int = 8
+
+    def validate(self):
+        super().validate()
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+
+
+# --- prompt layout --------------------------------------------------------------------------------------
+def examples(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [B, N, d], y [B, N])`` read back from the interleaved prompt."""
+    return batch.inputs[:, 0::2, :-1], batch.inputs[:, 1::2, -1]
+
+
+def at_queries(pred: torch.Tensor) -> torch.Tensor:
+    """Per-example predictions ``[B, N]`` → prompt layout ``[B, 2N, 1]`` (0 at the unscored y tokens)."""
+    out = torch.zeros(pred.shape[0], 2 * pred.shape[1], 1, dtype=pred.dtype, device=pred.device)
+    out[:, 0::2, 0] = pred
+    return out
+
+
+def causal_mask(n: int, device) -> torch.Tensor:
+    """``[N, N]`` bool: query i may use example j iff j < i."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
+
+
+# --- baselines (each: x [B, N, d], y [B, N] -> prediction for y_i from pairs j < i, [B, N]) -------------
+def least_squares(x, y, ridge=0.0):
+    """Ordinary (minimum-norm while k < d) or ridge least squares on the pairs before each query."""
+    coef = prefix_least_squares(x, y[..., None], ridge=ridge)[:, :-1, :, 0]  # [B, N, d]
+    return (coef * x.double()).sum(-1).to(x.dtype)
+
+
+def averaging(x, y):
+    """w_hat = mean of y_j x_j over the pairs before the query (Garg et al.'s 'averaging')."""
+    s = (y[..., None] * x).cumsum(1)
+    s = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], 1)
+    k = torch.arange(x.shape[1], device=x.device).clamp_min(1)[None, :, None]
+    return (s / k * x).sum(-1)
+
+
+def nearest_neighbours(x, y, k=NEIGHBOURS):
+    """Mean y of the k nearest earlier x (fewer while fewer exist; 0 before any)."""
+    n = x.shape[1]
+    allowed = causal_mask(n, x.device)
+    dist = torch.cdist(x, x).masked_fill(~allowed, float("inf"))  # [B, N(query), N(example)]
+    k = min(k, n)
+    near = dist.topk(k, dim=-1, largest=False)
+    valid = near.values.isfinite()
+    picked = torch.gather(y[:, None, :].expand(-1, n, -1), 2, near.indices) * valid
+    return picked.sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def lasso(x, y, penalty, iters=400):
+    """Lasso ``1/2 |y - Xw|^2 + penalty_k |w|_1`` on the pairs before each query, solved for every prefix at
+    once by FISTA on the prefix Gram matrices. ``penalty [N]``: the weight at each prefix size."""
+    x64, y64 = x.double(), y.double()
+    gram = torch.einsum("bni,bnj->bnij", x64, x64).cumsum(1)
+    corr = (x64 * y64[..., None]).cumsum(1)
+    gram = torch.cat([torch.zeros_like(gram[:, :1]), gram[:, :-1]], 1)  # pairs j < i
+    corr = torch.cat([torch.zeros_like(corr[:, :1]), corr[:, :-1]], 1)
+    step = 1 / torch.linalg.eigvalsh(gram)[..., -1:].clamp_min(1e-12)  # [B, N, 1]: 1 / Lipschitz
+    thresh = step * penalty.to(x64)[None, :, None]
+    w = z = torch.zeros_like(corr)
+    momentum = 1.0
+    for _ in range(iters):
+        grad = (gram * z[..., None, :]).sum(-1) - corr  # elementwise: faster than tiny batched matmuls
+        u = z - step * grad
+        w_next = u.sign() * (u.abs() - thresh).clamp_min(0)
+        m_next = (1 + math.sqrt(1 + 4 * momentum ** 2)) / 2
+        z = w_next + (momentum - 1) / m_next * (w_next - w)
+        w, momentum = w_next, m_next
+    return (w * x64).sum(-1).to(x.dtype)
+
+
+def relu_net_gd(x, y, hidden, steps=100, lr=0.05):
+    """A 2-layer ReLU network (the target's class) fitted by Adam to the pairs before each query.
+
+    Every (sequence, query) pair gets its own network, trained at once: the loss of query i weighs example
+    j by ``j < i``, so later pairs contribute exactly zero gradient. All networks start from one fixed
+    initialisation, so a sequence gets the same prediction alone or in a batch.
+    """
+    B, n, d = x.shape
+    gen = torch.Generator().manual_seed(0)
+    u0 = torch.randn(hidden, d, generator=gen) / math.sqrt(d)
+    v0 = torch.randn(hidden, generator=gen) / math.sqrt(hidden)
+    weight = causal_mask(n, x.device).to(x.dtype)  # [N(query), N(example)]
+    count = weight.sum(-1)
+    with torch.enable_grad():
+        u = u0.to(x).expand(B, n, hidden, d).clone().requires_grad_(True)
+        v = v0.to(x).expand(B, n, hidden).clone().requires_grad_(True)
+        opt = torch.optim.Adam([u, v], lr=lr)
+        for _ in range(steps):
+            h = torch.relu(torch.einsum("bqhd,bjd->bqjh", u, x))  # [B, Nq, Nj, H]
+            fit = (h * v[:, :, None]).sum(-1)  # [B, Nq, Nj]
+            loss = (((fit - y[:, None]) ** 2) * weight).sum(-1) / count.clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+    with torch.no_grad():
+        h = torch.relu(torch.einsum("bqhd,bqd->bqh", u, x))
+        return (h * v).sum(-1) * (count > 0)  # no example: predict the prior mean 0
+
+
+# --- tasks ----------------------------------------------------------------------------------------------
+class InContextRegression(Task):
+    """Shared layout, sampling and baselines; subclasses draw the function and give its variance."""
+
+    Options = LinRegOptions
+    score_from = 2  # from the second query on (k >= 1 example seen)
+
+    @property
+    def d_in(self):
+        return self.options.d + 1
+
+    @property
+    def d_out(self):
+        return 1
+
+    @property
+    def context_len(self):
+        return 2 * self.options.n_points
+
+    def draw(self, n, generator, device) -> dict[str, torch.Tensor]:
+        """The function's parameters for ``n`` sequences."""
+        raise NotImplementedError
+
+    def function(self, params, x) -> torch.Tensor:
+        """``f(x)``: ``[B, N, d] -> [B, N]``."""
+        raise NotImplementedError
+
+    def signal_variance(self) -> float:
+        """``Var f(x)`` under the prior (closed form)."""
+        raise NotImplementedError
+
+    def sample(self, n, generator, device="cpu"):
+        o = self.options
+        params = self.draw(n, generator, device)
+        x = o.x_scale * torch.randn(n, o.n_points, o.d, generator=generator, device=device)
+        f = self.function(params, x)
+        y = f + o.noise * torch.randn(f.shape, generator=generator, device=device) if o.noise else f
+        tokens = torch.zeros(n, 2 * o.n_points, o.d + 1, device=device)
+        tokens[:, 0::2, :-1] = x
+        tokens[:, 1::2, -1] = y
+        mask = torch.arange(2 * o.n_points, device=device) % 2 == 0
+        return Batch(inputs=tokens, targets=at_queries(y), mask=mask, latents={**params, "x": x, "f": f})
+
+    def normalizer(self, device="cpu"):
+        """``Var y = Var f + noise^2`` at the queries (prior mean 0); 1 at the unscored answer tokens."""
+        out = torch.ones(self.context_len, device=device)
+        out[0::2] = self.signal_variance() + self.options.noise ** 2
+        return out
+
+    def baselines(self):
+        def on_examples(fn):
+            return lambda batch: at_queries(fn(*examples(batch)))
+
+        return {
+            "nearest_neighbours": on_examples(nearest_neighbours),
+            "zero": lambda batch: torch.zeros_like(batch.targets),
+            "oracle": lambda batch: at_queries(batch.latents["f"]),
+        }
+
+    def ood_variants(self):
+        o = self.options
+        noise = round(0.3 * math.sqrt(self.signal_variance()), 3)  # noise floor ~0.08 of the prior error
+        return {
+            "w_scale_x2": self.with_options(w_scale=2 * o.w_scale),
+            **standard_shifts(lambda s: self.with_options(x_scale=s * o.x_scale), noise,
+                              self.with_options(noise=noise), self.with_options(n_points=2 * o.n_points)),
+        }
+
+
+class LinearRegression(InContextRegression):
+    name = "linreg"
+    description = "linear regression in context, y = w.x (+ noise), Garg et al. 2022"
+
+    def draw(self, n, generator, device):
+        o = self.options
+        return {"w": o.w_scale * torch.randn(n, o.d, generator=generator, device=device)}
+
+    def function(self, params, x):
+        return (x * params["w"][:, None]).sum(-1)
+
+    def signal_variance(self):
+        o = self.options
+        return o.d * (o.w_scale * o.x_scale) ** 2
+
+    def baselines(self):
+        out = super().baselines()
+        out["least_squares"] = lambda batch: at_queries(least_squares(*examples(batch)))
+        out["averaging"] = lambda batch: at_queries(averaging(*examples(batch)))
+        o = self.options
+        if o.noise and o.w_scale:  # posterior mean under the Gaussian prior: the Bayes-optimal predictor
+            ridge = (o.noise / o.w_scale) ** 2
+            out["ridge"] = lambda batch: at_queries(least_squares(*examples(batch), ridge=ridge))
+        return out
+
+
+class SparseLinearRegression(LinearRegression):
+    name = "sparse-linreg"
+    description = "linear regression with a sparse w (nonzero of d entries), Lasso baseline"
+    Options = SparseLinRegOptions
+
+    def draw(self, n, generator, device):
+        o = self.options
+        w = o.w_scale * torch.randn(n, o.d, generator=generator, device=device)
+        keep = torch.rand(n, o.d, generator=generator, device=device).argsort(-1) < o.nonzero
+        return {"w": w * keep}
+
+    def signal_variance(self):
+        o = self.options
+        return o.nonzero * (o.w_scale * o.x_scale) ** 2
+
+    def baselines(self):
+        out = super().baselines()
+        o = self.options
+
+        def lasso_baseline(batch):
+            x, y = examples(batch)
+            k = torch.arange(x.shape[1], device=x.device)
+            # near-zero penalty without noise (basis pursuit); the universal threshold sigma*sqrt(2 k log d)
+            penalty = o.x_scale * (1e-3 + o.noise * torch.sqrt(2 * k * math.log(max(o.d, 2))))
+            return at_queries(lasso(x, y, penalty))
+
+        out["lasso"] = lasso_baseline
+        return out
+
+
+class ReluNetworkRegression(InContextRegression):
+    name = "relu-nn"
+    description = "targets from random 2-layer ReLU networks; fitted-network and kNN baselines"
+    Options = ReluNNOptions
+
+    def draw(self, n, generator, device):
+        o = self.options
+        u = torch.randn(n, o.hidden, o.d, generator=generator, device=device)
+        v = torch.randn(n, o.hidden, generator=generator, device=device) * o.w_scale * math.sqrt(
+            2 / (o.hidden * o.d))
+        return {"u": u, "v": v}
+
+    def function(self, params, x):
+        return (torch.relu(torch.einsum("bhd,bnd->bnh", params["u"], x)) * params["v"][:, None]).sum(-1)
+
+    def signal_variance(self):
+        """Var f = hidden * Var v * E relu(u.x)^2 = hidden * 2 w^2/(hidden d) * (d x_scale^2 / 2)."""
+        o = self.options
+        return (o.w_scale * o.x_scale) ** 2
+
+    def baselines(self):
+        out = super().baselines()
+        hidden = self.options.hidden
+        out["relu_net_gd"] = lambda batch: at_queries(relu_net_gd(*examples(batch), hidden))
+        return out
+
+
+@hookimpl
+def iclbench_tasks():
+    return [LinearRegression, SparseLinearRegression, ReluNetworkRegression]
