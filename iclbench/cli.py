@@ -120,6 +120,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="run every task × model × seed × override of an experiment file")
+    p.add_argument("experiment", help="experiment YAML: base, grid and/or runs (see README, Sweeps)")
+    p.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="local: a process pool on this machine; ray: a Ray cluster (pip install 'iclbench[ray]')")
+    p.add_argument("--jobs", type=int, help="runs at once (local default: cores / cpus-per-run; ray: what the "
+                   "cluster holds)")
+    p.add_argument("--cpus-per-run", type=float, help="torch threads (and Ray CPUs) per run (default: "
+                   "cores / jobs locally, 1 on Ray)")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs per run, fractions allowed")
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
+                   "default: start a local one")
+    p.add_argument("--out", help="results directory for every run (default: base.out, else results)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import load_experiment, plan_table, run_sweep
+
+    experiment = load_experiment(args.experiment, out=args.out)
+    if args.dry_run:
+        print(plan_table(experiment))
+        return 0
+    report = run_sweep(experiment, args.executor, jobs=args.jobs, cpus_per_run=args.cpus_per_run,
+                       gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet)
+    print(report.summary())
+    if report.not_run:
+        return 130
+    return 1 if report.failed else 0
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -127,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"iclbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_sweep(sub)
     lp = sub.add_parser("list", help="list registered tasks, models, baselines, probes")
     lp.add_argument("kind", nargs="?", choices=KINDS)
     lb = sub.add_parser("leaderboard", help="table of every run under a results directory")
@@ -151,7 +184,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"report": cmd_report, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard}
+COMMANDS = {"report": cmd_report, "run": cmd_run, "sweep": cmd_sweep, "list": cmd_list,
+            "leaderboard": cmd_leaderboard}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,546 @@
+"""Sweeps: an experiment file expands to many runs, run in parallel on this machine or on a Ray cluster.
+
+An experiment file (YAML)::
+
+    name: depth                      # names the sweep record; default: the file's stem
+    base:                            # shared by every run; the layout of a run's config.yaml
+      train: {steps: 3000}
+      out: results
+    runs:                            # optional list of variants, each crossed with the grid
+      - {task: affine, model: gpt3l}
+      - {task: affine, model: gpt3l, task.noise: 0.1}
+    grid:                            # every combination of these values
+      model.n_layers: [1, 2, 3, 6]
+      seed: [0, 1, 2]
+
+Every run's config is resolved through :func:`iclbench.config.resolve` before anything runs, and an error
+names the file, line and key that caused it. Runs are idempotent: one whose directory already holds complete
+results (``metrics.json``) is skipped, so a sweep that was killed continues where it stopped. Workers compute;
+the driver records: with Ray, a worker runs into a temporary directory and returns the files, and the driver
+writes them under ``out`` (no shared filesystem needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import store
+from .config import TOP_LEVEL, RunConfig, resolve
+from .errors import ICLBenchError, did_you_mean
+from .registry import Registry, get_registry
+
+EXPERIMENT_KEYS = ("name", "base", "grid", "runs")
+SECTIONS = ("task", "model", "train", "eval")
+EXECUTORS = ("local", "ray")
+RECORDS = ".sweeps"  # under out; hidden, so the leaderboard does not take it for a run
+
+
+# --- experiment files --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``key: value`` of an experiment file and where it was written, so errors can point at it."""
+    key: str  # task, model, seed, device, out, or section.field
+    value: Any
+    line: int
+    origin: str  # base, grid, runs[i]
+
+    def __str__(self):
+        return f"{self.key}={self.value}"
+
+
+@dataclass
+class PlannedRun:
+    config: RunConfig
+    settings: tuple[Setting, ...]  # what the file said for this run, in the order applied
+
+    @property
+    def name(self) -> str:
+        return self.config.run_name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out) / self.config.run_name
+
+    @property
+    def label(self) -> str:
+        """What varies: the settings from the grid and the runs list (base is common to all)."""
+        return ", ".join(str(s) for s in self.settings if s.origin != "base")
+
+    def is_complete(self) -> bool:
+        try:
+            store.read_run(self.run_dir)
+            return True
+        except store.DamagedRun:
+            return False
+
+
+@dataclass
+class Experiment:
+    path: Path
+    name: str
+    runs: list[PlannedRun]
+    duplicates: int = 0  # grid points that resolved to a run already planned
+
+    @property
+    def out(self) -> Path:
+        return Path(self.runs[0].config.out)
+
+
+class _Reader:
+    """Walks PyYAML's composed node tree, which keeps line numbers that ``safe_load`` throws away."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ICLBenchError(f"cannot read experiment file {str(path)!r}: {exc.strerror}") from None
+        self.loader = yaml.SafeLoader(text)
+        try:
+            self.root = self.loader.get_single_node()
+        except yaml.YAMLError as exc:
+            raise self._yaml_error(exc) from None
+
+    def _yaml_error(self, exc: yaml.YAMLError) -> ICLBenchError:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return ICLBenchError(f"malformed YAML in {self.path}{where}: {problem}")
+
+    def error(self, node: yaml.Node, message: str) -> ICLBenchError:
+        return ICLBenchError(f"{self.path} line {node.start_mark.line + 1}: {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise self._yaml_error(exc) from None
+
+    def pairs(self, node: yaml.Node, where: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        """``(key, key node, value node)`` of a mapping; a key written twice is an error (YAML keeps the last)."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"{where} must be a mapping of keys, got {self.value(node)!r}")
+        seen: dict[str, int] = {}
+        out = []
+        for key_node, value_node in node.value:
+            key = self.value(key_node)
+            if not isinstance(key, str):
+                raise self.error(key_node, f"keys in {where} must be strings, got {key!r}")
+            if key in seen:
+                raise self.error(key_node, f"key '{key}' in {where} is written twice (first on line {seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+            out.append((key, key_node, value_node))
+        return out
+
+    def settings(self, node: yaml.Node, origin: str) -> list[Setting]:
+        """A run-config mapping flattened to dotted keys: ``{task: {name: affine, noise: 0.1}}`` →
+        ``task=affine, task.noise=0.1``. Dotted keys may also be written as they are."""
+        out = []
+        for key, key_node, value_node in self.pairs(node, origin):
+            if key in SECTIONS and isinstance(value_node, yaml.MappingNode):
+                for sub, sub_key_node, sub_value_node in self.pairs(value_node, f"{origin} {key}"):
+                    full = key if sub == "name" and key in ("task", "model") else f"{key}.{sub}"
+                    out.append(self.setting(full, sub_key_node, sub_value_node, origin))
+            else:
+                out.append(self.setting(key, key_node, value_node, origin))
+        return out
+
+    def setting(self, key: str, key_node: yaml.Node, value_node: yaml.Node, origin: str) -> Setting:
+        section, dot, rest = key.partition(".")
+        if section not in TOP_LEVEL:
+            raise self.error(key_node, f"unknown key '{key}' in {origin}" + did_you_mean(section, TOP_LEVEL))
+        if dot and (section not in SECTIONS or not rest or "." in rest):
+            raise self.error(key_node, f"malformed key '{key}' in {origin}; use section.field with a section "
+                                       f"among {', '.join(SECTIONS)}, e.g. model.n_layers")
+        if not dot and section in ("train", "eval"):
+            raise self.error(key_node, f"'{key}' in {origin} must be a mapping or a dotted key like "
+                                       f"{key}.FIELD")
+        if key == "out" and origin != "base":
+            raise self.error(key_node, "'out' may be set only in base (or with --out): one sweep, one "
+                                       "results directory")
+        value = self.value(value_node)
+        if key in ("task", "model") and not isinstance(value, str):
+            raise self.error(value_node, f"{origin} {key}: expected a {key} name, got {value!r}; set its "
+                                         f"options with dotted keys like {key}.FIELD")
+        return Setting(key, value, value_node.start_mark.line + 1, origin)
+
+
+def _blame(settings: list[Setting], message: str) -> Setting | None:
+    """The setting an error message from :func:`resolve` is about (the one last written for its key)."""
+    effective = list({s.key: s for s in settings}.values())
+    for s in reversed(effective):
+        section, _, name = s.key.partition(".")
+        if (f"'{s.key}'" in message or message.startswith((f"{s.key}:", f"{s.key} "))
+                or (name and message.startswith(f"{section}:") and re.search(rf"\b{re.escape(name)}\b", message))
+                or (not name and f"{s.key} '{s.value}'" in message)):
+            return s
+    return None
+
+
+def _resolve(registry: Registry, settings: list[Setting], out: str | None) -> RunConfig:
+    named = {s.key: s.value for s in settings}  # later settings win
+    task, model = named.pop("task", None), named.pop("model", None)
+    return resolve(registry, task=task, model=model, out=out, overrides=list(named.items()))
+
+
+def load_experiment(path: str | Path, registry: Registry | None = None, out: str | None = None) -> Experiment:
+    """Parse and validate an experiment file; every run's config is resolved here, before anything runs."""
+    registry = registry or get_registry()
+    path = Path(path)
+    reader = _Reader(path)
+    if reader.root is None:
+        raise ICLBenchError(f"{path}: empty experiment file; it needs a grid or a runs list")
+    top = {}
+    for key, key_node, value_node in reader.pairs(reader.root, "the experiment file"):
+        if key not in EXPERIMENT_KEYS:
+            raise reader.error(key_node, f"unknown key '{key}' in the experiment file"
+                               + did_you_mean(key, EXPERIMENT_KEYS))
+        top[key] = value_node
+    if "grid" not in top and "runs" not in top:
+        raise ICLBenchError(f"{path}: has neither 'grid' nor 'runs'; an experiment needs at least one")
+
+    name = reader.value(top["name"]) if "name" in top else path.stem
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+        raise reader.error(top["name"], f"name must be letters, digits, '.', '_' or '-', got {name!r}")
+    base = reader.settings(top["base"], "base") if "base" in top else []
+
+    grid: list[list[Setting]] = []
+    grid_keys: dict[str, Setting] = {}
+    if "grid" in top:
+        for key, key_node, value_node in reader.pairs(top["grid"], "grid"):
+            if not isinstance(value_node, yaml.SequenceNode) or not value_node.value:
+                raise reader.error(value_node, f"grid {key}: expected a non-empty list of values, e.g. "
+                                               f"{key}: [{reader.value(value_node)!r}]")
+            values = [reader.setting(key, key_node, item, "grid") for item in value_node.value]
+            grid.append(values)
+            grid_keys[key] = values[0]
+
+    variants: list[list[Setting]] = [[]]
+    if "runs" in top:
+        node = top["runs"]
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise reader.error(node, "runs: expected a non-empty list of mappings, e.g. "
+                                     "- {task: affine, model: gpt3l}")
+        variants = []
+        for i, item in enumerate(node.value):
+            entry = reader.settings(item, f"runs[{i}]")
+            for s in entry:
+                if s.key in grid_keys:
+                    raise ICLBenchError(f"{path} line {s.line}: runs[{i}] sets '{s.key}', which the grid "
+                                        f"also sets (line {grid_keys[s.key].line}); set it in one place")
+            variants.append(entry)
+
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for entry in variants:
+        for point in itertools.product(*grid):
+            settings = base + entry + list(point)
+            try:
+                cfg = _resolve(registry, settings, out)
+            except ICLBenchError as exc:
+                culprit = _blame(settings, str(exc))
+                if culprit is None:
+                    which = ", ".join(str(s) for s in settings if s.origin != "base") or "base"
+                    raise ICLBenchError(f"{path}: run ({which}): {exc}") from None
+                raise ICLBenchError(f"{path} line {culprit.line} ({culprit.origin} {culprit.key}: "
+                                    f"{culprit.value!r}): {exc}") from None
+            if cfg.run_name in seen:
+                duplicates += 1
+                continue
+            seen.add(cfg.run_name)
+            runs.append(PlannedRun(cfg, tuple(settings)))
+    return Experiment(path, name, runs, duplicates)
+
+
+# --- computing one run (in a worker) ------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """What a worker sends back. ``files``: the run directory's files when the worker had its own disk."""
+    error: str | None = None  # one line; None when the run completed
+    detail: str | None = None  # the traceback of an internal error
+    files: dict[str, bytes] | None = None  # path relative to the run directory -> content
+    wall_s: float = 0.0
+
+
+def compute_run(config: dict, threads: int, ship_files: bool = False) -> Outcome:
+    """Run one resolved config through :func:`iclbench.runner.run` with ``threads`` torch threads.
+
+    ``ship_files=False``: write the run directory under the config's ``out`` (the driver's disk).
+    ``ship_files=True``: write into a temporary directory and return its files for the driver to store.
+    """
+    import torch
+
+    from .runner import run
+
+    torch.set_num_threads(max(1, int(threads)))
+    started = time.perf_counter()
+    outcome = Outcome()
+    with (tempfile.TemporaryDirectory(prefix="iclbench-") if ship_files else contextlib.nullcontext()) as tmp:
+        try:
+            run(config=config, quiet=True, run_dir=tmp)
+        except ICLBenchError as exc:
+            outcome.error = str(exc)
+        except Exception as exc:  # recorded, so that one broken run does not stop the sweep
+            outcome.error = f"internal error: {type(exc).__name__}: {exc}"
+            outcome.detail = traceback.format_exc()
+        if tmp is not None:
+            outcome.files = {path.relative_to(tmp).as_posix(): path.read_bytes()
+                             for path in sorted(Path(tmp).rglob("*"))
+                             if path.is_file() and not path.name.startswith(".")}
+    outcome.wall_s = time.perf_counter() - started
+    return outcome
+
+
+def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
+    """Store files returned by a worker; ``metrics.json`` last, so the run counts as complete only when
+    everything else is in place."""
+    (run_dir / store.METRICS).unlink(missing_ok=True)
+    for rel in sorted(files, key=lambda r: r == store.METRICS):
+        store.write_atomic(run_dir / rel, files[rel])
+
+
+# --- executors: submit runs, wait for some to finish ------------------------------------------------------
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class LocalExecutor:
+    """A process pool on this machine; each worker runs one run at a time with ``threads`` torch threads."""
+
+    name = "local"
+    ships_files = False
+
+    def __init__(self, jobs: int, threads: int):
+        self.jobs, self.threads = jobs, threads
+        self.pool = self._new_pool()
+
+    def _new_pool(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: forking a process that already runs torch threads can deadlock
+        return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, plan: PlannedRun):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.pool.submit(compute_run, plan.config.to_dict(), self.threads)
+        except BrokenProcessPool:  # a worker died earlier (killed, out of memory): start a fresh pool
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            return self.pool.submit(compute_run, plan.config.to_dict(), self.threads)
+
+    def wait(self, handles, timeout: float):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        return list(wait(handles, timeout=timeout, return_when=FIRST_COMPLETED).done)
+
+    def result(self, handle) -> Outcome:
+        try:
+            return handle.result()
+        except Exception as exc:  # the worker process died
+            return Outcome(error=f"worker process failed: {type(exc).__name__}: {exc}")
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayExecutor:
+    """Each run a Ray task asking for ``cpus``/``gpus``; the worker returns the run's files."""
+
+    name = "ray"
+    ships_files = True
+
+    def __init__(self, address: str | None, cpus: float, gpus: float):
+        try:
+            import ray
+        except ImportError:
+            raise ICLBenchError("the ray executor needs Ray: pip install 'iclbench[ray]'") from None
+        self.ray = ray
+        self.started_here = False
+        if not ray.is_initialized():
+            kwargs = {"address": address} if address else {"include_dashboard": False}
+            try:
+                ray.init(logging_level="warning", **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ICLBenchError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+            self.started_here = True
+        self.cpus, self.gpus = cpus, gpus
+        self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(compute_run)
+
+    def capacity(self) -> int:
+        """How many runs the cluster can hold at once with the resources each asks for."""
+        resources = self.ray.cluster_resources()
+        n = int(resources.get("CPU", 1) // self.cpus) if self.cpus else 1 << 30
+        if self.gpus:
+            n = min(n, int(resources.get("GPU", 0) // self.gpus))
+            if n == 0:
+                raise ICLBenchError(f"--gpus-per-run {self.gpus} but the Ray cluster has no GPUs")
+        return max(1, n)
+
+    def submit(self, plan: PlannedRun):
+        return self.task.remote(plan.config.to_dict(), max(1, round(self.cpus)), True)
+
+    def wait(self, handles, timeout: float):
+        ready, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        return ready
+
+    def result(self, handle) -> Outcome:
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayError as exc:  # the worker died or the task could not run
+            return Outcome(error=f"Ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    def close(self):
+        if self.started_here:
+            self.ray.shutdown()
+
+
+# --- the sweep ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SweepReport:
+    experiment: Experiment
+    executor: str
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    not_run: list[str] = field(default_factory=list)  # left when the sweep was interrupted
+    wall_s: float = 0.0
+
+    @property
+    def record_path(self) -> Path:
+        return self.experiment.out / RECORDS / f"{self.experiment.name}.json"
+
+    def summary(self) -> str:
+        exp = self.experiment
+        lines = [f"sweep {exp.name} ({exp.path}) on {self.executor}: {len(exp.runs)} runs: {len(self.ran)} ran, "
+                 f"{len(self.skipped)} skipped (already complete), {len(self.failed)} failed"
+                 + (f", {len(self.not_run)} not run (interrupted)" if self.not_run else "")
+                 + f" in {self.wall_s:.1f}s"]
+        for name, error in self.failed.items():
+            lines.append(f"  failed {name}: {error}")
+        lines.append(f"record: {self.record_path}; table: iclbench leaderboard --results {exp.out}")
+        return "\n".join(lines)
+
+
+def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | None = None,
+              cpus_per_run: float | None = None, gpus_per_run: float = 0, address: str | None = None,
+              progress: bool = True) -> SweepReport:
+    """Run every incomplete run of ``experiment``; complete ones are skipped, failures recorded."""
+    from tqdm.auto import tqdm
+
+    if executor not in EXECUTORS:
+        raise ICLBenchError(f"unknown executor {executor!r} (allowed: {', '.join(EXECUTORS)})")
+    if jobs is not None and jobs < 1:
+        raise ICLBenchError(f"--jobs must be >= 1, got {jobs}")
+    if (cpus_per_run is not None and cpus_per_run <= 0) or gpus_per_run < 0:
+        raise ICLBenchError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    started = time.perf_counter()
+    report = SweepReport(experiment, executor)
+    todo = deque()
+    for plan in experiment.runs:
+        if plan.is_complete():
+            report.skipped.append(plan.name)
+        else:
+            todo.append(plan)
+    records = {p.name: {"state": "skipped" if p.name in report.skipped else "pending", "label": p.label}
+               for p in experiment.runs}
+
+    def save_record():
+        store.write_json(report.record_path, {"experiment": str(experiment.path), "executor": executor,
+                                              "updated": time.time(), "runs": records})
+
+    save_record()
+    if not todo:
+        report.wall_s = time.perf_counter() - started
+        return report
+
+    if executor == "local":
+        cores = available_cores()
+        threads = max(1, int(cpus_per_run or (cores // jobs if jobs else 1)))
+        pool = LocalExecutor(min(len(todo), jobs or max(1, cores // threads)), threads)
+        slots = pool.jobs
+        where = f"local: {slots} processes × {threads} threads"
+    else:
+        pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run)
+        slots = jobs or pool.capacity()
+        where = f"ray: up to {slots} runs at once, {pool.cpus} CPU / {pool.gpus} GPU each"
+    print(f"{len(experiment.runs)} runs: {len(report.skipped)} already complete, {len(todo)} to run ({where})",
+          file=sys.stderr)
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
+    in_flight: dict[Any, PlannedRun] = {}
+    try:
+        while todo or in_flight:
+            while todo and len(in_flight) < slots:
+                plan = todo.popleft()
+                in_flight[pool.submit(plan)] = plan
+                records[plan.name]["state"] = "running"
+            bar.set_postfix({"running": len(in_flight), "failed": len(report.failed)}, refresh=False)
+            for handle in pool.wait(list(in_flight), timeout=1.0):
+                plan = in_flight.pop(handle)
+                outcome = pool.result(handle)
+                _record(plan, outcome, pool.ships_files, report, records[plan.name])
+                if outcome.error:
+                    bar.write(f"failed {plan.name} ({plan.label}): {outcome.error}", file=sys.stderr)
+                save_record()
+                bar.update(1)
+            bar.set_postfix({"running": len(in_flight), "failed": len(report.failed)})
+    except KeyboardInterrupt:
+        report.not_run = [p.name for p in list(in_flight.values()) + list(todo)]
+        for name in report.not_run:
+            records[name]["state"] = "not run (interrupted)"
+    finally:
+        bar.close()
+        pool.close()
+        save_record()
+        report.wall_s = time.perf_counter() - started
+    return report
+
+
+def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepReport, record: dict) -> None:
+    """The driver's side of a finished run: store shipped files, mark failures in the run directory."""
+    run_dir = plan.run_dir
+    if shipped and outcome.files:
+        write_run_files(run_dir, outcome.files)
+    record["wall_s"] = round(outcome.wall_s, 3)
+    if outcome.error is None and plan.is_complete():
+        report.ran.append(plan.name)
+        record.update(state="ran", error=None)
+        return
+    error = outcome.error or "the worker finished but the run directory has no metrics.json"
+    report.failed[plan.name] = error
+    record.update(state="failed", error=error, detail=outcome.detail)
+    store.write_json(run_dir / store.STATUS, {"status": "failed", "message": error})
+
+
+def plan_table(experiment: Experiment) -> str:
+    """What a sweep would do, one line per run (``--dry-run``)."""
+    from tabulate import tabulate
+
+    rows = [[p.name, "complete (skip)" if p.is_complete() else "to run", p.label] for p in experiment.runs]
+    table = tabulate(rows, headers=["run", "state", "settings"], tablefmt="plain")
+    dup = f" ({experiment.duplicates} duplicate grid points merged)" if experiment.duplicates else ""
+    return f"{table}\n{len(experiment.runs)} runs{dup}, results in {experiment.out}"

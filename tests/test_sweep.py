@@ -1,0 +1,203 @@
+"""Sweeps: experiment files validated up front with file and line; runs in parallel locally and on Ray;
+complete runs are skipped, failures recorded, and a sweep killed midway loses and repeats nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, cli
+from iclbench.errors import ICLBenchError
+from iclbench.leaderboard import collect
+from iclbench.options import parse_scalar
+from iclbench.sweep import load_experiment, run_sweep
+
+TINY_BASE = {k: parse_scalar(v) for k, v in (s.split("=", 1) for s in TINY)}
+
+
+def experiment(tmp_path, out, *, steps=20, grid=None, runs=None, name="exp"):
+    spec = {"name": name, "base": {"task": "affine", "model": "gpt3l", "train.steps": steps, "out": str(out),
+                                   **TINY_BASE}}
+    if grid:
+        spec["grid"] = grid
+    if runs:
+        spec["runs"] = runs
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# --- experiment files ----------------------------------------------------------------------------------------
+
+def test_runs_list_crossed_with_grid_over_base(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text("""
+base:
+  task: {name: affine, noise: 0.05}
+  model: {name: gpt3l, d_model: 32}
+  train: {steps: 7}
+runs:
+  - {model.n_layers: 1}
+  - {model.n_layers: 2, task.noise: 0.2}
+grid:
+  seed: [0, 1]
+  model.d_model: [16, 32]
+""")
+    exp = load_experiment(path, out=str(tmp_path / "r"))
+    assert exp.name == "e" and len(exp.runs) == 8
+    got = [(r.config.model_options.n_layers, r.config.task_options.noise, r.config.seed,
+            r.config.model_options.d_model) for r in exp.runs]
+    assert got == [(1, 0.05, 0, 16), (1, 0.05, 0, 32), (1, 0.05, 1, 16), (1, 0.05, 1, 32),
+                   (2, 0.2, 0, 16), (2, 0.2, 0, 32), (2, 0.2, 1, 16), (2, 0.2, 1, 32)]
+    assert all(r.config.train.steps == 7 and r.config.out == str(tmp_path / "r") for r in exp.runs)
+    assert exp.runs[0].label == "model.n_layers=1, seed=0, model.d_model=16"
+
+
+def test_grid_points_that_resolve_to_one_run_are_merged(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text("base: {task: affine, model: gpt3l}\ngrid:\n  task.noise: [0, 0.0, 0.1]\n")
+    exp = load_experiment(path)
+    assert len(exp.runs) == 2 and exp.duplicates == 1
+
+
+def test_reference_experiment_is_valid():
+    exp = load_experiment(ROOT / "experiments" / "reference.yaml")
+    assert len(exp.runs) == 24 and {r.config.model_options.n_layers for r in exp.runs} == {1, 2, 3, 6}
+
+
+BASE = "base: {task: affine, model: gpt3l}\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("grdi:\n  seed: [0]\n", "line 1: unknown key 'grdi' in the experiment file (did you mean 'grid'?)"),
+    (BASE + "grid:\n  seed: 3\n", "line 3: grid seed: expected a non-empty list of values"),
+    (BASE + "grid:\n  seed: [0]\n  seed: [1]\n", "line 4: key 'seed' in grid is written twice (first on line 3)"),
+    (BASE + "grid:\n  seed: [0, 1]\n  model.n_layer: [1, 2]\n",
+     "line 4 (grid model.n_layer: 1): unknown key 'model.n_layer' (did you mean 'n_layers'"),
+    (BASE + "grid:\n  model.n_layers:\n    - 2\n    - 0\n",
+     "line 5 (grid model.n_layers: 0): model: n_layers must be >= 1, got 0"),
+    (BASE + "grid:\n  model.d_model: [fast]\n", "line 3 (grid model.d_model: 'fast'): model.d_model: expected int"),
+    ("base: {model: gpt3l}\nruns:\n  - {task: affine}\n  - {task: afine}\n",
+     "line 4 (runs[1] task: 'afine'): unknown task 'afine' (did you mean 'affine'"),
+    (BASE + "runs:\n  - {seed: 1}\ngrid:\n  seed: [0]\n",
+     "line 3: runs[0] sets 'seed', which the grid also sets (line 5)"),
+    (BASE + "grid:\n  out: [a, b]\n", "line 3: 'out' may be set only in base"),
+    (BASE + "grid:\n  trian.steps: [1]\n", "line 3: unknown key 'trian.steps' in grid (did you mean 'train'?)"),
+    (BASE + "grid:\n  seed: [0\n", "malformed YAML in"),
+    (BASE, "has neither 'grid' nor 'runs'"),
+])
+def test_bad_experiment_names_key_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ICLBenchError) as info:
+        load_experiment(path)
+    assert str(info.value).startswith(str(path)) or str(info.value).startswith("malformed YAML in")
+    assert message in str(info.value)
+
+
+def test_cli_bad_experiment_is_one_line_and_nonzero(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BASE + "grid:\n  model.n_heads: [3]\n")
+    out = cli("sweep", str(path), "--dry-run")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == (f"iclbench: error: {path} line 3 (grid model.n_heads: 3): model: d_model (64) "
+                                  "must be divisible by n_heads (3)")
+
+
+# --- running: local process pool ----------------------------------------------------------------------------
+
+GOOD_AND_BROKEN = [{"seed": 0}, {"seed": 1}, {"seed": 2, "device": "cuda:99"}]  # cuda:99 exists nowhere
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local")
+    exp = load_experiment(experiment(tmp, tmp / "results", runs=GOOD_AND_BROKEN))
+    return exp, run_sweep(exp, "local", jobs=2, cpus_per_run=1, progress=False)
+
+
+def test_local_sweep_runs_everything_and_records_the_failure(local_sweep):
+    exp, report = local_sweep
+    good, broken = exp.runs[:2], exp.runs[2]
+    assert sorted(report.ran) == sorted(r.name for r in good) and report.skipped == []
+    assert list(report.failed) == [broken.name] and "cuda:99" in report.failed[broken.name]
+    assert all(r.is_complete() for r in good) and not broken.is_complete()
+    status = json.loads((broken.run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "cuda:99" in status["message"]
+    record = json.loads(report.record_path.read_text())["runs"]
+    assert [record[r.name]["state"] for r in exp.runs] == ["ran", "ran", "failed"]
+    table = collect(exp.out, warn=lambda msg: None)
+    assert sorted(table[table.kind == "model"].seed) == [0, 1]
+    assert "2 ran, 0 skipped (already complete), 1 failed" in report.summary()
+
+
+def test_rerun_skips_complete_runs_and_retries_failed_ones(local_sweep):
+    exp, _ = local_sweep
+    before = {r.name: (r.run_dir / "metrics.json").stat().st_mtime_ns for r in exp.runs[:2]}
+    again = run_sweep(load_experiment(exp.path), "local", jobs=1, cpus_per_run=1, progress=False)
+    assert sorted(again.skipped) == sorted(before) and again.ran == [] and list(again.failed) == [exp.runs[2].name]
+    assert before == {r.name: (r.run_dir / "metrics.json").stat().st_mtime_ns for r in exp.runs[:2]}
+
+
+def test_sweep_killed_midway_continues_where_it_stopped(tmp_path):
+    out = tmp_path / "results"
+    path = experiment(tmp_path, out, steps=30, grid={"seed": list(range(4))})
+    args = ["sweep", str(path), "--jobs", "1", "--cpus-per-run", "1", "--quiet"]
+    cmd = [sys.executable, "-m", "iclbench.cli", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/metrics.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, as a cluster scheduler would
+        proc.communicate()
+    done = {p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*/metrics.json")}
+    assert 1 <= len(done) < 4, f"kill landed at {len(done)} of 4 runs"
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert f"4 runs: {4 - len(done)} ran, {len(done)} skipped (already complete), 0 failed" in again.stdout
+    exp = load_experiment(path)
+    assert all(r.is_complete() for r in exp.runs)
+    for name, (mtime, content) in done.items():  # nothing redone, nothing lost
+        metrics = out / name / "metrics.json"
+        assert metrics.stat().st_mtime_ns == mtime and metrics.read_bytes() == content
+
+
+# --- running: Ray ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def test_ray_workers_return_results_and_the_driver_records_them(ray_cluster, local_sweep, tmp_path):
+    exp = load_experiment(experiment(tmp_path, tmp_path / "results", runs=GOOD_AND_BROKEN))
+    report = run_sweep(exp, "ray", progress=False)
+    assert sorted(report.ran) == sorted(r.name for r in exp.runs[:2])
+    assert list(report.failed) == [exp.runs[2].name] and "cuda:99" in report.failed[exp.runs[2].name]
+    local_exp, _ = local_sweep
+    for ray_run, local_run in zip(exp.runs[:2], local_exp.runs[:2]):
+        files = sorted(p.relative_to(ray_run.run_dir) for p in ray_run.run_dir.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(local_run.run_dir) for p in local_run.run_dir.rglob("*") if p.is_file())
+        assert {"config.yaml", "metrics.json", "model.safetensors", "train.log"} <= {str(f) for f in files}
+        # the worker computed in a temporary directory; the stored config names the driver's results
+        assert yaml.safe_load((ray_run.run_dir / "config.yaml").read_text())["out"] == str(tmp_path / "results")
+        # one torch thread in either executor: the same numbers
+        ray_metrics = json.loads((ray_run.run_dir / "metrics.json").read_text())
+        local_metrics = json.loads((local_run.run_dir / "metrics.json").read_text())
+        assert ray_metrics["summary"] == local_metrics["summary"]
+
+    # a second driver joins the running cluster by address: complete runs are skipped, the broken one retried
+    again = cli("sweep", str(exp.path), "--executor", "ray", "--address", ray_cluster, "--quiet", timeout=120)
+    assert again.returncode == 1, again.stderr
+    assert "3 runs: 0 ran, 2 skipped (already complete), 1 failed" in again.stdout
