@@ -126,16 +126,32 @@ class GPT(Model):
         if T > self.n_ctx:
             raise ICLBenchError(f"sequence of {T} positions is longer than this model's n_ctx={self.n_ctx}; "
                                 "train with --set model.n_ctx=N to evaluate longer contexts")
-        pos = torch.arange(T, device=inputs.device)
-        x = self.hook_embed(self.embed(inputs)) + self.hook_pos_embed(self.pos_embed(pos))[None]
+        pos_embed = self.pos_embed.weight[:T].expand(inputs.shape[0], T, -1)  # [B, T, d] as in TL, no copy
+        x = self.hook_embed(self.embed(inputs)) + self.hook_pos_embed(pos_embed)
         for block in self.blocks:
             x = block(x)
         return self.unembed(self.ln_final(x))
 
 
-GPT3L = GPT.variant("gpt3l", "3-layer GPT, d_model 64, 4 heads (the seed paper's model)", n_layers=3)
+def _catalogue() -> list[type[GPT]]:
+    """The named configurations. gpt1l..gpt6l keep the seed paper's width (d_model 64, 4 heads, d_mlp 256)
+    so depth is the only thing that changes; gpt12l is Garg et al.'s standard model (12 layers, d_model 256,
+    8 heads). Each has an attention-only twin (``gpt3l-attn``) whose circuits are easier to read."""
+    width = dict(d_model=64, n_heads=4, d_mlp=256)
+    shapes = {1: width, 2: width, 3: width, 6: width, 12: dict(d_model=256, n_heads=8, d_mlp=1024)}
+    models = []
+    for layers, shape in shapes.items():
+        size = f"{layers}-layer GPT, d_model {shape['d_model']}, {shape['n_heads']} heads"
+        note = {3: " (the seed paper's model)", 12: " (Garg et al.'s standard)"}.get(layers, "")
+        models.append(GPT.variant(f"gpt{layers}l", size + note, n_layers=layers, **shape))
+        models.append(GPT.variant(f"gpt{layers}l-attn", f"attention-only {size}", n_layers=layers,
+                                  attn_only=True, **shape))
+    return models
+
+
+MODELS = _catalogue()
 
 
 @hookimpl
 def iclbench_models():
-    return [GPT3L]
+    return MODELS
