@@ -23,13 +23,15 @@ def _add_run(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field, e.g. --set task.noise=0.1 --set model.d_model=128")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table; print the run dir")
+    p.add_argument("--no-probes", action="store_true", help="skip the probes after evaluation (eval.probes)")
 
 
 def cmd_run(args) -> int:
     from .runner import format_curves, run
 
     result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,
-                 device=args.device, out=args.out, overrides=args.overrides, quiet=args.quiet)
+                 device=args.device, out=args.out, quiet=args.quiet,
+                 overrides=args.overrides + (["eval.probes=false"] if args.no_probes else []))
     if args.quiet:
         print(result.run_dir)
         return 0
@@ -152,6 +154,55 @@ def cmd_sweep(args) -> int:
     return 1 if report.failed else 0
 
 
+def _add_probe(sub):
+    p = sub.add_parser("probe", help="run interpretability probes on a finished run; store them in its directory")
+    p.add_argument("run_dir", help="a run directory (results/<task>-<model>-<hash>-s<seed>)")
+    p.add_argument("--probe", action="append", help="only this probe (repeatable; see `iclbench list probes`)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
+    s = sub.add_parser("specialization", help="role per layer and the seed paper's claims, tasks x models")
+    s.add_argument("--results", default="results", help="results directory (default: results)")
+    s.add_argument("--format", default="github", choices=("github", "plain", "csv", "json", "latex"))
+
+
+def cmd_probe(args) -> int:
+    from .probing import describe, probe_run_dir
+
+    print(describe(probe_run_dir(args.run_dir, args.probe, args.device)))
+    return 0
+
+
+def cmd_specialization(args) -> int:
+    from .probing import cross_run
+
+    print(cross_run(args.results, "specialization", args.format))
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="training and forward-with-cache throughput and memory of a model, side "
+                       "by side with TransformerLens when installed")
+    p.add_argument("--task", required=True, help="task name (see `iclbench list tasks`)")
+    p.add_argument("--model", required=True, help="model name (see `iclbench list models`)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field, e.g. --set train.batch_size=128 --set task.context_len=64")
+    p.add_argument("--rounds", type=int, default=10, help="alternating timing rounds per measurement")
+    p.add_argument("--steps", type=int, default=10, help="training steps (or forward passes) per round")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models before timing")
+    p.add_argument("--no-tl", action="store_true", help="skip TransformerLens even when it is installed")
+    p.add_argument("--scaling", action="store_true", help="also the scaling table: training tokens/s by "
+                   "model and context length")
+    p.add_argument("--scaling-models", default="gpt1l,gpt2l,gpt3l,gpt6l,gpt12l", help="comma-separated")
+    p.add_argument("--scaling-contexts", default="16,32,64,128,256", help="comma-separated context lengths")
+    p.add_argument("--format", default="github", choices=("github", "plain"), help="table format")
+
+
+def cmd_bench(args) -> int:
+    from .bench import main
+
+    return main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -160,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_sweep(sub)
+    _add_probe(sub)
     lp = sub.add_parser("list", help="list registered tasks, models, baselines, probes")
     lp.add_argument("kind", nargs="?", choices=KINDS)
     lb = sub.add_parser("leaderboard", help="table of every run under a results directory")
@@ -186,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"report": cmd_report, "run": cmd_run, "sweep": cmd_sweep, "list": cmd_list,
             "leaderboard": cmd_leaderboard}
+COMMANDS.update(probe=cmd_probe, specialization=cmd_specialization)
 
 
 def main(argv=None) -> int:

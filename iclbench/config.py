@@ -63,6 +63,7 @@ class EvalOptions:
     bootstrap: int = 1000
     confidence: float = 0.95
     score_from: int = -1  # first position in the summary mean; -1: the task's default
+    probes: bool = True  # run the registered probes after evaluation (probes.json, probes/*.csv)
 
     def validate(self):
         if self.n_sequences < 2:
@@ -75,7 +76,7 @@ class EvalOptions:
 
 TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out")
 #: fields that do not change what a run computes; left out of the config hash
-NOT_HASHED = {("train", "log_every")}
+NOT_HASHED = {("train", "log_every"), ("eval", "probes")}
 
 
 @dataclass

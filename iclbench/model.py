@@ -87,6 +87,37 @@ class Model(nn.Module):
         return type(name, (cls,), {"name": name, "description": description, "Options": options_cls,
                                    "__module__": cls.__module__})
 
+    # --- read-out, for probes -----------------------------------------------------------------------
+    # Probes read a model through its hook points plus these three accessors. The defaults follow the
+    # TransformerLens layout (``ln_final`` then ``unembed``, per-block ``attn.out`` over concatenated heads);
+    # a model built differently overrides them instead of probes reaching into its internals.
+
+    def readout(self, resid: torch.Tensor) -> torch.Tensor:
+        """The model's own prediction from a residual stream ``[..., d_model]`` (final norm + read-out):
+        the logit lens."""
+        return self.unembed(self.ln_final(resid))
+
+    def direct_readout(self, component: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """What one summand ``component`` of the final residual ``resid`` adds to the prediction, with the
+        final norm's scale frozen at its value on ``resid`` (biases excluded). Linear in ``component``, so
+        the contributions of all summands add up to the prediction minus a constant."""
+        norm = self.ln_final
+        if isinstance(norm, nn.LayerNorm):
+            scale = (resid.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+            component = (component - component.mean(-1, keepdim=True)) / scale
+            if norm.weight is not None:
+                component = component * norm.weight
+        elif not isinstance(norm, nn.Identity):
+            raise ICLBenchError(f"model '{self.name}' has a final norm of type {type(norm).__name__}; "
+                                "override Model.direct_readout for direct attribution")
+        return component @ self.unembed.weight.T
+
+    def head_write_weights(self, layer: int) -> torch.Tensor:
+        """``[n_heads, d_head, d_model]``: how each head's ``hook_z`` output is written into the residual
+        stream (the attention output projection split by head; its bias belongs to no head)."""
+        weight = self.blocks[layer].attn.out.weight  # [d_model, n_heads * d_head]
+        return weight.T.reshape(self.n_heads, -1, weight.shape[0])
+
     # --- hook points -----------------------------------------------------------------------------------
     def hook_points(self) -> dict[str, HookPoint]:
         points = {}

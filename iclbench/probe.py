@@ -27,5 +27,16 @@ class Probe:
         """Whether this probe can run on ``model`` trained on ``task`` (e.g. needs attention heads)."""
         return True
 
+    #: sequences a probe draws by default (class attribute, so a user can change it before running)
+    n_sequences: ClassVar[int] = 512
+
     def run(self, model: Model, task: Task, generator, device) -> ProbeResult:
+        """Measure ``model`` on fresh sequences of ``task`` drawn with ``generator``; ``device`` is where the
+        model lives."""
         raise NotImplementedError
+
+    @classmethod
+    def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame | None:
+        """Combine this probe's summaries over many runs into one table, or ``None`` if it has no such
+        table. ``runs`` has one row per run: ``run``, ``task``, ``model``, ``seed``, ``summary`` (a dict)."""
+        return None

@@ -114,6 +114,12 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     # the all-zeros predictor anchors the leaderboard's ICL score (0 = zero predictor, 1 = best baseline)
     zero = error_curves({"zero": torch.zeros_like(batch.targets)}, batch, task_obj.normalizer(dev), score_from,
                         replicates=1)["predictors"]["zero"]
+    if cfg.eval.probes:  # before metrics.json, which marks the run complete
+        from .probing import run_probes, save_probes
+
+        save_probes(run_dir, run_probes(model_obj, task_obj, seed=cfg.eval.seed + 1, device=dev,
+                                        registry=registry), replace=True)
+    ood = evaluate_ood(model_obj, task_obj, registry, cfg, dev, score_from) if cfg.eval.ood else {}
     wall = time.perf_counter() - started
     metrics = {
         "task": cfg.task,

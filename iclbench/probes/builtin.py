@@ -1,0 +1,18 @@
+"""The built-in probes, registered through the ``iclbench_probes`` hook exactly as a third party's would be
+(entry point ``probes = "iclbench.probes.builtin"`` in pyproject.toml)."""
+
+from iclbench import hookimpl
+
+from .ablation import Ablation
+from .attention import AttentionStats
+from .attribution import DirectAttribution
+from .lens import LayerLens
+from .linear_probe import LinearProbes
+from .patching import ActivationPatching
+from .specialization import Specialization
+
+
+@hookimpl
+def iclbench_probes():
+    return [LayerLens, Ablation, DirectAttribution, AttentionStats, LinearProbes, ActivationPatching,
+            Specialization]

@@ -1,0 +1,126 @@
+"""What every built-in probe shares: its data, the residual-stream sites, per-head writes, ridge fits.
+
+Probes see a model only through its hook points (TransformerLens names) and the read-out accessors of
+:class:`iclbench.Model` (``readout``, ``direct_readout``, ``head_write_weights``), so they run unchanged on
+any model that exposes them. Errors are the task's normalized squared error (1.0 = the prior mean), the
+same scale as the leaderboard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from iclbench.registry import get_registry
+from iclbench.task import Batch
+
+
+def probe_batch(task, n: int, generator: torch.Generator, device) -> Batch:
+    """``n`` fresh sequences drawn with ``generator`` (on its own device), moved to ``device``."""
+    return task.sample(n, generator, generator.device).to(device)
+
+
+def scored_positions(task, batch: Batch) -> torch.Tensor:
+    """Positions in the headline average: scored by the mask and at or after the task's ``score_from``."""
+    mask = batch.mask.clone()
+    mask[: task.score_from] = False
+    return torch.nonzero(mask.cpu()).flatten() if bool(mask.any()) else torch.nonzero(batch.mask.cpu()).flatten()
+
+
+def baselines(task, batch: Batch) -> dict[str, torch.Tensor]:
+    """Predictions of the task's baselines plus those other plugins add for it (oracles left out: they
+    see the latents, so agreeing with them is just being right)."""
+    entries = get_registry().task_baselines(task)
+    return {name: e.obj(batch).float() for name, e in entries.items() if name != "oracle"}
+
+
+def sq_error(pred: torch.Tensor, ref: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` squared distance over the prior-mean error: 1.0 = as far apart as the prior mean is from
+    the target."""
+    return (pred.float() - ref.float()).pow(2).mean(-1) / normalizer
+
+
+def residual_sites(model) -> list[tuple[int, str]]:
+    """``(layer, hook name)`` of the residual stream before block 0 (layer -1: the embedding) and after
+    every block."""
+    return [(-1, "blocks.0.hook_resid_pre")] + [(l, f"blocks.{l}.hook_resid_post") for l in range(model.n_layers)]
+
+
+def has_heads(model) -> bool:
+    return model.n_heads > 0 and "blocks.0.attn.hook_z" in model.hook_points()
+
+
+def has_mlp(model, layer: int) -> bool:
+    return f"blocks.{layer}.hook_mlp_out" in model.hook_points()
+
+
+def head_writes(model, z: torch.Tensor, layer: int) -> torch.Tensor:
+    """``[B, T, H, d_model]``: what each head of ``layer`` adds to the residual stream, from its ``hook_z``
+    output ``z [B, T, H, d_head]``."""
+    return torch.einsum("bthd,hdm->bthm", z, model.head_write_weights(layer).to(z.dtype))
+
+
+def corr(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation of two equally shaped tensors, ``None`` when either is constant."""
+    x, y = x.double().flatten(), y.double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(x.pow(2).sum()) * float(y.pow(2).sum()))
+    if denom < 1e-12 * max(1, x.numel()):
+        return None
+    return float((x * y).sum()) / denom
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
+    """Affine least squares ``y ≈ x @ w + c`` with a ridge relative to the mean feature variance (float64).
+
+    ``x [..., N, d]``, ``y [..., N, k]``; leading dimensions are solved as a batch. Returns ``(w, c)``."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(-2, keepdim=True), y.mean(-2, keepdim=True)
+    xc, yc = x - mx, y - my
+    gram = xc.transpose(-1, -2) @ xc
+    d = gram.shape[-1]
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    w = torch.linalg.solve(gram + ridge * scale * eye, xc.transpose(-1, -2) @ yc)
+    return w, my - mx @ w
+
+
+def ridge_predict(x: torch.Tensor, fit) -> torch.Tensor:
+    w, c = fit
+    return x.double() @ w + c
+
+
+def r_squared(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Held-out R² over dim -2 (samples), per remaining index; can be negative (worse than the mean)."""
+    pred, y = pred.double(), y.double()
+    ss_res = (y - pred).pow(2).sum(-2)
+    ss_tot = (y - y.mean(-2, keepdim=True)).pow(2).sum(-2)
+    return 1 - ss_res / ss_tot.clamp_min(1e-12)
+
+
+def sequence_latents(batch: Batch) -> dict[str, torch.Tensor]:
+    """Latents that describe a whole sequence (the rule: a, b, w, ...), as ``[B, k]``; per-position
+    latents (shape ``[B, T]`` or ``[B, T+1]``, e.g. clean states) are left out."""
+    T = batch.inputs.shape[1]
+    out = {}
+    for name, value in batch.latents.items():
+        if not torch.is_tensor(value):
+            continue
+        if value.ndim == 1:
+            out[name] = value[:, None].float()
+        elif value.ndim == 2 and value.shape[1] not in (T, T + 1):
+            out[name] = value.float()
+    return out
+
+
+def mean_over(values: torch.Tensor, positions: torch.Tensor) -> float:
+    return float(values[..., positions].mean())
+
+
+def clean(x):
+    """JSON-safe float (NaN/inf → None), rounded for readable summaries."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, 6) if math.isfinite(x) else None

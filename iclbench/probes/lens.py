@@ -1,0 +1,90 @@
+"""Layer lens: what prediction the residual stream holds after each layer.
+
+*Logit lens*: the model's own final norm and read-out applied to an intermediate residual (nostalgebraist
+2020). *Tuned lens*: a per-layer affine read-out fitted by ridge on one batch and scored on another
+(Belrose et al. 2023; here fitted to the target, since the output is a real value, not a distribution).
+Each is compared with the target and with every baseline: a lens that sits on ``copy_last`` after layer 0
+says "layer 0 copies".
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from iclbench import Probe, ProbeResult
+
+from .common import (baselines, clean, mean_over, probe_batch, residual_sites, ridge_fit, ridge_predict,
+                     scored_positions, sq_error)
+
+
+def lens_features(resid: torch.Tensor) -> torch.Tensor:
+    """The residual and its per-position standardized form (what a final LayerNorm sees), side by side, so
+    an affine map of them can express the model's own read-out at the last layer as well as any linear
+    read-out of the raw stream."""
+    centered = resid - resid.mean(-1, keepdim=True)
+    return torch.cat([resid, centered / (centered.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()], -1)
+
+
+@torch.no_grad()
+def lens_predictions(model, fit_batch, test_batch) -> dict[str, dict[int, torch.Tensor]]:
+    """``{"logit": {layer: pred}, "tuned": {layer: pred}}`` on ``test_batch``; layer -1 is the embedding.
+    The tuned lens of each layer is one affine map of :func:`lens_features` shared by all positions,
+    fitted on ``fit_batch``."""
+    sites = residual_sites(model)
+    names = [name for _, name in sites]
+    _, fit_cache = model.run_with_cache(fit_batch.inputs, names_filter=names)
+    _, test_cache = model.run_with_cache(test_batch.inputs, names_filter=names)
+    d_out = fit_batch.targets.shape[-1]
+    out = {"logit": {}, "tuned": {}}
+    for layer, name in sites:
+        out["logit"][layer] = model.readout(test_cache[name]).float()
+        x = lens_features(fit_cache[name])
+        affine = ridge_fit(x.reshape(-1, x.shape[-1]), fit_batch.targets.reshape(-1, d_out))
+        out["tuned"][layer] = ridge_predict(lens_features(test_cache[name]), affine).float()
+    return out
+
+
+def lens_distances(task, model, fit_batch, test_batch) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+    """``{lens: {layer: {reference: [T] mean normalized squared distance}}}``; references are ``target``,
+    ``model`` (the final output) and each baseline."""
+    norm = task.normalizer(test_batch.inputs.device)
+    refs = {"target": test_batch.targets, "model": model(test_batch.inputs).detach()}
+    refs.update(baselines(task, test_batch))
+    preds = lens_predictions(model, fit_batch, test_batch)
+    return {lens: {layer: {ref: sq_error(p, r, norm).mean(0) for ref, r in refs.items()}
+                   for layer, p in per_layer.items()}
+            for lens, per_layer in preds.items()}
+
+
+class LayerLens(Probe):
+    name = "layer_lens"
+    description = "prediction read from the residual after each layer (logit and tuned lens) vs target and baselines"
+    n_sequences = 512
+
+    def applies_to(self, task, model):
+        return "blocks.0.hook_resid_pre" in model.hook_points()
+
+    def run(self, model, task, generator, device):
+        fit = probe_batch(task, self.n_sequences, generator, device)
+        test = probe_batch(task, self.n_sequences, generator, device)
+        dist = lens_distances(task, model, fit, test)
+        scored = scored_positions(task, test)
+        rows, summary = [], {}
+        for lens, per_layer in dist.items():
+            summary[lens] = {}
+            for layer, per_ref in per_layer.items():
+                for ref, curve in per_ref.items():
+                    rows += [{"lens": lens, "layer": layer, "position": t, "reference": ref, "distance": float(v)}
+                             for t, v in enumerate(curve)]
+                means = {ref: clean(mean_over(c, scored)) for ref, c in per_ref.items()}
+                baseline_means = {r: v for r, v in means.items() if r not in ("target", "model")
+                                  and v is not None}
+                summary[lens][str(layer)] = {
+                    "error": means["target"],
+                    "distance": means,
+                    "nearest_baseline": min(baseline_means, key=baseline_means.get) if baseline_means else None,
+                }
+        summary["note"] = ("normalized squared distance averaged over scored positions; layer -1 = embedding; "
+                           "'error' = distance to the target")
+        return ProbeResult(pd.DataFrame(rows), summary)

@@ -1,0 +1,169 @@
+"""Running probes on a trained model and storing what they find with the run.
+
+A run directory gains ``probes.json`` (per probe: its summary, time, table file) and ``probes/<name>.csv``
+(its tidy table); both written atomically. Probes draw fresh sequences from a generator seeded with
+``eval.seed + 1`` (not the evaluation set, so a probe never fits on the data the leaderboard scores), the
+same for every probe, so one probe's numbers do not depend on which others ran.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import store
+from .errors import ICLBenchError
+from .registry import Registry, get_registry
+
+PROBES_JSON, PROBES_DIR = "probes.json", "probes"
+
+
+def run_probes(model, task, names=None, *, seed: int, device, registry: Registry | None = None) -> dict:
+    """Run the probes ``names`` (default: every registered probe that applies) on ``model``.
+
+    Returns ``{name: {"summary", "time_s", "table"}}`` or ``{name: {"skipped": reason}}``; a probe named
+    explicitly that does not apply is an error."""
+    registry = registry or get_registry()
+    chosen = list(registry.probes) if names is None else list(names)
+    model.eval()
+    out = {}
+    for name in chosen:
+        probe = registry.probe(name)()
+        if not probe.applies_to(task, model):
+            reason = f"does not apply to model '{model.name}' on task '{task.name}'"
+            if names is not None:
+                raise ICLBenchError(f"probe '{name}' {reason}")
+            out[name] = {"skipped": reason}
+            continue
+        generator = torch.Generator("cpu").manual_seed(seed)
+        started = time.perf_counter()
+        with torch.no_grad():
+            result = probe.run(model, task, generator, device)
+        out[name] = {"summary": result.summary, "time_s": round(time.perf_counter() - started, 3),
+                     "table": result.table}
+    return out
+
+
+def save_probes(run_dir: Path, outcomes: dict, replace: bool = False) -> dict:
+    """Write each table to ``probes/<name>.csv`` and merge the summaries into ``probes.json`` (``replace``:
+    start it afresh, as a new run does)."""
+    run_dir = Path(run_dir)
+    path = run_dir / PROBES_JSON
+    record = json.loads(path.read_text()) if path.exists() and not replace else {"probes": {}}
+    for name, outcome in outcomes.items():
+        entry = {k: v for k, v in outcome.items() if k != "table"}
+        if "table" in outcome:
+            rel = f"{PROBES_DIR}/{name}.csv"
+            buffer = io.StringIO()
+            outcome["table"].to_csv(buffer, index=False)
+            store.write_atomic(run_dir / rel, buffer.getvalue())
+            entry["table"] = rel
+        record["probes"][name] = entry
+    record["provenance"] = store.provenance(torch.device("cpu")) | {"written": time.time()}
+    store.write_json(path, record)
+    return record
+
+
+def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry | None = None) -> dict:
+    """``iclbench probe``: load a finished run, run the probes, store them in the run directory."""
+    from .runner import load_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / store.CHECKPOINT).exists():
+        raise ICLBenchError(f"{str(run_dir)!r} is not a finished run directory (no {store.CHECKPOINT})")
+    registry = registry or get_registry()
+    cfg, task, model = load_run(run_dir, registry, device)
+    outcomes = run_probes(model, task, names, seed=cfg.eval.seed + 1, device=next(model.parameters()).device,
+                          registry=registry)
+    save_probes(run_dir, outcomes)
+    return outcomes
+
+
+def describe(outcomes: dict) -> str:
+    """A few lines for the terminal: time per probe, then the specialization verdict when present."""
+    lines = []
+    for name, o in outcomes.items():
+        lines.append(f"{name:16s} " + (f"skipped: {o['skipped']}" if "skipped" in o else
+                                       f"{o['time_s']:6.2f}s  -> {PROBES_DIR}/{name}.csv"))
+    spec = outcomes.get("specialization", {}).get("summary")
+    if spec:
+        lines.append(f"roles per layer: {', '.join(f'{l}: {r}' for l, r in enumerate(spec['roles']))}")
+        lines.append(f"claim 1 (layer 0 copies): {spec['claim_1_layer0_copies']}; claim 2 (last layer refines "
+                     f"via anti-copy heads): {spec['claim_2_last_layer_refines_with_anti_copy_heads']} "
+                     f"(any later layer: {spec['claim_2_layers'] or 'none'})")
+    return "\n".join(lines)
+
+
+# --- across runs ---------------------------------------------------------------------------------------
+
+def _label(name: str, section: dict, defaults: dict, train: dict | None = None) -> str:
+    """'gpt3l', or 'gpt3l n_layers=6' where options (or training settings) differ from the defaults."""
+    import dataclasses
+
+    from .config import NOT_HASHED, TrainOptions
+
+    changed = [f"{k}={v}" for k, v in section.items() if k in defaults and defaults[k] != v]
+    train_defaults = dataclasses.asdict(TrainOptions())
+    changed += [f"train.{k}={v}" for k, v in (train or {}).items()
+                if ("train", k) not in NOT_HASHED and train_defaults.get(k, v) != v]
+    return " ".join([name] + changed)
+
+
+def _defaults(registry: Registry, table: str, name: str) -> dict:
+    import dataclasses
+
+    entries = getattr(registry, table)
+    return dataclasses.asdict(entries[name].obj.Options()) if name in entries else {}
+
+
+def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
+                  registry: Registry | None = None) -> pd.DataFrame:
+    """One row per run under ``results`` that stored ``probe``: run, task, model (labelled by the options
+    that differ from the defaults), seed, summary."""
+    from .leaderboard import find_runs
+
+    registry = registry or get_registry()
+    rows = []
+    for run_dir in find_runs(Path(results)):
+        path = run_dir / PROBES_JSON
+        if not path.exists():
+            continue
+        try:
+            entry = json.loads(path.read_text())["probes"].get(probe)
+            if not entry or "summary" not in entry:
+                continue
+            metrics = store.read_run(run_dir)
+            cfg = metrics["config"]
+            task, model = cfg["task"]["name"], cfg["model"]["name"]
+            rows.append({"run": str(run_dir), "seed": metrics["seed"], "summary": entry["summary"],
+                         "task": _label(task, cfg["task"], _defaults(registry, "tasks", task)),
+                         "model": _label(model, cfg["model"], _defaults(registry, "models", model), cfg["train"])})
+        except (store.DamagedRun, ValueError, KeyError, TypeError) as exc:
+            warn(f"iclbench: warning: skipping run directory {run_dir}: {exc}")
+    return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary"])
+
+
+def cross_run(results, probe: str = "specialization", fmt: str = "github",
+              registry: Registry | None = None) -> str:
+    """``iclbench specialization``: the probe's cross-run table over every run under ``results``."""
+    from tabulate import tabulate
+
+    registry = registry or get_registry()
+    cls = registry.probe(probe)
+    runs = collect_probe(results, probe, registry=registry)
+    if runs.empty:
+        return f"no runs with '{probe}' probe results under {results} (run `iclbench probe RUN_DIR`)"
+    table = cls.cross_run_table(runs)
+    if table is None:
+        raise ICLBenchError(f"probe '{probe}' has no cross-run table")
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "json":
+        return table.to_json(orient="records", indent=2)
+    return tabulate(table, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)

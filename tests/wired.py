@@ -1,0 +1,102 @@
+"""Hand-wired GPTs whose mechanism is known, and a ramp task they solve, for known-answer probe tests.
+
+Ramp: x_t = x_0 + t*b, so x_{t+1} = 2 x_t - x_{t-1} exactly (t >= 1). The wired model computes it the way the
+seed paper says a trained one does: a layer-0 head copies x_t to the output; a later layer refines it with a
+head that adds x_t again and an *anti-copy* head that attends to the previous token and subtracts it.
+Every other head, every MLP and the unused layers have zero weights, so the probes must find nothing there.
+
+Residual layout (d_model 16, each value stored as a (+v, -v) pair so the LayerNorm mean is exactly 0):
+dims 0/1 x_t, 2/3 a large constant C (makes every LayerNorm a fixed scale, linear to ~1e-5), 4-7 positional
+cos/sin, 8/9 the output channel the read-out reads, 10-15 unused.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from iclbench import Task
+from iclbench.models.gpt import GPT, GPTOptions
+from iclbench.task import Batch, uniform
+
+C, P = 1000.0, 10.0
+D, H, D_HEAD = 16, 2, 8
+THETA = math.pi / 16
+SHARPNESS = 3000.0  # attention logit scale: the intended key wins by >= 50 nats
+
+
+@dataclass
+class RampOptions:
+    context_len: int = 8
+
+
+class RampTask(Task):
+    name = "ramp"
+    description = "arithmetic progressions x_t = x_0 + t b (test task)"
+    Options = RampOptions
+    score_from = 2
+    d_in = d_out = 1
+
+    @property
+    def context_len(self):
+        return self.options.context_len
+
+    def sample(self, n, generator, device="cpu"):
+        T = self.options.context_len
+        x0 = uniform((n,), -1, 1, generator, device)
+        b = uniform((n,), -0.25, 0.25, generator, device)
+        decoy = uniform((n,), -1, 1, generator, device)  # a latent nothing in the model depends on
+        x = x0[:, None] + b[:, None] * torch.arange(T + 1, device=device)
+        return Batch(x[:, :-1, None], x[:, 1:, None], torch.ones(T, dtype=torch.bool, device=device),
+                     {"b": b, "x0": x0, "decoy": decoy, "x": x})
+
+    def baselines(self):
+        return {"copy_last": lambda batch: batch.inputs.clone(),
+                "extrapolate": lambda batch: torch.cat([batch.inputs[:, :1], 2 * batch.inputs[:, 1:]
+                                                        - batch.inputs[:, :-1]], 1)}
+
+
+def _sigma():
+    """Standard deviation of the residual's constant part: the scale every LayerNorm divides by."""
+    return math.sqrt((2 * C ** 2 + 2 * P ** 2) / D + 1e-5)
+
+
+def _wire_head(block, head, *, attend, write):
+    """Head ``head`` attends to the ``attend`` token ("current" or "previous"), reads x, writes
+    ``write * x`` into the output channel."""
+    s = _sigma()
+    qkv, out = block.attn.qkv.weight, block.attn.out.weight
+    q, k, v = (slice(i * D + head * D_HEAD, i * D + (head + 1) * D_HEAD) for i in range(3))
+    g = math.sqrt(SHARPNESS * math.sqrt(D_HEAD)) * s / P  # so that q.k / sqrt(d_head) = SHARPNESS cos(...)
+    shift = THETA if attend == "previous" else 0.0  # rotate the query back one position
+    cos_in, sin_in = torch.zeros(D), torch.zeros(D)
+    cos_in[4], cos_in[5], sin_in[6], sin_in[7] = 0.5, -0.5, 0.5, -0.5  # reads (cos, sin) from the pairs
+    k_rows = qkv[k.start:k.start + 2]
+    k_rows[0], k_rows[1] = g * cos_in, g * sin_in
+    q_rows = qkv[q.start:q.start + 2]  # R(-shift) (cos t, sin t) = (cos(t - shift), sin(t - shift))
+    q_rows[0] = g * (math.cos(shift) * cos_in + math.sin(shift) * sin_in)
+    q_rows[1] = g * (-math.sin(shift) * cos_in + math.cos(shift) * sin_in)
+    qkv[v.start, 0], qkv[v.start, 1] = s / 2, -s / 2  # v = x
+    out[8, head * D_HEAD], out[9, head * D_HEAD] = write, -write
+
+
+@torch.no_grad()
+def wired_gpt(copy_layer=0, refine_layer=2, n_layers=3, context_len=8) -> GPT:
+    """A GPT (the registered architecture, unchanged) with weights set by hand; see the module docstring.
+    ``refine_layer=None`` leaves only the copy head."""
+    model = GPT(GPTOptions(n_layers=n_layers, d_model=D, n_heads=H, d_mlp=4), 1, 1, context_len)
+    for p in model.parameters():
+        p.zero_()
+    for norm in [model.ln_final] + [m for b in model.blocks for m in (b.ln1, b.ln2)]:
+        norm.weight.fill_(1.0)
+    model.embed.weight[0, 0], model.embed.weight[1, 0] = 1.0, -1.0
+    model.embed.bias[2], model.embed.bias[3] = C, -C
+    t = torch.arange(context_len)
+    model.pos_embed.weight[:, 4], model.pos_embed.weight[:, 5] = P * torch.cos(THETA * t), -P * torch.cos(THETA * t)
+    model.pos_embed.weight[:, 6], model.pos_embed.weight[:, 7] = P * torch.sin(THETA * t), -P * torch.sin(THETA * t)
+    model.unembed.weight[0, 8], model.unembed.weight[0, 9] = _sigma() / 2, -_sigma() / 2
+    _wire_head(model.blocks[copy_layer], 0, attend="current", write=1.0)  # the copy head
+    if refine_layer is not None:
+        _wire_head(model.blocks[refine_layer], 0, attend="current", write=1.0)
+        _wire_head(model.blocks[refine_layer], 1, attend="previous", write=-1.0)  # the anti-copy head
+    return model.eval()
