@@ -31,8 +31,11 @@ def test_small_model_learns_affine_far_below_copy_last(trained):
 
 def test_run_directory_is_complete_and_reloadable(trained):
     d = trained.run_dir
+    # probes run by default after evaluation (eval.probes): probes.json plus one tidy table per probe
     assert {p.name for p in d.iterdir()} == {"config.yaml", "metrics.json", "model.safetensors", "train.log",
-                                           "status.json"}
+                                           "status.json", "probes.json", "probes"}
+    probes = json.loads((d / "probes.json").read_text())["probes"]
+    assert "specialization" in probes and (d / probes["specialization"]["table"]).exists()
     m = json.loads((d / "metrics.json").read_text())
     prov = m["provenance"]
     for key in ("iclbench_version", "git_commit", "torch_version", "device", "seed"):
