@@ -27,7 +27,7 @@ def _add_run(sub):
 
 
 def cmd_run(args) -> int:
-    from .runner import format_curves, run
+    from .runner import format_curves, format_ood, run
 
     result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,
                  device=args.device, out=args.out, quiet=args.quiet,
@@ -37,6 +37,10 @@ def cmd_run(args) -> int:
         return 0
     m = result.metrics
     print(format_curves(m))
+    if m.get("ood"):
+        print(f"\nout of distribution (mean t>={m['curves']['score_from']}, each normalized by its shifted "
+              "task's prior mean):")
+        print(format_ood(m))
     t = m["train"]
     print(f"\n{m['task']} × {m['model']} seed {m['seed']} on {m['provenance']['device']}: "
           f"{t['steps']} steps in {t['train_time_s']:.1f}s ({t['tokens_per_s']:,.0f} tokens/s), "

@@ -63,6 +63,7 @@ class EvalOptions:
     bootstrap: int = 1000
     confidence: float = 0.95
     score_from: int = -1  # first position in the summary mean; -1: the task's default
+    ood: bool = True  # also evaluate the task's distribution shifts (metrics['ood'])
     probes: bool = True  # run the registered probes after evaluation (probes.json, probes/*.csv)
 
     def validate(self):
@@ -76,7 +77,7 @@ class EvalOptions:
 
 TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out")
 #: fields that do not change what a run computes; left out of the config hash
-NOT_HASHED = {("train", "log_every"), ("eval", "probes")}
+NOT_HASHED = {("train", "log_every"), ("eval", "ood"), ("eval", "probes")}
 
 
 @dataclass
@@ -224,7 +225,9 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
         model=model_name,
         task_options=build_options(task_cls.Options, sections["task"], "task"),
         model_options=build_options(model_cls.Options, sections["model"], "model"),
-        train=build_options(TrainOptions, sections["train"], "train"),
+        # the task's training defaults sit under the file, --steps and --set, which still override them
+        train=build_options(TrainOptions, {**getattr(task_cls, "train_defaults", {}), **sections["train"]},
+                            "train"),
         eval=build_options(EvalOptions, sections["eval"], "eval"),
         seed=seed_value,
         device=device_value,

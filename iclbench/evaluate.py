@@ -60,3 +60,13 @@ def error_curves(predictions: dict[str, torch.Tensor], batch: Batch, normalizer:
 
 def baseline_predictions(baselines: dict[str, Callable[[Batch], torch.Tensor]], batch: Batch) -> dict:
     return {name: fn(batch).float() for name, fn in baselines.items()}
+
+
+def score(model: torch.nn.Module, baselines: dict, task, batch: Batch, score_from: int, replicates: int,
+          confidence: float, seed: int) -> dict:
+    """Error curves of the model and every baseline on ``batch``, normalized by ``task``'s prior-mean error.
+    The model predicts first, so a model that refuses the batch (ICLBenchError) costs no baseline time."""
+    predictions = {"model": predict(model, batch)}
+    predictions.update(baseline_predictions(baselines, batch))
+    return error_curves(predictions, batch, task.normalizer(batch.inputs.device), score_from, replicates,
+                        confidence, seed)

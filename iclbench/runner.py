@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 from . import store
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged
-from .evaluate import baseline_predictions, error_curves, predict
+from .evaluate import error_curves, score
 from .registry import Registry, get_registry
 from .trainer import resolve_device, train
 
@@ -53,6 +54,38 @@ def evaluation_batch(task, cfg: RunConfig, device: torch.device):
     for every training seed, then moved to ``device``."""
     gen = torch.Generator("cpu").manual_seed(cfg.eval.seed)
     return task.sample(cfg.eval.n_sequences, gen, "cpu").to(device)
+
+
+#: bootstrap replicates for each OOD variant: its intervals need less precision than the headline's
+OOD_BOOTSTRAP = 200
+
+
+def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.device, score_from: int) -> dict:
+    """The trained model and the baselines on each of ``task.ood_variants()``.
+
+    Each variant gets a fixed evaluation set drawn like the main one (same ``eval.seed``, on the CPU) and is
+    normalized by its own prior-mean error, so 1.0 still means "no better than the shifted distribution's
+    prior mean"; ``mse`` keeps the raw squared error. A variant the model cannot take (a context longer
+    than its positions reach, other input widths) is recorded as ``{"skipped": reason}``, never a crash.
+    """
+    out = {}
+    for name, shifted in task.ood_variants().items():
+        base, new = dataclasses.asdict(task.options), dataclasses.asdict(shifted.options)
+        entry = {"options": {k: v for k, v in new.items() if base.get(k) != v}}
+        if (shifted.d_in, shifted.d_out) != (task.d_in, task.d_out):
+            out[name] = {**entry, "skipped": f"input/output widths {shifted.d_in}/{shifted.d_out} differ from "
+                                             f"the trained {task.d_in}/{task.d_out}"}
+            continue
+        baselines = {n: e.obj for n, e in registry.task_baselines(shifted).items()}
+        try:
+            curves = score(model, baselines, shifted, evaluation_batch(shifted, cfg, device), score_from,
+                           min(cfg.eval.bootstrap, OOD_BOOTSTRAP), cfg.eval.confidence, cfg.eval.seed)
+        except ICLBenchError as exc:
+            out[name] = {**entry, "skipped": str(exc)}
+            continue
+        out[name] = {**entry, "summary": {n: {"mean": p["mean"], "ci": p["ci"], "mse": p["mse"]}
+                                          for n, p in curves["predictors"].items()}, "curves": curves}
+    return out
 
 
 def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
@@ -106,11 +139,9 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     store.save_state_dict(run_dir / store.CHECKPOINT, model_obj.state_dict(),
                           {"config": json.dumps(cfg.to_dict())})
     batch = evaluation_batch(task_obj, cfg, dev)
-    predictions = {"model": predict(model_obj, batch)}
-    predictions.update(baseline_predictions(baselines, batch))
     score_from = cfg.eval.score_from if cfg.eval.score_from >= 0 else task_obj.score_from
-    curves = error_curves(predictions, batch, task_obj.normalizer(dev), score_from, cfg.eval.bootstrap,
-                          cfg.eval.confidence, seed=cfg.eval.seed)
+    curves = score(model_obj, baselines, task_obj, batch, score_from, cfg.eval.bootstrap, cfg.eval.confidence,
+                   cfg.eval.seed)
     # the all-zeros predictor anchors the leaderboard's ICL score (0 = zero predictor, 1 = best baseline)
     zero = error_curves({"zero": torch.zeros_like(batch.targets)}, batch, task_obj.normalizer(dev), score_from,
                         replicates=1)["predictors"]["zero"]
@@ -119,6 +150,7 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
 
         save_probes(run_dir, run_probes(model_obj, task_obj, seed=cfg.eval.seed + 1, device=dev,
                                         registry=registry), replace=True)
+    ood = evaluate_ood(model_obj, task_obj, registry, cfg, dev, score_from) if cfg.eval.ood else {}
     ood = evaluate_ood(model_obj, task_obj, registry, cfg, dev, score_from) if cfg.eval.ood else {}
     wall = time.perf_counter() - started
     metrics = {
@@ -130,6 +162,7 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
         "summary": {name: {"mean": p["mean"], "ci": p["ci"]} for name, p in curves["predictors"].items()},
         "reference": {"zero": {"mean": zero["mean"], "curve": zero["curve"]}},
         "curves": curves,
+        "ood": ood,
         "baselines": sorted(baselines),
         "train": stats,
         "wall_time_s": wall,
@@ -142,6 +175,24 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     store.write_json(run_dir / store.STATUS, {"status": "complete", "wall_time_s": wall})
     hook.iclbench_run_finished(run_dir=run_dir, config=cfg, metrics=metrics)
     return RunResult(run_dir, metrics, cfg, task_obj, model_obj)
+
+
+def format_ood(metrics: dict, fmt: str = "github") -> str:
+    """One row per distribution shift: the summary error of the model and each baseline (or why skipped)."""
+    from tabulate import tabulate
+
+    names = ["model"]
+    for summary in [metrics["summary"]] + [e["summary"] for e in metrics.get("ood", {}).values() if "summary" in e]:
+        names += [n for n in summary if n not in names]  # a shift may add a baseline (ridge once noisy)
+    rows = []
+    for shift, entry in metrics.get("ood", {}).items():
+        if "skipped" in entry:
+            rows.append([shift, f"skipped: {entry['skipped']}"] + [""] * (len(names) - 1))
+        else:
+            rows.append([shift] + [f"{entry['summary'][n]['mean']:.4f}" if n in entry["summary"] else ""
+                                   for n in names])
+    return tabulate(rows, headers=["shift"] + [f"{n} ({metrics['model']})" if n == "model" else n
+                                               for n in names], tablefmt=fmt, disable_numparse=True)
 
 
 def format_curves(metrics: dict, fmt: str = "github") -> str:

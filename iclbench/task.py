@@ -64,6 +64,9 @@ class Task:
     Options: ClassVar[type] = NoOptions
     #: first position that enters the headline summary (earlier ones are shown but not averaged)
     score_from: ClassVar[int] = 0
+    #: training options this task needs to be learned in a default run (e.g. ``{"steps": 6000}``); applied
+    #: before the config file, ``--steps`` and ``--set``, so users still override them
+    train_defaults: ClassVar[dict] = {}
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -93,7 +96,9 @@ class Task:
         return {}
 
     def ood_variants(self) -> dict[str, "Task"]:
-        """Named distribution shifts evaluated on the trained model (none by default)."""
+        """Named distribution shifts, evaluated on the trained model after the main evaluation: parameters
+        outside the training range, scaled inputs, added noise, longer contexts (none by default). A
+        variant is the same task with other options, so it keeps its name, baselines and normalizer."""
         return {}
 
     def normalizer(self, device="cpu") -> torch.Tensor:

@@ -20,6 +20,7 @@ from iclbench import Task, hookimpl
 from iclbench.task import Batch, uniform
 
 from ._fit import least_squares_recurrence
+from ._shifts import standard_shifts
 
 
 @dataclass
@@ -106,6 +107,15 @@ class AffineTask(Task):
             "oracle": lambda batch: (batch.latents["a"][:, None] * batch.latents["x"][:, :-1]
                                      + batch.latents["b"][:, None])[..., None],
         }
+
+    def ood_variants(self):
+        """|a| in (1, 1.1] (growing sequences), values scaled (x0_max and b_max together: the same rule
+        family on a scaled sequence), observation noise 0.1, and twice the context."""
+        o = self.options
+        return {"a_in_(1,1.1]": self.with_options(a_low=1.0, a_high=1.1),
+                **standard_shifts(lambda s: self.with_options(x0_max=s * o.x0_max, b_max=s * o.b_max),
+                                  0.1 * o.x0_max, self.with_options(noise=0.1 * o.x0_max),
+                                  self.with_options(context_len=2 * o.context_len))}
 
 
 @hookimpl

@@ -231,13 +231,24 @@ class LinRecTask(Recurrence):
 @dataclass
 class QuadraticOptions:
     context_len: int = 16
+    coef_max: float = 2.0
     scale: float = 1.0  # observed values are scale * x_t (the rule acts on x in [-1, 1])
     noise: float = 0.0
 
     def validate(self):
         _validate_common(self)
-        if not self.scale > 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if not self.coef_max > 0 or not self.scale > 0:
+            raise ValueError(f"coef_max and scale must be > 0, got {self.coef_max}, {self.scale}")
+
+
+PROPOSALS = 128  # rejection-sampling proposals per sequence (all fail with probability ~5e-4 at coef_max 2)
+
+
+def maps_into_unit_interval(a, b, c) -> torch.Tensor:
+    """Whether x -> a x^2 + b x + c maps [-1, 1] into itself (its extremes: the ends and the vertex)."""
+    vertex = (-b / (2 * a)).nan_to_num(0.0).clamp(-1, 1)
+    ends = torch.stack([a - b + c, a + b + c, (a * vertex + b) * vertex + c], -1)
+    return (ends.abs() <= 1).all(-1)
 
 
 def _quadratic_features(y):
@@ -247,10 +258,11 @@ def _quadratic_features(y):
 class QuadraticTask(Recurrence):
     """x_{t+1} = a x_t^2 + b x_t + c, observed as scale * x_t.
 
-    ``(a, b, c) = u / max(1, |u|_1)`` with ``u ~ U[-1, 1]^3`` (the cube pulled into the unit l1 ball) and
-    ``x_0 ~ U[-1, 1]``: ``|a| + |b| + |c| <= 1`` maps [-1, 1] into itself, so ``|x_t| <= 1``. Scaling keeps the
-    family (scale * x follows a quadratic rule too), so least squares on [y^2, y, 1] stays exact from 3
-    transitions. No parameter shift is declared: outside the l1 ball orbits can escape to infinity.
+    ``(a, b, c) ~ U[-coef_max, coef_max]^3`` conditioned on mapping [-1, 1] into itself (rejection: the first
+    of 128 proposals that does; if none does, the first pulled into the unit l1 ball), ``x_0 ~ U[-1, 1]``, so
+    ``|x_t| <= 1`` — the family includes chaotic maps such as 1 - 2x^2. Scaling keeps the family (scale * x
+    follows a quadratic rule too), so least squares on [y^2, y, 1] stays exact from 3 transitions. No
+    parameter shift is declared: a map that leaves [-1, 1] can send orbits to infinity.
     """
 
     name = "quadratic"
@@ -259,9 +271,11 @@ class QuadraticTask(Recurrence):
 
     def sample(self, n, generator, device="cpu"):
         o = self.options
-        u = uniform((n, 3), -1, 1, generator, device)
-        coef = u / u.abs().sum(-1, keepdim=True).clamp_min(1)
-        a, b, c = coef.unbind(-1)
+        u = uniform((n, PROPOSALS, 3), -o.coef_max, o.coef_max, generator, device)
+        valid = maps_into_unit_interval(*u.unbind(-1))
+        first = u[torch.arange(n, device=device), valid.int().argmax(1)]
+        fallback = u[:, 0] / u[:, 0].abs().sum(-1, keepdim=True).clamp_min(1)
+        a, b, c = torch.where(valid.any(1, keepdim=True), first, fallback).unbind(-1)
         x = torch.empty(n, o.context_len + 1, device=device)
         x[:, 0] = uniform((n,), -1, 1, generator, device)
         for t in range(o.context_len):
@@ -364,7 +378,8 @@ class PolyOptions:
     context_len: int = 16
     degree: int = 3
     coef_max: float = 1.0
-    horizon: int = 16  # time unit: s_t = t / horizon, so a longer context extends the same polynomials
+    origin: int = 8  # s_t = (t - origin) / horizon: time centred in the context, so the curve bends
+    horizon: int = 4  # within it (with s in [0, 1] copy-last scores ~0.01); a longer context extends it
     noise: float = 0.0
 
     def validate(self):
@@ -378,10 +393,10 @@ class PolyOptions:
 
 
 class PolyTask(Recurrence):
-    """Polynomial sequences x_t = p(s_t) = sum_{k <= degree} c_k s_t^k with s_t = t / horizon.
+    """Polynomial sequences x_t = p(s_t) = sum_{k <= degree} c_k s_t^k with s_t = (t - origin) / horizon.
 
-    ``c_k ~ U[-coef_max, coef_max]`` independently, so ``|x_t| <= (degree + 1) coef_max`` while t <= horizon,
-    and the prior variance has the closed form ``coef_max^2 / 3 * sum_k s^{2k}`` (mean 0). Least squares on
+    ``c_k ~ U[-coef_max, coef_max]`` independently, so ``|x_t| <= coef_max sum_k |s_t|^k`` (<= 15 coef_max
+    over the default 17 values, s in [-2, 2.25]), and the prior variance has the closed form ``coef_max^2 / 3 * sum_k s^{2k}`` (mean 0). Least squares on
     the monomials of time fits the points y_0..y_t and is exact from degree + 1 points. The parameter shift
     raises the degree by one.
     """
@@ -392,7 +407,8 @@ class PolyTask(Recurrence):
 
     def times(self, device="cpu") -> torch.Tensor:
         """``s_t`` for t = 0..context_len, float64."""
-        return torch.arange(self.options.context_len + 1, device=device, dtype=torch.float64) / self.options.horizon
+        o = self.options
+        return (torch.arange(o.context_len + 1, device=device, dtype=torch.float64) - o.origin) / o.horizon
 
     def monomials(self, device="cpu") -> torch.Tensor:
         """``[T+1, degree+1]``: 1, s_t, ..., s_t^degree."""

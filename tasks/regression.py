@@ -96,12 +96,13 @@ def least_squares(x, y, ridge=0.0):
     return (coef * x.double()).sum(-1).to(x.dtype)
 
 
-def averaging(x, y):
-    """w_hat = mean of y_j x_j over the pairs before the query (Garg et al.'s 'averaging')."""
+def averaging(x, y, x_var=1.0):
+    """w_hat = mean of y_j x_j / Var x over the pairs before the query (Garg et al.'s 'averaging': unbiased
+    for w because E[x x^T] = Var x * I)."""
     s = (y[..., None] * x).cumsum(1)
     s = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], 1)
     k = torch.arange(x.shape[1], device=x.device).clamp_min(1)[None, :, None]
-    return (s / k * x).sum(-1)
+    return (s / (k * x_var) * x).sum(-1)
 
 
 def nearest_neighbours(x, y, k=NEIGHBOURS):
@@ -254,8 +255,8 @@ class LinearRegression(InContextRegression):
     def baselines(self):
         out = super().baselines()
         out["least_squares"] = lambda batch: at_queries(least_squares(*examples(batch)))
-        out["averaging"] = lambda batch: at_queries(averaging(*examples(batch)))
         o = self.options
+        out["averaging"] = lambda batch: at_queries(averaging(*examples(batch), max(o.x_scale, 1e-12) ** 2))
         if o.noise and o.w_scale:  # posterior mean under the Gaussian prior: the Bayes-optimal predictor
             ridge = (o.noise / o.w_scale) ** 2
             out["ridge"] = lambda batch: at_queries(least_squares(*examples(batch), ridge=ridge))

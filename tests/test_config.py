@@ -26,7 +26,7 @@ def test_hash_ignores_seed_and_logging_but_not_options():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"task": "afine", "model": "gpt3l"}, "unknown task 'afine' (did you mean 'affine'?)"),
+    ({"task": "afine", "model": "gpt3l"}, "unknown task 'afine' (did you mean 'affine'"),
     ({"task": "affine", "model": "gpt3"}, "unknown model 'gpt3'"),
     ({"task": "affine", "model": "gpt3l", "overrides": ["task.nois=1"]}, "unknown key 'task.nois'"),
     ({"task": "affine", "model": "gpt3l", "overrides": ["trian.steps=1"]}, "unknown key 'trian.steps'"),

@@ -79,7 +79,7 @@ def test_config_file_and_quiet(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--task", "afine", "--model", "gpt3l"], "unknown task 'afine' (did you mean 'affine'?)"),
+    (["--task", "afine", "--model", "gpt3l"], "unknown task 'afine' (did you mean 'affine'"),
     (["--task", "affine", "--model", "gpt"], "unknown model 'gpt'"),
     (["--task", "affine", "--model", "gpt3l", "--steps", "-1"], "steps must be > 0, got -1"),
     (["--task", "affine", "--model", "gpt3l", "--device", "tpu"], "unknown device 'tpu'"),
