@@ -457,16 +457,20 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         raise ICLBenchError(f"--jobs must be >= 1, got {jobs}")
     if (cpus_per_run is not None and cpus_per_run <= 0) or gpus_per_run < 0:
         raise ICLBenchError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    if executor == "local" and (address or gpus_per_run):
+        raise ICLBenchError("--address and --gpus-per-run are for --executor ray; locally each run takes the "
+                            "device its config names (device: auto picks cuda when present)")
     started = time.perf_counter()
     report = SweepReport(experiment, executor)
     todo = deque()
+    records = {}  # the sweep record, rewritten after every finished run
     for plan in experiment.runs:
         if plan.is_complete():
             report.skipped.append(plan.name)
+            records[plan.name] = {"state": "skipped", "label": plan.label}
         else:
             todo.append(plan)
-    records = {p.name: {"state": "skipped" if p.name in report.skipped else "pending", "label": p.label}
-               for p in experiment.runs}
+            records[plan.name] = {"state": "pending", "label": plan.label}
 
     def save_record():
         store.write_json(report.record_path, {"experiment": str(experiment.path), "executor": executor,
@@ -477,16 +481,7 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         report.wall_s = time.perf_counter() - started
         return report
 
-    if executor == "local":
-        cores = available_cores()
-        threads = max(1, int(cpus_per_run or (cores // jobs if jobs else 1)))
-        pool = LocalExecutor(min(len(todo), jobs or max(1, cores // threads)), threads)
-        slots = pool.jobs
-        where = f"local: {slots} processes × {threads} threads"
-    else:
-        pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run)
-        slots = jobs or pool.capacity()
-        where = f"ray: up to {slots} runs at once, {pool.cpus} CPU / {pool.gpus} GPU each"
+    pool, slots, where = _start_executor(executor, len(todo), jobs, cpus_per_run, gpus_per_run, address)
     print(f"{len(experiment.runs)} runs: {len(report.skipped)} already complete, {len(todo)} to run ({where})",
           file=sys.stderr)
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True,
@@ -518,6 +513,19 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         save_record()
         report.wall_s = time.perf_counter() - started
     return report
+
+
+def _start_executor(kind: str, n_runs: int, jobs: int | None, cpus_per_run: float | None, gpus_per_run: float,
+                    address: str | None):
+    """The executor, how many runs to keep in flight, and a line saying so."""
+    if kind == "local":
+        cores = available_cores()
+        threads = max(1, int(cpus_per_run or (cores // jobs if jobs else 1)))
+        pool = LocalExecutor(min(n_runs, jobs or max(1, cores // threads)), threads)
+        return pool, pool.jobs, f"local: {pool.jobs} processes × {threads} torch threads"
+    pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run)
+    slots = jobs or pool.capacity()
+    return pool, slots, f"ray: up to {slots} runs at once, {pool.cpus} CPU / {pool.gpus} GPU each"
 
 
 def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepReport, record: dict) -> None:

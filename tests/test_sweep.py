@@ -17,7 +17,7 @@ from iclbench.leaderboard import collect
 from iclbench.options import parse_scalar
 from iclbench.sweep import load_experiment, run_sweep
 
-TINY_BASE = {k: parse_scalar(v) for k, v in (s.split("=", 1) for s in TINY)}
+TINY_BASE = {**{k: parse_scalar(v) for k, v in (s.split("=", 1) for s in TINY)}, "eval.probes": False}
 
 
 def experiment(tmp_path, out, *, steps=20, grid=None, runs=None, name="exp"):
