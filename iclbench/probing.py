@@ -94,8 +94,10 @@ def describe(outcomes: dict) -> str:
     spec = outcomes.get("specialization", {}).get("summary")
     if spec:
         lines.append(f"roles per layer: {', '.join(f'{l}: {r}' for l, r in enumerate(spec['roles']))}")
-        lines.append(f"claim 1 (layer 0 copies): {spec['claim_1_layer0_copies']}; claim 2 (last layer refines "
-                     f"via anti-copy heads): {spec['claim_2_last_layer_refines_with_anti_copy_heads']} "
+        verdict = lambda v: "n/a" if v is None else v  # noqa: E731
+        lines.append(f"claim 1 (layer 0 copies): {verdict(spec['claim_1_layer0_copies'])}; claim 2 (last layer "
+                     f"refines via anti-copy heads): "
+                     f"{verdict(spec['claim_2_last_layer_refines_with_anti_copy_heads'])} "
                      f"(any later layer: {spec['claim_2_layers'] or 'none'})")
     return "\n".join(lines)
 

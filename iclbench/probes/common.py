@@ -99,17 +99,19 @@ def r_squared(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1 - ss_res / ss_tot.clamp_min(1e-12)
 
 
-def sequence_latents(batch: Batch) -> dict[str, torch.Tensor]:
-    """Latents that describe a whole sequence (the rule: a, b, w, ...), as ``[B, k]``; per-position
-    latents (shape ``[B, T]`` or ``[B, T+1]``, e.g. clean states) are left out."""
+def sequence_latents(task, batch: Batch) -> dict[str, torch.Tensor]:
+    """The latents that are the sequence's rule (a, b, w, ...), as ``[B, k]``. A task may name them in a
+    ``rule_latents`` attribute; otherwise every 1-D latent and every 2-D one that is not per position
+    (``[B, T]`` or ``[B, T+1]``, e.g. clean states) is taken."""
     T = batch.inputs.shape[1]
+    named = getattr(task, "rule_latents", None)
     out = {}
     for name, value in batch.latents.items():
-        if not torch.is_tensor(value):
+        if not torch.is_tensor(value) or (named is not None and name not in named):
             continue
         if value.ndim == 1:
             out[name] = value[:, None].float()
-        elif value.ndim == 2 and value.shape[1] not in (T, T + 1):
+        elif value.ndim == 2 and (named is not None or value.shape[1] not in (T, T + 1)):
             out[name] = value.float()
     return out
 

@@ -1,6 +1,6 @@
 """Linear probes: where is the rule represented? Ridge regression from the residual stream after each layer
 (layer -1: the embedding) at each position to each latent parameter of the sequence (a, b for affine; w for
-linear regression; ...), fitted on one half of the batch, R² on the other half.
+linear regression; ...; see :func:`.common.sequence_latents`), fitted on one half of the batch, R² on the other.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ RIDGE = 1e-2
 
 
 @torch.no_grad()
-def probe_r2(model, batch) -> dict[str, torch.Tensor]:
+def probe_r2(model, task, batch) -> dict[str, torch.Tensor]:
     """``{latent[index]: R² [n_sites, T]}`` on the held-out half; sites as :func:`residual_sites`."""
-    latents = sequence_latents(batch)
+    latents = sequence_latents(task, batch)
     sites = residual_sites(model)
     _, cache = model.run_with_cache(batch.inputs, names_filter=[n for _, n in sites])
     half = len(batch) // 2
@@ -47,7 +47,7 @@ class LinearProbes(Probe):
 
     def run(self, model, task, generator, device):
         batch = probe_batch(task, self.n_sequences, generator, device)
-        r2 = probe_r2(model, batch)
+        r2 = probe_r2(model, task, batch)
         scored = scored_positions(task, batch)
         layers = [l for l, _ in residual_sites(model)]
         rows, summary = [], {}

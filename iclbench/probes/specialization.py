@@ -21,6 +21,10 @@ The seed paper's (Bhargav & Gu 2024) two claims, checked per run:
    ``refine`` and holds an anti-copy head (see :mod:`.attribution`) whose mean-ablation raises the error by
    at least ``ablation_matters``. ``..._any_later_layer`` relaxes "last" to "any layer after 0".
 
+A claim that cannot be tested on a task is ``None`` (no ``copy_last`` baseline; outputs not of the inputs'
+kind, as in linear regression, so "the values it attends to" are not predictions). Each flagged head's
+attention (previous / current token, similar-value lift) is reported beside it.
+
 ``iclbench specialization`` combines these summaries over runs (:meth:`Specialization.cross_run_table`).
 """
 
@@ -68,12 +72,15 @@ def layer_roles(model, task, generator, device, n: int = 256) -> dict:
     which += [("head", int(h[1:h.index("H")]), int(h[h.index("H") + 1:])) for h in anti]
     clean_err, ablated = ablation_errors(model, task, test, which, methods=("mean",))
     delta = {key[:3]: float((err - clean_err)[scored].mean()) for key, err in ablated.items()}
-    lift = {}
-    if has_heads(model) and anti:
+    looks = {}  # where each flagged head attends: the paper's copy heads look at x_t, its refiners by similarity
+    if has_heads(model):
         stats = attention_stats(model, test)
-        for h in anti:
+        for h in attribution["copy_heads"] + anti:
             l, i = int(h[1:h.index("H")]), int(h[h.index("H") + 1:])
-            lift[h] = clean(stats["similar"][l, i, scored].mean() / stats["uniform_single"][l, i, scored].mean())
+            looks[h] = {"prev": clean(stats["prev"][l, i, scored].mean()),
+                        "current": clean(stats["current"][l, i, scored].mean()),
+                        "similar_lift": clean(stats["similar"][l, i, scored].mean()
+                                              / stats["uniform_single"][l, i, scored].mean())}
 
     layers = []
     for l in range(model.n_layers):
@@ -105,7 +112,7 @@ def layer_roles(model, task, generator, device, n: int = 256) -> dict:
             "copy_heads": [h for h in attribution["copy_heads"] if h.startswith(f"L{l}H")],
             "anti_copy_heads": heads,
             "anti_copy_head_ablation_delta": {h: clean(delta[("head", l, int(h.split("H")[1]))]) for h in heads},
-            "anti_copy_head_similar_lift": {h: lift.get(h) for h in heads},
+            "flagged_head_attention": {h: v for h, v in looks.items() if h.startswith(f"L{l}H")},
         })
 
     def refines_with_anti_copy(entry):
@@ -113,11 +120,15 @@ def layer_roles(model, task, generator, device, n: int = 256) -> dict:
                                                  for v in entry["anti_copy_head_ablation_delta"].values())
 
     claim2_layers = [e["layer"] for e in layers[1:] if refines_with_anti_copy(e)]
+    # a claim that cannot be tested here is None, not False: no copy_last baseline, or outputs that are not
+    # the inputs' kind (anti-copy compares a head's write with the inputs it attends to)
+    testable_1 = copy_last is not None
+    testable_2 = has_heads(model) and model.n_layers > 1 and wide.inputs.shape[-1] == wide.targets.shape[-1]
     return {
         "roles": [e["role"] for e in layers],
-        "claim_1_layer0_copies": layers[0]["role"] == "copy",
-        "claim_2_last_layer_refines_with_anti_copy_heads": model.n_layers > 1 and refines_with_anti_copy(layers[-1]),
-        "claim_2_any_later_layer": bool(claim2_layers),
+        "claim_1_layer0_copies": layers[0]["role"] == "copy" if testable_1 else None,
+        "claim_2_last_layer_refines_with_anti_copy_heads": refines_with_anti_copy(layers[-1]) if testable_2 else None,
+        "claim_2_any_later_layer": bool(claim2_layers) if testable_2 else None,
         "claim_2_layers": claim2_layers,
         "model_error": clean(clean_err[scored].mean()),
         "layers": layers,
@@ -143,7 +154,8 @@ class Specialization(Probe):
     @classmethod
     def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame:
         """One row per (task, model): roles per layer as 'role k/n' (most common over seeds), how many seeds
-        support each claim, and the key numbers as mean ± sd over seeds."""
+        support each claim ("paper's pattern": holds = both claims in most seeds, partly = one), and the key
+        numbers as mean ± sd over seeds."""
         rows = []
         for (task, model), group in runs.groupby(["task", "model"], sort=True):
             summaries = list(group["summary"])
@@ -154,16 +166,33 @@ class Specialization(Probe):
                 roles = Counter(s["roles"][l] for s in summaries if l < len(s["roles"]))
                 role, k = roles.most_common(1)[0]
                 row[f"layer {l}"] = f"{role} {k}/{n}"
-            row["claim 1: layer 0 copies"] = f"{sum(s['claim_1_layer0_copies'] for s in summaries)}/{n}"
-            row["claim 2: last layer refines via anti-copy heads"] = \
-                f"{sum(s['claim_2_last_layer_refines_with_anti_copy_heads'] for s in summaries)}/{n}"
-            row["claim 2 (any later layer)"] = f"{sum(s['claim_2_any_later_layer'] for s in summaries)}/{n}"
-            row["L0 copy corr"] = _mean_sd([s["layers"][0]["direct_copy_corr"] for s in summaries])
+            claim1 = _count(summaries, "claim_1_layer0_copies")
+            claim2 = _count(summaries, "claim_2_last_layer_refines_with_anti_copy_heads")
+            if claim1 is None and claim2 is None:
+                row["paper's pattern"] = "n/a"
+            else:
+                row["paper's pattern"] = {2: "holds", 1: "partly", 0: "no"}[
+                    (claim1 is not None and claim1 > n / 2) + (claim2 is not None and claim2 > n / 2)]
+            row["claim 1: layer 0 copies"] = _fraction(claim1, n)
+            row["claim 2: last layer refines via anti-copy heads"] = _fraction(claim2, n)
+            row["claim 2 (any later layer)"] = _fraction(_count(summaries, "claim_2_any_later_layer"), n)
+            row["L0 write~copy corr"] = _mean_sd([s["layers"][0]["direct_copy_corr"] for s in summaries])
+            row["last layer write~copy corr"] = _mean_sd([s["layers"][-1]["direct_copy_corr"] for s in summaries])
             row["anti-copy heads/run"] = _mean_sd([sum(len(e["anti_copy_heads"]) for e in s["layers"])
                                                     for s in summaries], digits=1)
             row["model error"] = _mean_sd([s["model_error"] for s in summaries], digits=4)
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+def _count(summaries, key):
+    """Seeds where the claim holds; None when no seed could test it."""
+    values = [s[key] for s in summaries if s.get(key) is not None]
+    return sum(values) if values else None
+
+
+def _fraction(count, n):
+    return "n/a" if count is None else f"{count}/{n}"
 
 
 def _mean_sd(values, digits: int = 2) -> str:
