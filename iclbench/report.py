@@ -136,6 +136,174 @@ def curve_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+def _layer_names(layers) -> list[str]:
+    return ["embed" if int(layer) < 0 else f"L{int(layer)}" for layer in layers]
+
+
+def lens_figure(table: pd.DataFrame, score_from: int, title: str):
+    """Per-layer read-outs (logit lens through the model's own final norm and read-out; tuned lens fitted
+    per layer): distance to the target and to each baseline, averaged over positions >= score_from."""
+    plt = _pyplot()
+    table = table[table.position >= score_from]
+    lenses = sorted(table.lens.unique())
+    fig, axes = plt.subplots(1, len(lenses), figsize=(5.2 * len(lenses), 3.8), squeeze=False, sharey=True)
+    for ax, lens in zip(axes[0], lenses):
+        part = table[table.lens == lens].groupby(["reference", "layer"], as_index=False)["distance"].mean()
+        for ref, rows in part.groupby("reference"):
+            rows = rows.sort_values("layer")
+            ax.plot(rows.layer, rows.distance, marker="o", lw=2.2 if ref == "target" else 1.3,
+                    color="black" if ref == "target" else None,
+                    label="error (vs target)" if ref == "target" else f"distance to {ref}")
+        layers = sorted(part.layer.unique())
+        ax.set_xticks(layers, _layer_names(layers))
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("residual stream after layer")
+        ax.set_title(f"{lens} lens")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"normalized squared distance (t >= {score_from})")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def attention_figure(table: pd.DataFrame, title: str):
+    """Mean attention pattern (query position × key position) of every head, one panel per layer × head."""
+    plt = _pyplot()
+    pat = table[table.stat == "pattern"]
+    layers, heads = sorted(pat.layer.unique()), sorted(pat["head"].unique())
+    fig, axes = plt.subplots(len(layers), len(heads), figsize=(2.3 * len(heads) + 1, 2.2 * len(layers) + 0.6),
+                             squeeze=False)
+    image = None
+    for i, layer in enumerate(layers):
+        for j, head in enumerate(heads):
+            grid = pat[(pat.layer == layer) & (pat["head"] == head)].pivot(index="position", columns="key",
+                                                                        values="value")
+            ax = axes[i][j]
+            image = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", origin="upper")
+            ax.set_title(f"L{layer}H{head}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel("query position")
+            if i == len(layers) - 1:
+                ax.set_xlabel("key position")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="mean attention weight")
+    fig.suptitle(title)
+    return fig
+
+
+def ablation_figure(table: pd.DataFrame, title: str):
+    """Change in normalized error per position when each head / attention layer / MLP is zero- or
+    mean-ablated (red: the prediction gets worse without it)."""
+    import numpy as np
+    from matplotlib.colors import SymLogNorm
+
+    plt = _pyplot()
+    methods = sorted(table.method.unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 0.28 * table.component.nunique() + 1.8),
+                             squeeze=False)
+    order = list(dict.fromkeys(table.component))
+    for ax, method in zip(axes[0], methods):
+        grid = table[table.method == method].pivot(index="component", columns="position", values="delta")
+        grid = grid.reindex(order)
+        limit = float(np.nanmax(np.abs(grid.values))) or 1.0
+        # symmetric log colour scale: one dominant component must not hide the small ones
+        norm = SymLogNorm(linthresh=min(1e-3, limit), vmin=-limit, vmax=limit)
+        image = ax.imshow(grid.values, cmap="RdBu_r", norm=norm, aspect="auto")
+        ax.set_yticks(range(len(order)), order, fontsize=7)
+        ax.set_xlabel("context position t")
+        ax.set_title(f"{method}-ablation: Δ error")
+        fig.colorbar(image, ax=ax, shrink=0.8, label="Δ normalized error")
+    fig.suptitle(title)
+    return fig
+
+
+def linear_probe_figure(table: pd.DataFrame, score_from: int, title: str):
+    """Held-out R² of ridge probes from each layer's residual stream to the task's latent parameters."""
+    plt = _pyplot()
+    part = table[table.position >= score_from].groupby(["latent", "layer"], as_index=False)["r2"].mean()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for latent, rows in part.groupby("latent"):
+        rows = rows.sort_values("layer")
+        ax.plot(rows.layer, rows.r2, marker="o", label=str(latent))
+    layers = sorted(part.layer.unique())
+    ax.set_xticks(layers, _layer_names(layers))
+    ax.set_ylim(min(0.0, float(part.r2.min()) - 0.05), 1.02)
+    ax.set_xlabel("residual stream after layer")
+    ax.set_ylabel(f"held-out R² (mean over t >= {score_from})")
+    ax.set_title(title)
+    ax.legend(title="latent")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+PATTERN_COLOURS = {"holds": "#9bd39b", "partly": "#f3dc8a", "no": "#ee9b9b"}
+
+
+def specialization_figure(table: pd.DataFrame):
+    """Tasks × models matrix: each cell lists the role of every layer (most common over seeds) and is
+    coloured by whether the seed paper's pattern holds (green), partly holds (yellow) or not (red)."""
+    plt = _pyplot()
+    tasks, models = sorted(table.task.unique()), sorted(table.model.unique())
+    layer_cols = [c for c in table.columns if c.startswith("layer ")]
+    fig, ax = plt.subplots(figsize=(2.6 * len(tasks) + 1.5, 0.5 * max(3, len(layer_cols)) * len(models) + 1.2))
+    for i, model in enumerate(models):
+        for j, task in enumerate(tasks):
+            row = table[(table.model == model) & (table.task == task)]
+            if row.empty:
+                text, colour = "—", "#eeeeee"
+            else:
+                r = row.iloc[0]
+                roles = [f"L{c.split()[1]}: {r[c]}" for c in layer_cols if isinstance(r[c], str)]
+                pattern = r["paper's pattern"]
+                text = "\n".join(roles + [f"paper: {pattern}"])
+                colour = PATTERN_COLOURS.get(pattern, "#dddddd")
+            ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour, edgecolor="white", lw=2))
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, len(tasks))
+    ax.set_ylim(len(models), 0)
+    ax.set_xticks([j + 0.5 for j in range(len(tasks))], tasks, rotation=20)
+    ax.set_yticks([i + 0.5 for i in range(len(models))], models)
+    ax.set_xlabel("task")
+    ax.set_ylabel("model")
+    ax.set_title("Layer roles across tasks × models (green: the seed paper's copy-then-refine pattern holds; "
+                 "yellow: partly; red: no)", fontsize=9)
+    return fig
+
+
+def _probe_table(run_dir: Path, name: str) -> pd.DataFrame | None:
+    path = Path(run_dir) / "probes" / f"{name}.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def probe_section(doc: Document, run_dir: Path, metrics: dict):
+    """Figures from the probes stored with the run (skipped quietly where a probe did not run)."""
+    slug, k = run_dir.name, metrics["curves"]["score_from"]
+    what = f"{metrics['model']} on {metrics['task']}, seed {metrics['seed']}"
+    figures = [
+        ("layer_lens", lambda t: lens_figure(t, k, f"Layer lens: {what}"),
+         "Prediction read from the residual stream after each layer (logit lens and tuned lens): error and "
+         "distance to each baseline's prediction."),
+        ("attention", lambda t: attention_figure(t, f"Mean attention patterns: {what}"),
+         "Mean attention pattern of every head (rows: query position, columns: key position)."),
+        ("ablation", lambda t: ablation_figure(t, f"Ablations: {what}"),
+         "Change in normalized error per position when a component is ablated."),
+        ("linear_probe", lambda t: linear_probe_figure(t, k, f"Linear probes: {what}"),
+         "Held-out R² of ridge probes for the task's latent parameters, per layer."),
+    ]
+    for name, draw, caption in figures:
+        table = _probe_table(run_dir, name)
+        if table is not None and not table.empty:
+            doc.figure(draw(table), f"{slug}-{name}", caption)
+    spec = _probe_table(run_dir, "specialization")
+    if spec is not None and not spec.empty:
+        doc.text("Layer roles assigned by the specialization probe (thresholds in iclbench/probes/"
+                 "specialization.py):")
+        doc.table(spec)
+
+
 def run_section(doc: Document, run_dir: Path):
     metrics = store.read_run(run_dir)
     slug = run_dir.name
@@ -152,7 +320,28 @@ def run_section(doc: Document, run_dir: Path):
                f"Normalized squared error per context position for {metrics['model']} and every baseline on "
                f"{metrics['task']}; shaded: bootstrap CI.")
     doc.table(curve_table(metrics))
+    probe_section(doc, run_dir, metrics)
     return metrics
+
+
+def specialization_section(doc: Document, roots: list[Path]):
+    """The cross-run answer to the seed paper's question, where the specialization probe is registered and
+    has run."""
+    from .probing import collect_probe
+    from .registry import get_registry
+
+    registry = get_registry()
+    if "specialization" not in registry.probes:
+        return
+    runs = pd.concat([collect_probe(r, "specialization") for r in roots]) if roots else pd.DataFrame()
+    if runs.empty:
+        return
+    table = registry.probe("specialization").cross_run_table(runs)
+    doc.heading("Does early-copy / late-refine generalize?")
+    doc.text("Per task × model: each layer's most common role over seeds, and how many seeds support each of "
+             "the seed paper's two claims (layer 0 copies; a later layer refines through anti-copy heads).")
+    doc.figure(specialization_figure(table), "specialization", "Specialization matrix across tasks × models.")
+    doc.table(table)
 
 
 def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -> tuple[Path, Path]:
@@ -171,6 +360,7 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
                  "the prior mean); mean ± sd over seeds, n = seeds.")
         table = wide(board).reset_index().rename(columns={"row": "model"})
         doc.table(table)
+    specialization_section(doc, roots)
     for run_dir in run_dirs:
         run_section(doc, Path(run_dir))
     doc.text("Generated by `iclbench report`; the numbers come from each run's metrics.json "
