@@ -157,15 +157,14 @@ class Specialization(Probe):
         support each claim ("paper's pattern": holds = both claims in most seeds, partly = one), and the key
         numbers as mean ± sd over seeds."""
         rows = []
+        depth = max(len(s["roles"]) for s in runs["summary"])  # one column per layer of the deepest model
         for (task, model), group in runs.groupby(["task", "model"], sort=True):
             summaries = list(group["summary"])
             n = len(summaries)
-            depth = max(len(s["roles"]) for s in summaries)
             row = {"task": task, "model": model, "seeds": n}
             for l in range(depth):
                 roles = Counter(s["roles"][l] for s in summaries if l < len(s["roles"]))
-                role, k = roles.most_common(1)[0]
-                row[f"layer {l}"] = f"{role} {k}/{n}"
+                row[f"layer {l}"] = "{} {}/{}".format(*roles.most_common(1)[0], n) if roles else "—"
             claim1 = _count(summaries, "claim_1_layer0_copies")
             claim2 = _count(summaries, "claim_2_last_layer_refines_with_anti_copy_heads")
             if claim1 is None and claim2 is None:
