@@ -23,19 +23,31 @@ def _add_run(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field, e.g. --set task.noise=0.1 --set model.d_model=128")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table; print the run dir")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of this config from its "
+                   "last checkpoint (a plain rerun does so too; --resume fails if there is nothing to resume)")
+    p.add_argument("--force", action="store_true", help="start afresh even if this config already ran "
+                   "(complete or interrupted); without it a complete run is not retrained")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (train.compile)")
     p.add_argument("--no-probes", action="store_true", help="skip the probes after evaluation (eval.probes)")
 
 
 def cmd_run(args) -> int:
     from .runner import format_curves, format_ood, run
 
+    if args.compile:
+        args.overrides.append("train.compile=true")
     result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,
+                 resume=args.resume, force=args.force,
                  device=args.device, out=args.out, quiet=args.quiet,
                  overrides=args.overrides + (["eval.probes=false"] if args.no_probes else []))
     if args.quiet:
         print(result.run_dir)
         return 0
     m = result.metrics
+    if result.outcome == "complete":
+        print(f"already complete, not retrained (--force retrains): {result.run_dir}\n")
+    elif result.outcome == "resumed":
+        print(f"resumed from the checkpoint at step {m['train']['resumed_from_step']}\n")
     print(format_curves(m))
     if m.get("ood"):
         print(f"\nout of distribution (mean t>={m['curves']['score_from']}, each normalized by its shifted "
@@ -215,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_sweep(sub)
+    _add_bench(sub)
     _add_probe(sub)
     lp = sub.add_parser("list", help="list registered tasks, models, baselines, probes")
     lp.add_argument("kind", nargs="?", choices=KINDS)
@@ -243,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {"report": cmd_report, "run": cmd_run, "sweep": cmd_sweep, "list": cmd_list,
             "leaderboard": cmd_leaderboard}
 COMMANDS.update(probe=cmd_probe, specialization=cmd_specialization)
+
+COMMANDS["bench"] = cmd_bench
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,8 @@ class TrainOptions:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; or fp32 / bf16
     log_every: int = 100
+    checkpoint_every: int = 500  # save the whole training state every N steps (0: never), for --resume
+    compile: bool = False  # torch.compile the model for training (--compile)
 
     def validate(self):
         if self.steps <= 0:
@@ -54,6 +56,8 @@ class TrainOptions:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.log_every <= 0:
             raise ValueError(f"log_every must be > 0, got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
 @dataclass
@@ -77,7 +81,7 @@ class EvalOptions:
 
 TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out")
 #: fields that do not change what a run computes; left out of the config hash
-NOT_HASHED = {("train", "log_every"), ("eval", "ood"), ("eval", "probes")}
+NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"), ("eval", "ood"), ("eval", "probes")}
 
 
 @dataclass

@@ -175,3 +175,8 @@ class Model(nn.Module):
         with self.hooks(list(fwd_hooks) + [(n, save) for n in names]):
             out = self(inputs)
         return out, cache
+
+    def to_transformer_lens(self):
+        """This model as a TransformerLens ``HookedTransformer``: same outputs, same activations under the
+        same hook names (GPT models, with ``pip install 'iclbench[tl]'``); other models raise."""
+        raise ICLBenchError(f"model '{self.name}' has no TransformerLens equivalent")

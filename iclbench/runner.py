@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ class RunResult:
     config: RunConfig
     task: object
     model: torch.nn.Module
+    outcome: str = "trained"  # "trained", "resumed" (from a checkpoint) or "complete" (found done, not rerun)
 
 
 def build(registry: Registry, cfg: RunConfig, device: torch.device):
@@ -88,15 +91,75 @@ def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.
     return out
 
 
+def earlier_attempt(run_dir: Path, device: torch.device, *, resume: bool, force: bool):
+    """What an earlier attempt at this run left in ``run_dir``: ``"complete"``, a training state to
+    continue from (its latest checkpoint), or ``None`` (start afresh). ``force`` always starts afresh;
+    ``resume`` insists that there is an earlier attempt."""
+    try:
+        status = json.loads((run_dir / store.STATUS).read_text())
+    except (OSError, ValueError):
+        status = {}
+    if resume and not status:
+        raise ICLBenchError(f"nothing to resume in {run_dir}: this config was never run there")
+    if force:
+        return None
+    if (run_dir / store.METRICS).exists():
+        return "complete"
+    pid = status.get("pid")
+    if status.get("status") == "running" and status.get("host") == socket.gethostname() and pid != os.getpid() \
+            and process_alive(pid):
+        raise ICLBenchError(f"run {run_dir} is being computed by process {pid} on this machine; wait for it, "
+                            "or stop it and rerun to continue from its last checkpoint")
+    if not (run_dir / store.TRAIN_STATE).exists():
+        return None
+    try:
+        state = store.load_training_state(run_dir / store.TRAIN_STATE)
+    except Exception as exc:
+        raise ICLBenchError(f"unreadable checkpoint {run_dir / store.TRAIN_STATE} ({exc}); rerun with --force "
+                            "to start afresh") from None
+    if state["device"] != device.type:
+        raise ICLBenchError(f"the checkpoint in {run_dir} was written on {state['device']}, this run is on "
+                            f"{device.type}; pass --device {state['device']} to continue it, or --force to "
+                            "start afresh")
+    return state
+
+
+def process_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return True
+    except (OSError, TypeError, ValueError):  # gone (kill -9, a crash), or no pid recorded
+        return False
+    return True
+
+
+def completed_run(run_dir: Path, cfg: RunConfig, task_obj, model_obj) -> RunResult:
+    """The record of a run found complete: its metrics and its trained weights, without training again."""
+    try:
+        metrics = store.read_run(run_dir)
+        model_obj.load_state_dict(store.load_state_dict(run_dir / store.CHECKPOINT))
+    except (store.DamagedRun, OSError, RuntimeError) as exc:
+        raise ICLBenchError(f"run {run_dir} looks complete but cannot be read ({exc}); rerun with --force") \
+            from None
+    return RunResult(run_dir, metrics, cfg, task_obj, model_obj.eval(), outcome="complete")
+
+
 def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
         seed: int | None = None, device: str | None = None, out: str | None = None, overrides=(),
-        quiet: bool = True, registry: Registry | None = None, run_dir: str | Path | None = None) -> RunResult:
+        quiet: bool = True, registry: Registry | None = None, run_dir: str | Path | None = None,
+        resume: bool = False, force: bool = False) -> RunResult:
     """Train ``model`` on ``task``, evaluate it beside the task's baselines, write the run directory.
 
     ``config``: a YAML path or a dict in the resolved layout; ``overrides``: ``["task.noise=0.1", ...]`` or
     ``{"task.noise": 0.1}``. Returns the run directory, the metrics dict, and the trained model.
     ``run_dir``: write the record there instead of ``out/<run name>`` (a sweep worker without the driver's
     disk computes into a temporary directory and ships the files back).
+
+    Rerunning a config continues it: a complete run is returned as recorded (``force=True`` retrains it),
+    an interrupted one (Ctrl-C, kill -9) continues from its latest checkpoint (``train.checkpoint_every``)
+    and ends with the same metrics as a run that never stopped. ``resume=True`` additionally insists that
+    there is an earlier attempt to continue.
     """
     registry = registry or get_registry()
     cfg = resolve(registry, config=config, task=task, model=model, steps=steps, seed=seed, device=device,
@@ -108,26 +171,40 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
         raise ICLBenchError(f"task '{cfg.task}' declares a baseline named 'model', which is reserved")
 
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out) / cfg.run_name
+    state = earlier_attempt(run_dir, dev, resume=resume, force=force)
+    if state == "complete":
+        return completed_run(run_dir, cfg, task_obj, model_obj)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ICLBenchError(f"cannot create run directory {str(run_dir)!r}: {exc.strerror}") from None
     (run_dir / store.METRICS).unlink(missing_ok=True)  # the directory now describes this run
+    if state is None:
+        (run_dir / store.TRAIN_STATE).unlink(missing_ok=True)
     store.write_yaml(run_dir / store.CONFIG, cfg.to_dict())
-    store.write_json(run_dir / store.STATUS, {"status": "running", "started": time.time()})
+    store.write_json(run_dir / store.STATUS, {"status": "running", "started": time.time(), "pid": os.getpid(),
+                                              "host": socket.gethostname()})
     hook = registry.hook
     hook.iclbench_run_started(run_dir=run_dir, config=cfg)
 
     started = time.perf_counter()
-    with open(run_dir / store.LOG, "w", buffering=1) as log_file:
-        log_file.write(json.dumps({"event": "start", "run": cfg.run_name, "device": str(dev)}) + "\n")
+    if state is not None:  # drop what was logged after the checkpoint: the resumed run logs it again
+        os.truncate(run_dir / store.LOG, state["log_offset"])
+    with open(run_dir / store.LOG, "w" if state is None else "a", buffering=1) as log_file:
+        event = {"event": "start"} if state is None else {"event": "resume", "step": state["step"]}
+        log_file.write(json.dumps({**event, "run": cfg.run_name, "device": str(dev)}) + "\n")
 
         def log(step, metrics):
             log_file.write(json.dumps({"step": step, **metrics}) + "\n")
             hook.iclbench_train_log(run_dir=run_dir, step=step, metrics=metrics)
 
+        def checkpoint(training_state):
+            log_file.flush()
+            store.save_training_state(run_dir / store.TRAIN_STATE, {**training_state, "log_offset": log_file.tell()})
+
         try:
-            stats = train(model_obj, task_obj, cfg.train, cfg.seed, dev, log=log, progress=not quiet)
+            stats = train(model_obj, task_obj, cfg.train, cfg.seed, dev, log=log, progress=not quiet,
+                          resume=state, checkpoint=checkpoint)
         except TrainingDiverged as exc:
             store.write_json(run_dir / store.STATUS, {"status": "diverged", "message": str(exc)})
             raise TrainingDiverged(f"{exc} (log kept in {run_dir / store.LOG})") from None
@@ -173,8 +250,9 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     hook.iclbench_eval_finished(run_dir=run_dir, config=cfg, metrics=metrics)
     store.write_json(run_dir / store.METRICS, metrics)
     store.write_json(run_dir / store.STATUS, {"status": "complete", "wall_time_s": wall})
+    (run_dir / store.TRAIN_STATE).unlink(missing_ok=True)  # complete: nothing left to resume
     hook.iclbench_run_finished(run_dir=run_dir, config=cfg, metrics=metrics)
-    return RunResult(run_dir, metrics, cfg, task_obj, model_obj)
+    return RunResult(run_dir, metrics, cfg, task_obj, model_obj, outcome="trained" if state is None else "resumed")
 
 
 def format_ood(metrics: dict, fmt: str = "github") -> str:

@@ -6,6 +6,7 @@ run never leaves a half-written file; ``metrics.json`` is written last and marks
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -19,6 +20,9 @@ import yaml
 
 METRICS, CONFIG, STATUS, LOG, CHECKPOINT = "metrics.json", "config.yaml", "status.json", "train.log", \
     "model.safetensors"
+#: the whole training state of an unfinished run (model, optimizer, step, data RNG, log position); removed
+#: when the run completes
+TRAIN_STATE = "train_state.pt"
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -55,6 +59,18 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    """Write a dict of tensors, numbers, strings, lists and dicts (an optimizer's state_dict qualifies)
+    atomically; :func:`load_training_state` reads it back without unpickling arbitrary objects."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_training_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def git_commit() -> str | None:

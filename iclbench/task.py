@@ -95,6 +95,13 @@ class Task:
         """Classical predictors by name; see :class:`Baseline` for the no-peeking contract."""
         return {}
 
+    def curriculum(self, step: int, steps: int) -> dict:
+        """Option changes in force at training step ``step`` of ``steps``, for a task that is learned more
+        easily by growing its context length or dimension during training (Garg et al.). The trainer samples
+        from ``self.with_options(**changes)``; evaluation always uses the task as configured. ``{}`` (the
+        default): train on the task as configured throughout."""
+        return {}
+
     def ood_variants(self) -> dict[str, "Task"]:
         """Named distribution shifts, evaluated on the trained model after the main evaluation: parameters
         outside the training range, scaled inputs, added noise, longer contexts (none by default). A

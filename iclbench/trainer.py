@@ -1,4 +1,5 @@
-"""Training loop: data drawn on the device from a seeded generator, AdamW, warmup + cosine, clipping."""
+"""Training loop: data drawn on the device from a seeded generator, AdamW, warmup + cosine, clipping, an
+optional curriculum declared by the task, resumable checkpoints, opt-in ``torch.compile``."""
 
 from __future__ import annotations
 
@@ -62,55 +63,128 @@ def normalized_error(pred: torch.Tensor, batch: Batch, normalizer: torch.Tensor)
     return (pred.float() - batch.targets.float()).pow(2).mean(-1) / normalizer
 
 
+def make_optimizer(model: torch.nn.Module, o: TrainOptions) -> torch.optim.Optimizer:
+    """AdamW; its fused kernel (one pass over all weights) on devices that have one."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.99),
+                             fused=fused)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, normalizer: torch.Tensor,
+               lr: float, o: TrainOptions) -> torch.Tensor:
+    """One optimisation step on ``batch``; returns the loss as a tensor (the caller decides when to sync).
+    ``iclbench bench`` times exactly this function for every model it compares."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast(batch.inputs.device, o.precision):
+        pred = model(batch.inputs)
+    loss = normalized_error(pred, batch, normalizer)[:, batch.mask].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if o.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip, foreach=True)
+    opt.step()
+    return loss.detach()
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)``, sharing its parameters; a failure is one line, not a compiler traceback."""
+    try:
+        return torch.compile(model)
+    except Exception as exc:
+        raise compile_error(exc) from None
+
+
+def compile_error(exc: Exception) -> ICLBenchError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ICLBenchError(f"--compile is not supported here ({type(exc).__name__}: {first[:200]}); "
+                         "run without --compile")
+
+
+class Curriculum:
+    """The task to sample from at each step: the task with ``task.curriculum(step, steps)`` applied. One
+    Task object per stage, so a stage's normalizer is computed once."""
+
+    def __init__(self, task: Task, steps: int):
+        self.task, self.steps, self.stages = task, steps, {}
+
+    def __call__(self, step: int) -> Task:
+        changes = self.task.curriculum(step, self.steps) or {}
+        key = repr(sorted(changes.items()))
+        if key not in self.stages:
+            try:
+                self.stages[key] = self.task.with_options(**changes) if changes else self.task
+            except TypeError as exc:
+                raise ICLBenchError(f"task '{self.task.name}' curriculum at step {step} sets {changes}: "
+                                    f"{exc}") from None
+        return self.stages[key]
+
+
 def train(model: torch.nn.Module, task: Task, o: TrainOptions, seed: int, device: torch.device, *,
-          log: Callable[[int, dict], None] = lambda step, m: None, progress: bool = False) -> dict:
-    """Train ``model`` in place; return timing figures. Raises :class:`TrainingDiverged` on NaN/inf."""
+          log: Callable[[int, dict], None] = lambda step, m: None, progress: bool = False,
+          resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Train ``model`` in place; return timing figures. Raises :class:`TrainingDiverged` on NaN/inf.
+
+    Every ``o.checkpoint_every`` steps ``checkpoint(state)`` receives the whole training state (model,
+    optimizer, step, the data generator's RNG state, the unlogged part of the running loss); passing that
+    dict back as ``resume`` continues exactly where it was taken, so an interrupted run ends with the same
+    numbers as one that never stopped (same device).
+    """
     from tqdm.auto import tqdm
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.99))
-    norm = task.normalizer(device)
+    opt = make_optimizer(model, o)
+    first, running, window_tokens, tokens_done, elapsed = 0, 0.0, 0, 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        first, running, window_tokens = resume["step"], resume["running_loss"], resume["window_tokens"]
+        tokens_done, elapsed = resume["tokens"], resume["elapsed_s"]
+    step_model = compile_model(model) if o.compile else model
+    stages = Curriculum(task, o.steps)
     model.train()
-    tokens = o.batch_size * task.context_len
-    bar = tqdm(total=o.steps, disable=not progress, desc=f"train {task.name}", unit="step", leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(total=o.steps, initial=first, disable=not progress, desc=f"train {task.name}", unit="step",
+               leave=False, dynamic_ncols=True)
     start = window_start = time.perf_counter()
-    running = 0.0
     loss_value = float("nan")
     try:
-        for step in range(o.steps):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, o)
-            batch = task.sample(o.batch_size, gen, device)
-            with autocast(device, o.precision):
-                pred = model(batch.inputs)
-            loss = normalized_error(pred, batch, norm)[:, batch.mask].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
+        for step in range(first, o.steps):
+            stage = stages(step)
+            batch = stage.sample(o.batch_size, gen, device)
+            try:
+                loss = train_step(step_model, opt, batch, stage.normalizer(device), learning_rate(step, o), o)
+            except Exception as exc:  # torch.compile fails lazily, on the first call
+                if o.compile and step == first and not isinstance(exc, ICLBenchError):
+                    raise compile_error(exc) from None
+                raise
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 log(step + 1, {"loss": loss_value, "lr": learning_rate(step, o)})
                 raise TrainingDiverged(f"training diverged at step {step + 1}: loss is {loss_value}; "
                                        "try a lower --set train.lr")
             running += loss_value
+            window_tokens += batch.inputs.shape[0] * batch.inputs.shape[1]
             bar.update(1)
             if (step + 1) % o.log_every == 0 or step + 1 == o.steps:
-                n = (step % o.log_every) + 1
                 now = time.perf_counter()
-                metrics = {"loss": running / n, "lr": learning_rate(step, o),
-                           "tokens_per_s": n * tokens / max(now - window_start, 1e-9),
-                           "elapsed_s": now - start}
+                metrics = {"loss": running / ((step % o.log_every) + 1), "lr": learning_rate(step, o),
+                           "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                           "elapsed_s": elapsed + now - start}
                 log(step + 1, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-                running, window_start = 0.0, now
+                tokens_done += window_tokens
+                running, window_tokens, window_start = 0.0, 0, now
+            if checkpoint and o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
+                checkpoint({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "generator": gen.get_state(), "running_loss": running,
+                            "window_tokens": window_tokens, "tokens": tokens_done,
+                            "elapsed_s": elapsed + time.perf_counter() - start, "device": device.type})
     finally:
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
+    wall = elapsed + time.perf_counter() - start
     model.eval()
     return {"steps": o.steps, "final_loss": loss_value, "train_time_s": wall,
-            "tokens_per_s": o.steps * tokens / max(wall, 1e-9)}
+            "tokens_per_s": tokens_done / max(wall, 1e-9), "resumed_from_step": first}

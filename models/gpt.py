@@ -132,6 +132,11 @@ class GPT(Model):
             x = block(x)
         return self.unembed(self.ln_final(x))
 
+    def to_transformer_lens(self):
+        from .gpt_lens import to_transformer_lens
+
+        return to_transformer_lens(self)
+
 
 def _catalogue() -> list[type[GPT]]:
     """The named configurations. gpt1l..gpt6l keep the seed paper's width (d_model 64, 4 heads, d_mlp 256)

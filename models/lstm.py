@@ -50,13 +50,14 @@ class LSTM(Model):
         self.embed = nn.Linear(d_in, options.d_model)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(LSTMBlock(options.d_model) for _ in range(options.n_layers))
+        self.ln_final = nn.Identity()  # no final norm; named so Model.readout (the logit lens) applies
         self.unembed = nn.Linear(options.d_model, d_out)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.hook_embed(self.embed(inputs))
         for block in self.blocks:
             x = block(x)
-        return self.unembed(x)
+        return self.unembed(self.ln_final(x))
 
 
 @hookimpl

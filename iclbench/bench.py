@@ -1,0 +1,242 @@
+"""``iclbench bench``: how fast a model trains and runs with its activations cached, and how much memory a
+training step holds; with TransformerLens installed, the same on a ``HookedTransformer`` of identical
+configuration and weights (``Model.to_transformer_lens``), side by side in one process.
+
+The two models run the trainer's own :func:`~iclbench.trainer.train_step` on the same batches, and their
+timing rounds alternate, so a change in machine load hits both alike; ratios are taken round by round and
+the median is reported, which is what stays stable on a shared machine (absolute figures do not).
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import resource
+import statistics
+import sys
+import time
+from importlib import metadata
+from typing import Callable
+
+import torch
+
+from .config import resolve
+from .errors import ICLBenchError
+from .registry import get_registry
+from .runner import build
+from .store import device_name
+from .trainer import compile_model, make_optimizer, resolve_device, train_step
+
+N_BATCHES = 4  # distinct batches cycled through, drawn once, so data generation is not timed
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fixed_batches(task, batch_size: int, device: torch.device, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [task.sample(batch_size, gen, device) for _ in range(N_BATCHES)]
+
+
+def training_step(model, task, cfg, batches, compile: bool = False) -> Callable[[], None]:
+    """One call = one step of the real trainer (forward, loss, backward, clipping, AdamW, loss.item())."""
+    opt = make_optimizer(model, cfg.train)
+    step_model = compile_model(model) if compile else model
+    norm = task.normalizer(batches[0].inputs.device)
+    cycle = itertools.cycle(batches)
+    model.train()
+
+    def step():
+        train_step(step_model, opt, next(cycle), norm, cfg.train.lr, cfg.train).item()
+
+    return step
+
+
+def forward_with_cache(model, batches, names) -> Callable[[], None]:
+    """One call = a no-grad forward pass caching the activations at ``names`` (what a probe does)."""
+    cycle = itertools.cycle(batches)
+
+    @torch.no_grad()
+    def forward():
+        model.eval()
+        model.run_with_cache(next(cycle).inputs, names_filter=names)
+
+    return forward
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, reps: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each function, one figure per round; the functions alternate within a round."""
+    for fn in fns.values():  # warm-up: allocator, lazy init, compilation
+        fn()
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / reps)
+    return times
+
+
+def saved_activation_bytes(model, fn: Callable[[], None]) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass during ``fn`` (weights excluded): the
+    activation memory of a training step, measured the same way on every device."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+def peak_step_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Peak device memory allocated during one call of ``fn`` (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def mib(n: int | None) -> str:
+    return "" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def compare(cfg, device: torch.device, rounds: int, reps: int, compile: bool, with_tl: bool) -> dict:
+    """Throughput and memory of ``cfg.model`` (and its TransformerLens twin) on ``cfg.task``."""
+    task, model = build(get_registry(), cfg, device)
+    models, note = {"iclbench": model}, None
+    if with_tl:
+        try:
+            models["TransformerLens"] = model.to_transformer_lens()
+        except ICLBenchError as exc:
+            note = str(exc)
+    batches = fixed_batches(task, cfg.train.batch_size, device)
+    tokens = batches[0].inputs.shape[0] * batches[0].inputs.shape[1]
+    names = list(model.hook_points())  # the same activations cached in both models
+    steps = {name: training_step(m, task, cfg, batches, compile) for name, m in models.items()}
+    out = {"models": list(models), "note": note, "tokens_per_batch": tokens,
+           "params": sum(p.numel() for p in model.parameters()),
+           "train": interleaved(steps, rounds, reps, device),
+           "forward_cache": interleaved({n: forward_with_cache(m, batches, names) for n, m in models.items()},
+                                        rounds, reps, device),
+           "saved_activations": {n: saved_activation_bytes(m, steps[n]) for n, m in models.items()},
+           "weights_grads_adam": {n: 4 * sum(p.numel() * p.element_size() for p in m.parameters())
+                                  for n, m in models.items()},
+           "peak_step": {n: peak_step_bytes(steps[n], device) for n in models}}
+    return out
+
+
+def ratio_text(ours: list[float], theirs: list[float]) -> str:
+    """Median over rounds of their time / our time, with the range: > 1 means iclbench is faster."""
+    ratios = sorted(t / o for o, t in zip(ours, theirs))
+    return f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+
+
+def format_compare(r: dict, fmt: str) -> str:
+    from tabulate import tabulate
+
+    names = r["models"]
+    headers = ["", *names] + (["TL time / iclbench time (median, range)"] if len(names) == 2 else [])
+    rows = []
+    for key, label in (("train", "training tokens/s"), ("forward_cache", "forward + cache tokens/s")):
+        row = [label] + [f"{r['tokens_per_batch'] / statistics.median(r[key][n]):,.0f}" for n in names]
+        if len(names) == 2:
+            row.append(ratio_text(r[key][names[0]], r[key][names[1]]))
+        rows.append(row)
+    for key, label in (("saved_activations", "activations kept for backward"),
+                       ("weights_grads_adam", "weights + grads + AdamW state"),
+                       ("peak_step", "peak allocated in a training step")):
+        if any(v is not None for v in r[key].values()):
+            rows.append([label] + [mib(r[key][n]) for n in names] + ([""] if len(names) == 2 else []))
+    return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def scaling(base: dict, models: list[str], contexts: list[int], device, compile: bool,
+            min_time: float = 1.0) -> list[list[str]]:
+    """Training tokens/s of each model at each context length: best step time after one warm-up step,
+    timed until ``min_time`` seconds and at least two steps have passed."""
+    rows = []
+    for name in models:
+        row, params = [name], None
+        for T in contexts:
+            cfg = resolve(get_registry(), **{**base, "model": name,
+                                             "overrides": [*base["overrides"], f"task.context_len={T}"]})
+            task, model = build(get_registry(), cfg, device)
+            params = sum(p.numel() for p in model.parameters())
+            batches = fixed_batches(task, cfg.train.batch_size, device)
+            step = training_step(model, task, cfg, batches, compile)
+            step()
+            times, start = [], time.perf_counter()
+            while len(times) < 2 or time.perf_counter() - start < min_time:
+                synchronize(device)
+                t0 = time.perf_counter()
+                step()
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+            row.append(f"{cfg.train.batch_size * T / min(times):,.0f}")
+        rows.append([row[0], f"{params / 1e6:.2f}M", *row[1:]])
+    return rows
+
+
+def describe_machine(device: torch.device) -> str:
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return (f"{device} ({device_name(device)}{threads}), torch {torch.__version__}, Python "
+            f"{platform.python_version()}")
+
+
+def parse_list(text: str, kind, what: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ICLBenchError(f"--scaling-{what} expects comma-separated values, got {text!r}") from None
+
+
+def main(args) -> int:
+    if args.rounds < 1 or args.steps < 1:
+        raise ICLBenchError(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
+    base = {"task": args.task, "device": args.device, "overrides": list(args.overrides)}
+    cfg = resolve(get_registry(), model=args.model, **base)
+    device = resolve_device(cfg.device)
+    tl_version = ""
+    if not args.no_tl:
+        try:
+            tl_version = f", TransformerLens {metadata.version('transformer-lens')}"
+        except metadata.PackageNotFoundError:
+            tl_version = ", TransformerLens not installed (pip install 'iclbench[tl]')"
+    T = cfg.task_options.context_len if hasattr(cfg.task_options, "context_len") else "?"
+    precision = cfg.train.precision if cfg.train.precision != "auto" else (
+        "bf16 autocast" if device.type == "cuda" else "fp32")
+    print(f"bench {cfg.task} × {cfg.model}: batch {cfg.train.batch_size} × {T} positions, {precision}"
+          f"{', compiled' if args.compile else ''}; {args.rounds} rounds × {args.steps} steps")
+    print(f"on {describe_machine(device)}{tl_version}\n")
+    result = compare(cfg, device, args.rounds, args.steps, args.compile, not args.no_tl)
+    print(format_compare(result, args.format))
+    if result["note"]:
+        print(f"\n(no TransformerLens comparison: {result['note']})")
+    if device.type != "cuda":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        print(f"\nprocess peak resident memory: {mib(peak)}")
+    if args.scaling:
+        from tabulate import tabulate
+
+        models = parse_list(args.scaling_models, str, "models")
+        contexts = parse_list(args.scaling_contexts, int, "contexts")
+        print(f"\ntraining tokens/s by model and context length (batch {cfg.train.batch_size}):\n")
+        rows = scaling(base, models, contexts, device, args.compile)
+        print(tabulate(rows, headers=["model", "params", *[f"T={t}" for t in contexts]], tablefmt=args.format,
+                       disable_numparse=True))
+    return 0
