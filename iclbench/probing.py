@@ -27,8 +27,9 @@ PROBES_JSON, PROBES_DIR = "probes.json", "probes"
 def run_probes(model, task, names=None, *, seed: int, device, registry: Registry | None = None) -> dict:
     """Run the probes ``names`` (default: every registered probe that applies) on ``model``.
 
-    Returns ``{name: {"summary", "time_s", "table"}}`` or ``{name: {"skipped": reason}}``; a probe named
-    explicitly that does not apply is an error."""
+    Returns ``{name: {"summary", "time_s", "table"}}``, ``{name: {"skipped": reason}}`` or, for a probe of
+    the default set that fails, ``{name: {"error": message}}`` with a warning (a broken plugin must not cost a
+    trained run). A probe named explicitly that does not apply or fails is an error."""
     registry = registry or get_registry()
     chosen = list(registry.probes) if names is None else list(names)
     model.eval()
@@ -43,8 +44,16 @@ def run_probes(model, task, names=None, *, seed: int, device, registry: Registry
             continue
         generator = torch.Generator("cpu").manual_seed(seed)
         started = time.perf_counter()
-        with torch.no_grad():
-            result = probe.run(model, task, generator, device)
+        try:
+            with torch.no_grad():
+                result = probe.run(model, task, generator, device)
+        except Exception as exc:
+            if names is not None:
+                raise
+            message = f"{type(exc).__name__}: {exc}"
+            print(f"iclbench: warning: probe '{name}' failed: {message}", file=sys.stderr)
+            out[name] = {"error": message}
+            continue
         out[name] = {"summary": result.summary, "time_s": round(time.perf_counter() - started, 3),
                      "table": result.table}
     return out
@@ -89,8 +98,10 @@ def describe(outcomes: dict) -> str:
     """A few lines for the terminal: time per probe, then the specialization verdict when present."""
     lines = []
     for name, o in outcomes.items():
-        lines.append(f"{name:16s} " + (f"skipped: {o['skipped']}" if "skipped" in o else
-                                       f"{o['time_s']:6.2f}s  -> {PROBES_DIR}/{name}.csv"))
+        if "time_s" in o:
+            lines.append(f"{name:16s} {o['time_s']:6.2f}s  -> {PROBES_DIR}/{name}.csv")
+        else:
+            lines.append(f"{name:16s} {'skipped' if 'skipped' in o else 'failed'}: {o.get('skipped', o.get('error'))}")
     spec = outcomes.get("specialization", {}).get("summary")
     if spec:
         lines.append(f"roles per layer: {', '.join(f'{l}: {r}' for l, r in enumerate(spec['roles']))}")

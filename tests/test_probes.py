@@ -9,7 +9,9 @@ import torch
 
 import iclbench
 from conftest import TINY, cli
+from iclbench import Probe, hookimpl
 from iclbench.probing import run_probes
+from iclbench.registry import build_registry
 from wired import RampTask, wired_gpt
 
 ZERO_HEADS = ["L0H1", "L1H0", "L1H1"]  # never wired in the default wired_gpt (copy in 0, refine in 2)
@@ -20,11 +22,26 @@ def task():
     return RampTask()
 
 
+class BrokenProbe(Probe):
+    name = "broken"
+    description = "a third-party probe that fails"
+
+    def run(self, model, task, generator, device):
+        raise RuntimeError("boom")
+
+
+class BrokenPlugin:
+    @hookimpl
+    def iclbench_probes(self):
+        return [BrokenProbe]
+
+
 @pytest.fixture(scope="module")
 def probes(task):
     """Every registered probe on the wired model: copy head L0H0; refine layer 2 = L2H0 (+x_t) and the
-    anti-copy head L2H1 (-x_{t-1}); everything else zero."""
-    return run_probes(wired_gpt(), task, seed=0, device="cpu")
+    anti-copy head L2H1 (-x_{t-1}); everything else zero. A broken third-party probe rides along."""
+    registry = build_registry(extra_plugins=[BrokenPlugin()])
+    return run_probes(wired_gpt(), task, seed=0, device="cpu", registry=registry)
 
 
 def table(probes, name):
@@ -34,7 +51,10 @@ def table(probes, name):
 def test_every_probe_ran_and_summaries_are_json(probes):
     assert set(probes) >= {"layer_lens", "ablation", "attribution", "attention", "linear_probe", "patching",
                            "specialization"}
+    assert probes["broken"] == {"error": "RuntimeError: boom"}  # recorded; the others still ran
     for name, outcome in probes.items():
+        if name == "broken":
+            continue
         assert isinstance(outcome["table"], pd.DataFrame) and len(outcome["table"]), name
         json.dumps(outcome["summary"], allow_nan=False)
 
