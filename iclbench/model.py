@@ -123,25 +123,26 @@ class Model(nn.Module):
         points = {}
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
-                module.name = name
+                if module.name != name:
+                    module.name = name
                 points[name] = module
         return points
 
-    def _resolve(self, names: str | Iterable[str] | Callable[[str], bool] | None) -> list[str]:
-        points = self.hook_points()
+    def _resolve(self, names: str | Iterable[str] | Callable[[str], bool] | None, points=None) -> list[str]:
+        points = self.hook_points() if points is None else points
         if names is None:
             return list(points)
         if callable(names):
             return [n for n in points if names(n)]
         if isinstance(names, str):
             names = [names]
-        out = []
+        out = {}  # ordered, without repeats
         for pattern in names:
-            hits = [n for n in points if fnmatch.fnmatchcase(n, pattern)]
+            hits = [pattern] if pattern in points else [n for n in points if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
                 raise ICLBenchError(f"no hook point matches {pattern!r}" + did_you_mean(pattern, points))
-            out.extend(h for h in hits if h not in out)
-        return out
+            out.update(dict.fromkeys(hits))
+        return list(out)
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: list[tuple[str | Callable[[str], bool], HookFn]]):
@@ -150,7 +151,7 @@ class Model(nn.Module):
         added = []
         try:
             for names, fn in fwd_hooks:
-                for name in self._resolve(names):
+                for name in self._resolve(names, points):
                     points[name].fns.append(fn)
                     added.append((points[name], fn))
             yield self
@@ -171,8 +172,7 @@ class Model(nn.Module):
         def save(x, hook):
             cache[hook.name] = x.detach() if detach else x
 
-        names = self._resolve(names_filter)
-        with self.hooks(list(fwd_hooks) + [(n, save) for n in names]):
+        with self.hooks(list(fwd_hooks) + [(self._resolve(names_filter), save)]):
             out = self(inputs)
         return out, cache
 
