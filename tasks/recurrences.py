@@ -27,6 +27,7 @@ def observe(x: torch.Tensor, noise: float, generator) -> torch.Tensor:
 
 
 def copy_last(batch: Batch) -> torch.Tensor:
+    """The last value seen, y_t."""
     return batch.inputs.clone()
 
 
@@ -210,6 +211,7 @@ class LinRecTask(Recurrence):
         order = self.options.order
 
         def least_squares(batch):
+            """Least squares on the p lags and a constant, over the rule's transitions seen so far."""
             weights = self.rule_positions(batch.inputs.device)[:-1]
             return least_squares_recurrence(batch.inputs[..., 0], lambda y: lagged(y, order), weights)[..., None]
 
@@ -428,6 +430,7 @@ class PolyTask(Recurrence):
 
     def baselines(self):
         def least_squares(batch):
+            """Least squares of the points y_0..y_t on the monomials of time, evaluated at t + 1."""
             B, T = batch.inputs.shape[:2]
             phi = self.monomials(batch.inputs.device)
             coef = prefix_least_squares(phi[None, :T].expand(B, -1, -1), batch.inputs)[:, 1:]  # points <= t
