@@ -228,7 +228,6 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
         save_probes(run_dir, run_probes(model_obj, task_obj, seed=cfg.eval.seed + 1, device=dev,
                                         registry=registry), replace=True)
     ood = evaluate_ood(model_obj, task_obj, registry, cfg, dev, score_from) if cfg.eval.ood else {}
-    ood = evaluate_ood(model_obj, task_obj, registry, cfg, dev, score_from) if cfg.eval.ood else {}
     wall = time.perf_counter() - started
     metrics = {
         "task": cfg.task,
