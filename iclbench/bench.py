@@ -237,6 +237,7 @@ def main(args) -> int:
         contexts = parse_list(args.scaling_contexts, int, "contexts")
         print(f"\ntraining tokens/s by model and context length (batch {cfg.train.batch_size}):\n")
         rows = scaling(base, models, contexts, device, args.compile)
-        print(tabulate(rows, headers=["model", "params", *[f"T={t}" for t in contexts]], tablefmt=args.format,
+        print(tabulate(rows, headers=["model", f"params (T={contexts[-1]})", *[f"T={t}" for t in contexts]],
+                       tablefmt=args.format,
                        disable_numparse=True))
     return 0

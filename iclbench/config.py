@@ -81,7 +81,8 @@ class EvalOptions:
 
 TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out")
 #: fields that do not change what a run computes; left out of the config hash
-NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"), ("eval", "ood"), ("eval", "probes")}
+NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
+              ("eval", "ood"), ("eval", "probes")}
 
 
 @dataclass

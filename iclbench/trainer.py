@@ -175,8 +175,9 @@ def train(model: torch.nn.Module, task: Task, o: TrainOptions, seed: int, device
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
                 tokens_done += window_tokens
                 running, window_tokens, window_start = 0.0, 0, now
-            if checkpoint and o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
-                checkpoint({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            done = step + 1
+            if checkpoint and o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps:
+                checkpoint({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                             "generator": gen.get_state(), "running_loss": running,
                             "window_tokens": window_tokens, "tokens": tokens_done,
                             "elapsed_s": elapsed + time.perf_counter() - start, "device": device.type})
