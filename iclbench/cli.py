@@ -104,7 +104,7 @@ def cmd_leaderboard(args) -> int:
                 raise ICLBenchError(f"--compare: {path!r} is not a directory (give two results or run directories)")
         print(render_compare(args.compare[0], args.compare[1], args.format, args.metric, args.score_from))
         return 0
-    print(render(args.results, args.format, metric=args.metric, score_from=args.score_from,
+    print(render(_results_dir(args.results), args.format, metric=args.metric, score_from=args.score_from,
                  tasks=args.task or (), models=args.model or ()))
     return 0
 
@@ -125,7 +125,7 @@ def cmd_report(args) -> int:
                 raise ICLBenchError(f"{r} is not a complete run directory: {exc}") from None
     else:
         runs = []
-        for r in find_runs(Path(args.results)):
+        for r in find_runs(Path(_results_dir(args.results))):
             try:
                 read_run(r)
                 runs.append(r)
@@ -187,9 +187,16 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _results_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        raise ICLBenchError(f"results directory {path!r} does not exist (pass --results DIR)")
+    return path
+
+
 def cmd_specialization(args) -> int:
     from .probing import cross_run
 
+    _results_dir(args.results)
     print(cross_run(args.results, "specialization", args.format))
     return 0
 

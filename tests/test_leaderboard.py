@@ -64,7 +64,10 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
 
 
 def test_empty_results_dir(tmp_path):
-    assert "no complete runs" in render(tmp_path / "nothing")
+    assert "no complete runs" in render(tmp_path)
+    out = cli("leaderboard", "--results", str(tmp_path / "nothing"))
+    assert out.returncode == 2 and out.stderr.strip() == (f"iclbench: error: results directory "
+                                                          f"'{tmp_path / 'nothing'}' does not exist (pass --results DIR)")
 
 
 def test_excess_and_icl_score_known_values(tmp_path):
