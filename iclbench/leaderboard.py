@@ -95,10 +95,13 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
                                        "value", "ci_half"])
 
 
-def _labels(df: pd.DataFrame, name_col: str, cfg_col: str) -> pd.Series:
-    """'name', or 'name@hash' where one name has several configurations."""
-    n_cfg = df.groupby(name_col)[cfg_col].transform("nunique")
-    return df[name_col].where(n_cfg <= 1, df[name_col] + "@" + df[cfg_col])
+def _labels(df: pd.DataFrame, name_col: str, cfg_col: str, within: list[str] = ()) -> pd.Series:
+    """'name', or 'name@hash' where one name has several configurations (within one ``within`` group: a
+    model row is split only where one task column holds several of its configurations, so a task's own
+    training defaults, e.g. a lower lr for regression, do not split the row)."""
+    n_cfg = df.groupby([*within, name_col])[cfg_col].transform("nunique")
+    ambiguous = n_cfg.groupby(df[name_col]).transform("max") > 1  # then every row of that name gets its hash
+    return df[name_col].where(~ambiguous, df[name_col] + "@" + df[cfg_col])
 
 
 def aggregate(runs: pd.DataFrame, tasks=(), models=()) -> pd.DataFrame:
@@ -120,7 +123,7 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=()) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     df["task_label"] = _labels(df, "task", "task_config")
     model_rows = df[df.kind == "model"].copy()
-    model_rows["row"] = _labels(model_rows, "name", "config")
+    model_rows["row"] = _labels(model_rows, "name", "config", within=["task_label"])
     base = df[df.kind == "baseline"].copy()
     base["row"] = "baseline: " + base["name"]
     df = pd.concat([model_rows, base])

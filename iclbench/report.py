@@ -246,9 +246,11 @@ def specialization_figure(table: pd.DataFrame):
     """Tasks × models matrix: each cell lists the role of every layer (most common over seeds) and is
     coloured by whether the seed paper's pattern holds (green), partly holds (yellow) or not (red)."""
     plt = _pyplot()
+    # rows by model (name + model options); training settings a task chose for itself do not split a row
+    table = table.assign(model=[" ".join(t for t in m.split() if not t.startswith("train.")) for m in table.model])
     tasks, models = sorted(table.task.unique()), sorted(table.model.unique())
     layer_cols = [c for c in table.columns if c.startswith("layer ")]
-    fig, ax = plt.subplots(figsize=(2.6 * len(tasks) + 1.5, 0.5 * max(3, len(layer_cols)) * len(models) + 1.2))
+    fig, ax = plt.subplots(figsize=(1.9 * len(tasks) + 1.5, 0.26 * (len(layer_cols) + 2) * len(models) + 1.2))
     for i, model in enumerate(models):
         for j, task in enumerate(tasks):
             row = table[(table.model == model) & (table.task == task)]
@@ -256,7 +258,7 @@ def specialization_figure(table: pd.DataFrame):
                 text, colour = "—", "#eeeeee"
             else:
                 r = row.iloc[0]
-                roles = [f"L{c.split()[1]}: {r[c]}" for c in layer_cols if isinstance(r[c], str)]
+                roles = [f"L{c.split()[1]}: {r[c]}" for c in layer_cols if isinstance(r[c], str) and r[c] != "—"]
                 pattern = r["paper's pattern"]
                 text = "\n".join(roles + [f"paper: {pattern}"])
                 colour = PATTERN_COLOURS.get(pattern, "#dddddd")

@@ -102,3 +102,11 @@ def test_filters_and_compare(tmp_path):
     assert out.returncode == 0 and "icl_score (positions t >= 2)" in out.stdout and "linreg" not in out.stdout
     bad = cli("leaderboard", "--compare", str(a), str(tmp_path / "missing"))
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
+
+
+def test_a_tasks_own_training_defaults_do_not_split_a_model_row(tmp_path):
+    # regression tasks train at their own lr, so gpt1l's model+train hash differs between the two columns
+    fake_run(tmp_path, "affine", "gpt1l", 0, 0.1, model_cfg="x")
+    fake_run(tmp_path, "linreg", "gpt1l", 0, 0.2, model_cfg="y")
+    agg = aggregate(collect(tmp_path))
+    assert set(agg[agg.kind == "model"].row) == {"gpt1l"}
