@@ -152,15 +152,23 @@ def wide(agg: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(order).fillna("—")
 
 
+def _machine_readable(df: pd.DataFrame, fmt: str) -> str | None:
+    """csv/json give the tidy table itself, for pandas; None for the human formats."""
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return df.to_json(orient="records", indent=2)
+    return None
+
+
 def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=sys.stderr),
            metric: str = "error", score_from: int | None = None, tasks=(), models=()) -> str:
     from tabulate import tabulate
 
     agg = aggregate(collect(results, warn, metric, score_from), tasks, models)
-    if fmt == "csv":
-        return agg.to_csv(index=False)
-    if fmt == "json":
-        return agg.to_json(orient="records", indent=2)
+    tidy = _machine_readable(agg, fmt)
+    if tidy is not None:
+        return tidy
     if agg.empty:
         return f"no complete runs under {results}"
     table = wide(agg)
@@ -193,10 +201,9 @@ def render_compare(a: Path, b: Path, fmt: str = "github", metric: str = "error",
     from tabulate import tabulate
 
     df = compare(a, b, metric, score_from)
-    if fmt == "csv":
-        return df.to_csv(index=False)
-    if fmt == "json":
-        return df.to_json(orient="records", indent=2)
+    tidy = _machine_readable(df, fmt)
+    if tidy is not None:
+        return tidy
     if df.empty:
         return f"nothing in common between {a} and {b}"
     return (f"{metric}: A = {a}, B = {b}\n\n"
