@@ -113,9 +113,8 @@ class AffineTask(Task):
         family on a scaled sequence), observation noise 0.1, and twice the context."""
         o = self.options
         return {"a_in_(1,1.1]": self.with_options(a_low=1.0, a_high=1.1),
-                **standard_shifts(lambda s: self.with_options(x0_max=s * o.x0_max, b_max=s * o.b_max),
-                                  0.1 * o.x0_max, self.with_options(noise=0.1 * o.x0_max),
-                                  self.with_options(context_len=2 * o.context_len))}
+                **standard_shifts(self, lambda s: self.with_options(x0_max=s * o.x0_max, b_max=s * o.b_max),
+                                  0.1 * o.x0_max)}
 
 
 @hookimpl

@@ -146,9 +146,8 @@ class AffineVecTask(Task):
     def ood_variants(self):
         o = self.options
         return {"rho_in_(1,1.1]": self.with_options(rho_low=1.0, rho_high=1.1),
-                **standard_shifts(lambda s: self.with_options(x0_max=s * o.x0_max, b_max=s * o.b_max),
-                                  OOD_NOISE * o.x0_max, self.with_options(noise=OOD_NOISE * o.x0_max),
-                                  self.with_options(context_len=2 * o.context_len))}
+                **standard_shifts(self, lambda s: self.with_options(x0_max=s * o.x0_max, b_max=s * o.b_max),
+                                  OOD_NOISE * o.x0_max)}
 
 
 # --- linrec -----------------------------------------------------------------------------------------------
@@ -224,9 +223,8 @@ class LinRecTask(Recurrence):
     def ood_variants(self):
         o = self.options
         return {"rho_in_(1,1.1]": self.with_options(rho_low=1.0, rho_high=1.1),
-                **standard_shifts(lambda s: self.with_options(x0_max=s * o.x0_max, c_max=s * o.c_max),
-                                  OOD_NOISE * o.x0_max, self.with_options(noise=OOD_NOISE * o.x0_max),
-                                  self.with_options(context_len=2 * o.context_len))}
+                **standard_shifts(self, lambda s: self.with_options(x0_max=s * o.x0_max, c_max=s * o.c_max),
+                                  OOD_NOISE * o.x0_max)}
 
 
 # --- quadratic --------------------------------------------------------------------------------------------
@@ -302,9 +300,7 @@ class QuadraticTask(Recurrence):
 
     def ood_variants(self):
         o = self.options
-        return standard_shifts(lambda s: self.with_options(scale=s * o.scale), OOD_NOISE * o.scale,
-                               self.with_options(noise=OOD_NOISE * o.scale),
-                               self.with_options(context_len=2 * o.context_len))
+        return standard_shifts(self, lambda s: self.with_options(scale=s * o.scale), OOD_NOISE * o.scale)
 
 
 # --- logistic ---------------------------------------------------------------------------------------------
@@ -369,9 +365,7 @@ class LogisticTask(Recurrence):
     def ood_variants(self):
         o = self.options
         return {"r_in_[1,2.5]": self.with_options(r_low=1.0, r_high=2.5),
-                **standard_shifts(lambda s: self.with_options(scale=s * o.scale), OOD_NOISE * o.scale,
-                                  self.with_options(noise=OOD_NOISE * o.scale),
-                                  self.with_options(context_len=2 * o.context_len))}
+                **standard_shifts(self, lambda s: self.with_options(scale=s * o.scale), OOD_NOISE * o.scale)}
 
 
 # --- poly -------------------------------------------------------------------------------------------------
@@ -445,9 +439,8 @@ class PolyTask(Recurrence):
     def ood_variants(self):
         o = self.options
         return {"degree_+1": self.with_options(degree=o.degree + 1),
-                **standard_shifts(lambda s: self.with_options(coef_max=s * o.coef_max),
-                                  OOD_NOISE * o.coef_max, self.with_options(noise=OOD_NOISE * o.coef_max),
-                                  self.with_options(context_len=2 * o.context_len))}
+                **standard_shifts(self, lambda s: self.with_options(coef_max=s * o.coef_max),
+                                  OOD_NOISE * o.coef_max)}
 
 
 @hookimpl

@@ -247,8 +247,8 @@ class InContextRegression(Task):
         noise = round(0.3 * math.sqrt(self.signal_variance()), 3)  # noise floor ~0.08 of the prior error
         return {
             "w_scale_x2": self.with_options(w_scale=2 * o.w_scale),
-            **standard_shifts(lambda s: self.with_options(x_scale=s * o.x_scale), noise,
-                              self.with_options(noise=noise), self.with_options(n_points=2 * o.n_points)),
+            **standard_shifts(self, lambda s: self.with_options(x_scale=s * o.x_scale), noise,
+                              longer=self.with_options(n_points=2 * o.n_points)),
         }
 
 
