@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from iclbench import Task, hookimpl
-from iclbench.task import Batch, uniform
+from iclbench import hookimpl
+from iclbench.task import uniform
 
 from ._fit import least_squares_recurrence
+from ._scalar import Recurrence, copy_last
 from ._shifts import standard_shifts
 
 
@@ -51,23 +52,10 @@ def _abs_moment(m: int, low: float, high: float) -> float:
     return (high ** (m + 1) - low ** (m + 1)) / ((m + 1) * (high - low))
 
 
-class AffineTask(Task):
+class AffineTask(Recurrence):
     name = "affine"
     description = "scalar affine recurrences x_{t+1} = a*x_t + b, rule drawn per sequence (seed paper)"
     Options = AffineOptions
-    score_from = 3
-
-    @property
-    def d_in(self):
-        return 1
-
-    @property
-    def d_out(self):
-        return 1
-
-    @property
-    def context_len(self):
-        return self.options.context_len
 
     def sample(self, n, generator, device="cpu"):
         o = self.options
@@ -80,10 +68,7 @@ class AffineTask(Task):
         x[:, 0] = uniform((n,), -o.x0_max, o.x0_max, generator, device)
         for t in range(T):
             x[:, t + 1] = a * x[:, t] + b
-        y = x + o.noise * torch.randn(x.shape, generator=generator, device=device) if o.noise else x
-        return Batch(inputs=y[:, :-1, None], targets=y[:, 1:, None],
-                     mask=torch.ones(T, dtype=torch.bool, device=device),
-                     latents={"a": a, "b": b, "x": x})
+        return self.batch(x, {"a": a, "b": b}, generator)
 
     def normalizer(self, device="cpu"):
         """Closed form of Var(y_{t+1}) (the prior mean is 0 by symmetry):
@@ -101,7 +86,7 @@ class AffineTask(Task):
         return {
             "least_squares": lambda batch: least_squares_recurrence(
                 batch.inputs[..., 0], lambda y: torch.stack([y, torch.ones_like(y)], -1))[..., None],
-            "copy_last": lambda batch: batch.inputs.clone(),
+            "copy_last": copy_last,
             "context_mean": lambda batch: batch.inputs.cumsum(1) / torch.arange(
                 1, batch.inputs.shape[1] + 1, device=batch.inputs.device)[None, :, None],
             "oracle": lambda batch: (batch.latents["a"][:, None] * batch.latents["x"][:, :-1]

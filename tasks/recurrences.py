@@ -17,18 +17,10 @@ from iclbench import Task, hookimpl
 from iclbench.task import Batch, uniform
 
 from ._fit import least_squares_recurrence, prefix_least_squares
+from ._scalar import Recurrence, copy_last, observe
 from ._shifts import standard_shifts
 
 OOD_NOISE = 0.1  # relative to the state scale
-
-
-def observe(x: torch.Tensor, noise: float, generator) -> torch.Tensor:
-    return x + noise * torch.randn(x.shape, generator=generator, device=x.device) if noise else x
-
-
-def copy_last(batch: Batch) -> torch.Tensor:
-    """The last value seen, y_t."""
-    return batch.inputs.clone()
 
 
 def affine_least_squares(batch: Batch) -> torch.Tensor:
@@ -38,31 +30,6 @@ def affine_least_squares(batch: Batch) -> torch.Tensor:
 
 def _affine_features(y):
     return torch.stack([y, torch.ones_like(y)], -1)
-
-
-class Recurrence(Task):
-    """Shared shape of the scalar tasks: one value per position, every position scored."""
-
-    score_from = 3
-
-    @property
-    def d_in(self):
-        return 1
-
-    @property
-    def d_out(self):
-        return 1
-
-    @property
-    def context_len(self):
-        return self.options.context_len
-
-    def batch(self, x, latents, generator, mask=None) -> Batch:
-        """Observe the clean states ``x [B, T+1]`` and cut them into inputs and next-value targets."""
-        y = observe(x, self.options.noise, generator)
-        T = x.shape[1] - 1
-        mask = torch.ones(T, dtype=torch.bool, device=x.device) if mask is None else mask
-        return Batch(inputs=y[:, :-1, None], targets=y[:, 1:, None], mask=mask, latents={**latents, "x": x})
 
 
 def _validate_common(o):
