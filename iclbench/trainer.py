@@ -63,6 +63,23 @@ def normalized_error(pred: torch.Tensor, batch: Batch, normalizer: torch.Tensor)
     return (pred.float() - batch.targets.float()).pow(2).mean(-1) / normalizer
 
 
+def scored_positions(mask: torch.Tensor) -> torch.Tensor | None:
+    """The indices of the scored positions of a ``[T]`` mask, or ``None`` when every position is scored.
+    Syncs with the device once: the trainer calls it once per curriculum stage, never per step."""
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().flatten()
+
+
+def training_loss(pred: torch.Tensor, batch: Batch, normalizer: torch.Tensor,
+                  scored: torch.Tensor | None) -> torch.Tensor:
+    """The training objective: mean normalized error over the scored positions (``scored``: their indices,
+    ``None`` for all). ``index_select`` with an index tensor kept on the device takes the place of boolean
+    indexing, which syncs; the values and their order are the same, so the loss is bitwise unchanged."""
+    err = normalized_error(pred, batch, normalizer)
+    return (err if scored is None else err.index_select(1, scored)).mean()
+
+
 def make_optimizer(model: torch.nn.Module, o: TrainOptions) -> torch.optim.Optimizer:
     """AdamW; its fused kernel (one pass over all weights) on devices that have one."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
@@ -71,14 +88,18 @@ def make_optimizer(model: torch.nn.Module, o: TrainOptions) -> torch.optim.Optim
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, normalizer: torch.Tensor,
-               lr: float, o: TrainOptions) -> torch.Tensor:
+               lr: float, o: TrainOptions, scored: torch.Tensor | None | str = "mask") -> torch.Tensor:
     """One optimisation step on ``batch``; returns the loss as a tensor (the caller decides when to sync).
-    ``iclbench bench`` times exactly this function for every model it compares."""
+    ``iclbench bench`` times exactly this function for every model it compares. ``scored``: the indices of
+    the scored positions (:func:`scored_positions`), or ``"mask"`` to derive them from ``batch.mask``
+    (one sync). Nothing in here waits for the device."""
+    if isinstance(scored, str):
+        scored = scored_positions(batch.mask)
     for group in opt.param_groups:
         group["lr"] = lr
     with autocast(batch.inputs.device, o.precision):
         pred = model(batch.inputs)
-    loss = normalized_error(pred, batch, normalizer)[:, batch.mask].mean()
+    loss = training_loss(pred, batch, normalizer, scored)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if o.grad_clip:
@@ -87,10 +108,13 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch,
     return loss.detach()
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(model)``, sharing its parameters; a failure is one line, not a compiler traceback."""
+def compile_model(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """``torch.compile(model)``, sharing its parameters; a failure is one line, not a compiler traceback.
+    On CUDA with mode ``reduce-overhead``: the compiled forward and backward are captured as CUDA graphs
+    (the step has no host sync, so capture is possible); elsewhere the default mode, as before."""
+    cuda = device is not None and device.type == "cuda"
     try:
-        return torch.compile(model)
+        return torch.compile(model, mode="reduce-overhead") if cuda else torch.compile(model)
     except Exception as exc:
         raise compile_error(exc) from None
 
@@ -101,23 +125,66 @@ def compile_error(exc: Exception) -> ICLBenchError:
                          "run without --compile")
 
 
+class Stage:
+    """One curriculum stage: its task, and what the step needs from it kept on the device — the
+    normalizer (computed once, not per step) and the scored positions (found from the stage's first batch;
+    a task's mask depends on its options only)."""
+
+    def __init__(self, task: Task, device: torch.device):
+        self.task, self.device = task, device
+        self.normalizer = task.normalizer(device).to(device)
+        self._scored: torch.Tensor | None | str = "unset"
+
+    def scored(self, batch: Batch) -> torch.Tensor | None:
+        if isinstance(self._scored, str):
+            self._scored = scored_positions(batch.mask)
+        return self._scored
+
+
 class Curriculum:
-    """The task to sample from at each step: the task with ``task.curriculum(step, steps)`` applied. One
-    Task object per stage, so a stage's normalizer is computed once."""
+    """The stage to train on at each step: the task with ``task.curriculum(step, steps)`` applied. One
+    :class:`Stage` per distinct set of changes, so a stage's normalizer is computed once."""
 
-    def __init__(self, task: Task, steps: int):
-        self.task, self.steps, self.stages = task, steps, {}
+    def __init__(self, task: Task, steps: int, device: torch.device | str = "cpu"):
+        self.task, self.steps, self.device, self.stages = task, steps, torch.device(device), {}
 
-    def __call__(self, step: int) -> Task:
+    def __call__(self, step: int) -> Stage:
         changes = self.task.curriculum(step, self.steps) or {}
         key = repr(sorted(changes.items()))
         if key not in self.stages:
             try:
-                self.stages[key] = self.task.with_options(**changes) if changes else self.task
+                task = self.task.with_options(**changes) if changes else self.task
             except TypeError as exc:
                 raise ICLBenchError(f"task '{self.task.name}' curriculum at step {step} sets {changes}: "
                                     f"{exc}") from None
+            self.stages[key] = Stage(task, self.device)
         return self.stages[key]
+
+
+class DeviceLoss:
+    """The running loss and the first non-finite step, accumulated on the device without a sync; read
+    (one sync) every ``log_every`` steps and before a checkpoint. The sum is float64 (float32 on MPS),
+    which adds float32 losses exactly as the Python float it replaces did."""
+
+    def __init__(self, device: torch.device, running: float = 0.0):
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.sum = torch.tensor(running, dtype=dtype, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.last = torch.full((), float("nan"), device=device)
+
+    def add(self, loss: torch.Tensor, step_number: int):
+        self.sum += loss
+        first = ~torch.isfinite(loss) & (self.bad_step == 0)
+        self.bad_step = torch.where(first, step_number, self.bad_step)
+        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
+        self.last = loss
+
+    def read(self) -> tuple[float, int, float, float]:
+        """``(sum, first non-finite step or 0, its loss, last loss)``: one transfer."""
+        total, bad, bad_loss, last = torch.stack([self.sum.double(), self.bad_step.double(),
+                                                  self.bad_loss.double(), self.last.double()]).tolist()
+        return total, int(bad), bad_loss, last
 
 
 def train(model: torch.nn.Module, task: Task, o: TrainOptions, seed: int, device: torch.device, *,
@@ -141,42 +208,52 @@ def train(model: torch.nn.Module, task: Task, o: TrainOptions, seed: int, device
         gen.set_state(resume["generator"])
         first, running, window_tokens = resume["step"], resume["running_loss"], resume["window_tokens"]
         tokens_done, elapsed = resume["tokens"], resume["elapsed_s"]
-    step_model = compile_model(model) if o.compile else model
-    stages = Curriculum(task, o.steps)
+    step_model = compile_model(model, device) if o.compile else model
+    stages = Curriculum(task, o.steps, device)
     model.train()
     bar = tqdm(total=o.steps, initial=first, disable=not progress, desc=f"train {task.name}", unit="step",
                leave=False, dynamic_ncols=True)
     start = window_start = time.perf_counter()
+    acc = DeviceLoss(device, running)
     loss_value = float("nan")
+
+    def check() -> tuple[float, float]:
+        """Sync once: raise on a non-finite loss since the last check, else ``(running sum, last loss)``."""
+        total, bad, bad_loss, last = acc.read()
+        if bad:
+            log(bad, {"loss": bad_loss, "lr": learning_rate(bad - 1, o)})
+            raise TrainingDiverged(f"training diverged at step {bad}: loss is {bad_loss}; "
+                                   "try a lower --set train.lr")
+        return total, last
+
     try:
         for step in range(first, o.steps):
             stage = stages(step)
-            batch = stage.sample(o.batch_size, gen, device)
+            batch = stage.task.sample(o.batch_size, gen, device)
             try:
-                loss = train_step(step_model, opt, batch, stage.normalizer(device), learning_rate(step, o), o)
+                loss = train_step(step_model, opt, batch, stage.normalizer, learning_rate(step, o), o,
+                                  stage.scored(batch))
             except Exception as exc:  # torch.compile fails lazily, on the first call
                 if o.compile and step == first and not isinstance(exc, ICLBenchError):
                     raise compile_error(exc) from None
                 raise
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                log(step + 1, {"loss": loss_value, "lr": learning_rate(step, o)})
-                raise TrainingDiverged(f"training diverged at step {step + 1}: loss is {loss_value}; "
-                                       "try a lower --set train.lr")
-            running += loss_value
+            acc.add(loss, step + 1)
             window_tokens += batch.inputs.shape[0] * batch.inputs.shape[1]
             bar.update(1)
-            if (step + 1) % o.log_every == 0 or step + 1 == o.steps:
+            done = step + 1
+            if done % o.log_every == 0 or done == o.steps:
+                running, loss_value = check()
                 now = time.perf_counter()
                 metrics = {"loss": running / ((step % o.log_every) + 1), "lr": learning_rate(step, o),
                            "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                            "elapsed_s": elapsed + now - start}
-                log(step + 1, metrics)
+                log(done, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
                 tokens_done += window_tokens
-                running, window_tokens, window_start = 0.0, 0, now
-            done = step + 1
+                window_tokens, window_start = 0, now
+                acc.sum.zero_()
             if checkpoint and o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps:
+                running, _ = check()  # never checkpoint a diverged state
                 checkpoint({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                             "generator": gen.get_state(), "running_loss": running,
                             "window_tokens": window_tokens, "tokens": tokens_done,

@@ -99,3 +99,77 @@ def test_bench_prints_throughput_and_memory():
         assert text in out.stdout, out.stdout
     bad = cli("bench", "--task", "affine", "--model", "gpt1l", "--rounds", "0")
     assert bad.returncode == 2 and "--rounds and --steps must be >= 1" in bad.stderr
+
+
+class PoisonTask(RampTask):
+    """A ramp whose ``bad``-th training batch (counted from 1) has a NaN target."""
+
+    bad = 7
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.calls = 0
+
+    def sample(self, n, generator, device="cpu"):
+        batch = super().sample(n, generator, device)
+        if n == 4:  # a training batch, not the normalizer's
+            self.calls += 1
+            if self.calls == self.bad:
+                batch.targets[0, 0, 0] = float("nan")
+        return batch
+
+    def curriculum(self, step, steps):
+        return {}
+
+
+def test_divergence_is_found_on_the_device_and_names_the_first_bad_step():
+    from iclbench.errors import TrainingDiverged
+
+    logged = []
+    with pytest.raises(TrainingDiverged, match="diverged at step 7:"):
+        train(tiny_gpt(), PoisonTask(), TrainOptions(steps=20, batch_size=4, warmup=0, log_every=5), seed=0,
+              device=CPU, log=lambda step, m: logged.append((step, m["loss"])))
+    assert logged[0][0] == 5 and logged[-1][0] == 7 and logged[-1][1] != logged[-1][1]  # the NaN step
+
+
+def test_masked_loss_without_boolean_indexing_is_bitwise_the_same():
+    from iclbench.trainer import scored_positions, training_loss
+
+    gen = torch.Generator().manual_seed(1)
+    pred, targets = torch.randn(5, 9, 2, generator=gen), torch.randn(5, 9, 2, generator=gen)
+    mask = torch.arange(9) >= 3
+    batch, norm = Batch(targets, targets, mask), torch.rand(9, generator=gen) + 0.5
+    old = ((pred - targets).pow(2).mean(-1) / norm)[:, mask].mean()
+    assert torch.equal(training_loss(pred, batch, norm, scored_positions(mask)), old)
+    full = Batch(targets, targets, torch.ones(9, dtype=torch.bool))
+    assert scored_positions(full.mask) is None
+    assert torch.equal(training_loss(pred, full, norm, None), ((pred - targets).pow(2).mean(-1) / norm).mean())
+
+
+def test_the_training_step_never_waits_for_the_device():
+    """No op that needs the value on the host (``.item()``, boolean indexing's ``nonzero``) runs in a step
+    once the stage's scored positions are known; seen through the dispatcher, so it holds for any device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from iclbench.trainer import DeviceLoss, make_optimizer, scored_positions, train_step
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, task = tiny_gpt(), RampTask()
+    o = TrainOptions(steps=2, batch_size=4)
+    batch = task.sample(4, torch.Generator().manual_seed(0))
+    batch.mask = torch.arange(8) >= 2
+    opt, acc, scored = make_optimizer(model, o), DeviceLoss(CPU), scored_positions(batch.mask)
+    norm = task.normalizer(CPU)
+    with Ops() as ops:
+        for step in range(2):
+            acc.add(train_step(model, opt, batch, norm, 1e-3, o, scored), step + 1)
+    assert not ops.seen & {"_local_scalar_dense", "nonzero", "masked_select", "item", "equal", "is_nonzero"}
+    assert "index_select" in ops.seen
