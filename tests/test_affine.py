@@ -88,3 +88,17 @@ def test_bad_options_are_rejected():
         build_options(AffineOptions, {"a_low": 2.0}, "task")
     with pytest.raises(ICLBenchError, match="context_len"):
         build_options(AffineOptions, {"context_len": 1}, "task")
+
+
+def test_closed_form_unroll_agrees_with_the_stepped_recurrence():
+    """The accelerator's closed form matches the CPU's stepped recurrence to float32 rounding, including
+    |a| > 1 (the OOD variant); the CPU default stays the stepped one (reference numbers)."""
+    from iclbench.tasks.affine import unroll_affine
+
+    gen = torch.Generator().manual_seed(0)
+    n, T = 512, 32
+    a = (torch.rand(n, generator=gen) * 1.1) * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+    b, x0 = torch.rand(n, generator=gen) - 0.5, torch.rand(n, generator=gen) * 2 - 1
+    stepped = unroll_affine(x0, a, b, T)
+    assert torch.equal(stepped, unroll_affine(x0, a, b, T, closed_form=False))
+    assert torch.allclose(unroll_affine(x0, a, b, T, closed_form=True), stepped, rtol=1e-5, atol=1e-5)
