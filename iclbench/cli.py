@@ -86,6 +86,10 @@ def cmd_list(args) -> int:
             print(f"\n{kind}:")
         print(tabulate(rows, headers=["name", "description", "plugin"], tablefmt="plain") if rows
               else f"(no {kind} registered)")
+    if reg.clashes:
+        print("\ndisabled names (an error when used):")
+        for key, err in sorted(reg.clashes.items()):
+            print(f"  {key}: {err}")
     if reg.failed:
         print("\nplugins that failed to load:")
         for name, err in reg.failed.items():

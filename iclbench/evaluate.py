@@ -63,10 +63,21 @@ def baseline_predictions(baselines: dict[str, Callable[[Batch], torch.Tensor]], 
 
 
 def score(model: torch.nn.Module, baselines: dict, task, batch: Batch, score_from: int, replicates: int,
-          confidence: float, seed: int) -> dict:
+          confidence: float, seed: int, owners: dict | None = None) -> dict:
     """Error curves of the model and every baseline on ``batch``, normalized by ``task``'s prior-mean error.
-    The model predicts first, so a model that refuses the batch (ICLBenchError) costs no baseline time."""
+    The model predicts first, so a model that refuses the batch (ICLBenchError) costs no baseline time.
+    Predictions of the wrong shape or with NaN/inf at a scored position raise a
+    :class:`~iclbench.contracts.PluginError` naming the predictor (``owners``: name → how to call it)."""
+    from .contracts import PluginError, predictions_problem
+
     predictions = {"model": predict(model, batch)}
     predictions.update(baseline_predictions(baselines, batch))
+    for name, pred in predictions.items():  # NaN here would only surface later as a JSON error
+        default = f"model '{getattr(model, 'name', '?')}'" if name == "model" else f"baseline '{task.name}:{name}'"
+        who = (owners or {}).get(name, default)
+        problem = predictions_problem(pred, batch, "gave predictions")
+        if problem:
+            raise PluginError(f"{who}: {problem} (evaluation batch of task '{task.name}')",
+                              plugin=(owners or {}).get(f"{name}.plugin"))
     return error_curves(predictions, batch, task.normalizer(batch.inputs.device), score_from, replicates,
                         confidence, seed)

@@ -8,7 +8,11 @@ through the ``iclbench`` entry-point group::
 
 The built-in tasks and models register through exactly this mechanism. Registration hooks return a list;
 the registry merges the lists of all plugins and refuses two plugins claiming one name. Lifecycle hooks
-return nothing and let a logger (MLflow, TensorBoard, W&B, ...) follow a run without any engine change.
+return nothing and let a logger (MLflow, TensorBoard, W&B, ...) follow a run without any engine change. Each
+lifecycle implementation is called on its own: one that raises is reported on stderr by plugin name and the
+run and the other plugins go on. A plugin implements only the hooks it needs and may take any subset of a
+hook's arguments (pluggy passes them by name). The contract of every kind, with a tested example of each:
+``docs/plugins.md``.
 """
 
 from __future__ import annotations
@@ -62,7 +66,11 @@ def iclbench_probes():
 def iclbench_run_started(run_dir, config):
     """Called after the run directory is created and the resolved config written, before training.
 
-    ``run_dir`` is a ``pathlib.Path``; ``config`` the resolved :class:`iclbench.config.RunConfig`.
+    ``run_dir`` is a ``pathlib.Path``; ``config`` the resolved :class:`iclbench.config.RunConfig`:
+    ``config.task`` / ``config.model`` (names), ``config.task_options`` / ``config.model_options`` (the
+    plugins' Options dataclasses), ``config.train`` / ``config.eval`` (TrainOptions / EvalOptions),
+    ``config.seed``, ``config.device``, ``config.out``, ``config.run_name``, ``config.config_hash`` and
+    ``config.to_dict()`` (what ``config.yaml`` holds).
     """
 
 
@@ -82,3 +90,13 @@ def iclbench_eval_finished(run_dir, config, metrics):
 @hookspec
 def iclbench_run_finished(run_dir, config, metrics):
     """Called after every file of a successful run is written."""
+
+
+@hookspec
+def iclbench_run_failed(run_dir, config, status, error, plugin):
+    """Called when a run that had started (``iclbench_run_started`` was called) ends without completing.
+
+    ``status`` is ``"failed"`` (an exception; ``status.json`` records it) or ``"diverged"`` (non-finite
+    loss); ``error`` the one-line message; ``plugin`` the name of the plugin whose code raised, or ``None``.
+    Ctrl-C is not a failure (the run is resumable) and calls no hook.
+    """

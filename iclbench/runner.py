@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import json
+import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import store
+from . import contracts, store
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged
 from .evaluate import error_curves, score
@@ -79,7 +84,8 @@ def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.
             out[name] = {**entry, "skipped": f"input/output widths {shifted.d_in}/{shifted.d_out} differ from "
                                              f"the trained {task.d_in}/{task.d_out}"}
             continue
-        baselines = {n: e.obj for n, e in registry.task_baselines(shifted).items()}
+        baselines, _ = contracts.screen_baselines({n: e.obj for n, e in registry.task_baselines(shifted).items()},
+                                                  evaluation_batch(shifted, cfg, device), warn=lambda m: None)
         try:
             curves = score(model, baselines, shifted, evaluation_batch(shifted, cfg, device), score_from,
                            min(cfg.eval.bootstrap, OOD_BOOTSTRAP), cfg.eval.confidence, cfg.eval.seed)
@@ -96,32 +102,42 @@ def earlier_attempt(run_dir: Path, device: torch.device, *, resume: bool, force:
     continue from (its latest checkpoint), or ``None`` (start afresh). ``force`` always starts afresh;
     ``resume`` insists that there is an earlier attempt."""
     try:
-        status = json.loads((run_dir / store.STATUS).read_text())
-    except (OSError, ValueError):
+        status = store.read_json(run_dir / store.STATUS)
+    except store.DamagedRun:  # missing, or damaged (null, a list, not a regular file): no earlier attempt known
         status = {}
-    if resume and not status:
+    if resume and not status and not (run_dir / store.TRAIN_STATE).exists():
         raise ICLBenchError(f"nothing to resume in {run_dir}: this config was never run there")
     if force:
         return None
     if (run_dir / store.METRICS).exists():
         return "complete"
-    pid = status.get("pid")
-    if status.get("status") == "running" and status.get("host") == socket.gethostname() and pid != os.getpid() \
-            and process_alive(pid):
-        raise ICLBenchError(f"run {run_dir} is being computed by process {pid} on this machine; wait for it, "
-                            "or stop it and rerun to continue from its last checkpoint")
+    # whether another process computes this run is the lock's business (held by the caller), not the pid in
+    # status.json, which another process may have taken over since
     if not (run_dir / store.TRAIN_STATE).exists():
         return None
     try:
         state = store.load_training_state(run_dir / store.TRAIN_STATE)
+        if not isinstance(state, dict) or "step" not in state or "device" not in state:
+            raise ValueError("not a training state")
     except Exception as exc:
-        raise ICLBenchError(f"unreadable checkpoint {run_dir / store.TRAIN_STATE} ({exc}); rerun with --force "
-                            "to start afresh") from None
+        warn(f"damaged checkpoint {run_dir / store.TRAIN_STATE} ({type(exc).__name__}: {one_line(exc)}); "
+             "starting this run afresh")
+        return None
     if state["device"] != device.type:
         raise ICLBenchError(f"the checkpoint in {run_dir} was written on {state['device']}, this run is on "
                             f"{device.type}; pass --device {state['device']} to continue it, or --force to "
                             "start afresh")
     return state
+
+
+def warn(message: str) -> None:
+    print(f"iclbench: warning: {message}", file=sys.stderr)
+
+
+def one_line(exc, limit: int = 300) -> str:
+    """An exception's text on one line (PyTorch's are often several), shortened to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def process_alive(pid) -> bool:
@@ -139,12 +155,112 @@ def completed_run(run_dir: Path, cfg: RunConfig, task_obj, model_obj) -> RunResu
     try:
         metrics = store.read_run(run_dir)
         model_obj.load_state_dict(store.load_state_dict(run_dir / store.CHECKPOINT))
-    except (store.DamagedRun, OSError, RuntimeError) as exc:
-        raise ICLBenchError(f"run {run_dir} looks complete but cannot be read ({exc}); rerun with --force") \
-            from None
+    except Exception as exc:  # damaged metrics or weights (a truncated safetensors raises its own type)
+        raise ICLBenchError(f"run {run_dir} looks complete but cannot be read ({one_line(exc)}); rerun with "
+                            "--force") from None
     return RunResult(run_dir, metrics, cfg, task_obj, model_obj.eval(), outcome="complete")
 
 
+#: (run_dir, config, registry) of the run in progress, once its directory says "running"
+_RUNNING = contextvars.ContextVar("iclbench_running", default=None)
+
+
+def check_plugins(registry: Registry, cfg: RunConfig, task_obj, model_obj, device) -> None:
+    """The task's and the model's contracts (:mod:`iclbench.contracts`), before any training."""
+    contracts.check_task(task_obj, registry.owner("task", cfg.task), device)
+    contracts.check_model(model_obj, task_obj, registry.owner("model", cfg.model), device)
+
+
+def marks_failures(fn):
+    """A run that raises after its directory said "running" is recorded as ``failed`` (with the plugin whose
+    code raised, when one did) and ``iclbench_run_failed`` is called; a plugin's error reaches the user as one
+    line naming it, never as an iclbench internal error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        token = _RUNNING.set(None)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            running = _RUNNING.get()
+            if running is None or isinstance(exc, KeyboardInterrupt):
+                raise
+            run_dir, cfg, registry = running
+            plugin = getattr(exc, "plugin", None) or contracts.blame(exc, registry)
+            error = str(exc) if isinstance(exc, ICLBenchError) else f"{type(exc).__name__}: {exc}"
+            status = "diverged" if isinstance(exc, TrainingDiverged) else "failed"
+            if status == "failed":
+                store.write_json(run_dir / store.STATUS, {"status": "failed", "plugin": plugin, "error": error,
+                                                          "time": time.time()})
+            registry.notify("iclbench_run_failed", run_dir=run_dir, config=cfg, status=status, error=error,
+                            plugin=plugin)
+            if isinstance(exc, ICLBenchError) or plugin is None:
+                raise
+            raise contracts.PluginError(f"plugin '{plugin}' failed: {error} (run {run_dir} marked failed; "
+                                        "ICLBENCH_DEBUG=1 for the traceback)") from exc
+        finally:
+            _RUNNING.reset(token)
+
+    return wrapper
+
+
+#: the locks held by the :func:`run` in progress, released when it returns or raises
+_HELD = contextvars.ContextVar("iclbench_held_locks", default=None)
+
+
+def holds_run_lock(fn):
+    """Release whatever lock ``fn`` took (through ``_HELD``) when it returns or raises, after
+    :func:`marks_failures` has recorded a failure under it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            token = _HELD.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _HELD.reset(token)
+
+    return wrapper
+
+
+def _non_finite_options(cfg: RunConfig) -> list[str]:
+    return [f"{section}.{k}={v}" for section, opts in (("task", cfg.task_options), ("model", cfg.model_options))
+            for k, v in dataclasses.asdict(opts).items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def _continue_from(run_dir: Path, dev, model_obj, state):
+    """With the lock held: drop stale temporary files; open the log to continue (or decide to start afresh
+    when it or the weights are damaged); the thread count of each training segment, warning when a resume
+    changes it. Returns ``(state, log file or None, segments)``."""
+    store.remove_stale_temporaries(run_dir)  # left by a write killed halfway; no one else writes here now
+    threads, log_file = torch.get_num_threads(), None
+    if state is not None:
+        try:  # drop what was logged after the checkpoint: the resumed run logs it again
+            log_file = store.open_log(run_dir / store.LOG, keep=int(state["log_offset"]))
+            if "trained" in state:  # killed after training (evaluating, probing): the weights, no retraining
+                model_obj.load_state_dict(store.load_state_dict(run_dir / store.CHECKPOINT))
+                model_obj.eval()
+        except Exception as exc:
+            if log_file is not None:
+                log_file.close()
+            warn(f"cannot continue {run_dir} from its checkpoint ({one_line(exc)}); starting it afresh")
+            state, log_file = None, None
+    if state is None:
+        return None, None, [{"from_step": 0, "threads": threads, "device": dev.type}]
+    segments = [s for s in state.get("segments", []) if isinstance(s, dict)]
+    if "trained" not in state:
+        before = segments[-1].get("threads") if segments else None
+        if dev.type == "cpu" and before is not None and before != threads:
+            warn(f"resuming {run_dir.name} with {threads} torch threads, but its steps up to {state['step']} ran "
+                 f"with {before}: the metrics will not match an uninterrupted run bit for bit (continue with "
+                 f"{before}, e.g. OMP_NUM_THREADS={before}, to keep them reproducible)")
+        segments.append({"from_step": state["step"], "threads": threads, "device": dev.type})
+    return state, log_file, segments
+
+
+@holds_run_lock
+@marks_failures
 def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
         seed: int | None = None, device: str | None = None, out: str | None = None, overrides=(),
         quiet: bool = True, registry: Registry | None = None, run_dir: str | Path | None = None,
@@ -166,59 +282,83 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
                   out=out, overrides=overrides)
     dev = resolve_device(cfg.device)
     task_obj, model_obj = build(registry, cfg, dev)
+    check_plugins(registry, cfg, task_obj, model_obj, dev)
     baselines = {n: e.obj for n, e in registry.task_baselines(task_obj).items()}
     if "model" in baselines:
         raise ICLBenchError(f"task '{cfg.task}' declares a baseline named 'model', which is reserved")
 
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out) / cfg.run_name
-    state = earlier_attempt(run_dir, dev, resume=resume, force=force)
-    if state == "complete":
-        return completed_run(run_dir, cfg, task_obj, model_obj)
+    if resume and not (run_dir / store.STATUS).exists() and not (run_dir / store.TRAIN_STATE).exists():
+        raise ICLBenchError(f"nothing to resume in {run_dir}: this config was never run there")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ICLBenchError(f"cannot create run directory {str(run_dir)!r}: {exc.strerror}") from None
+    try:  # one writer per run directory, --force included; held until run() returns or raises
+        _HELD.get().enter_context(store.run_lock(run_dir))
+    except store.RunBusy as exc:
+        raise ICLBenchError(f"run {run_dir} is being computed by {exc}; wait for it, or stop it and rerun to "
+                            "continue from its last checkpoint") from None
+    state = earlier_attempt(run_dir, dev, resume=resume, force=force)
+    if state == "complete":
+        return completed_run(run_dir, cfg, task_obj, model_obj)
+    state, log_file, segments = _continue_from(run_dir, dev, model_obj, state)
     (run_dir / store.METRICS).unlink(missing_ok=True)  # the directory now describes this run
     if state is None:
         (run_dir / store.TRAIN_STATE).unlink(missing_ok=True)
     store.write_yaml(run_dir / store.CONFIG, cfg.to_dict())
     store.write_json(run_dir / store.STATUS, {"status": "running", "started": time.time(), "pid": os.getpid(),
-                                              "host": socket.gethostname()})
-    hook = registry.hook
-    hook.iclbench_run_started(run_dir=run_dir, config=cfg)
+                                              "pid_started": store.process_start_time(os.getpid()),
+                                              "host": socket.gethostname(), "threads": segments[-1]["threads"]})
+    _RUNNING.set((run_dir, cfg, registry))
+    registry.notify("iclbench_run_started", run_dir=run_dir, config=cfg)
 
     started = time.perf_counter()
-    if state is not None:  # drop what was logged after the checkpoint: the resumed run logs it again
-        os.truncate(run_dir / store.LOG, state["log_offset"])
-    with open(run_dir / store.LOG, "w" if state is None else "a", buffering=1) as log_file:
+    trained = state is not None and "trained" in state  # killed after training: evaluate, do not retrain
+    with log_file or store.open_log(run_dir / store.LOG) as log_file:  # never written through a symlink
         event = {"event": "start"} if state is None else {"event": "resume", "step": state["step"]}
-        log_file.write(json.dumps({**event, "run": cfg.run_name, "device": str(dev)}) + "\n")
+        if not trained:
+            log_file.write(json.dumps({**event, "run": cfg.run_name, "device": str(dev)}) + "\n")
 
         def log(step, metrics):
             log_file.write(json.dumps({"step": step, **metrics}) + "\n")
-            hook.iclbench_train_log(run_dir=run_dir, step=step, metrics=metrics)
+            registry.notify("iclbench_train_log", run_dir=run_dir, step=step, metrics=metrics)
 
         def checkpoint(training_state):
             log_file.flush()
-            store.save_training_state(run_dir / store.TRAIN_STATE, {**training_state, "log_offset": log_file.tell()})
+            store.save_training_state(run_dir / store.TRAIN_STATE, {**training_state, "log_offset": log_file.tell(),
+                                                                    "segments": segments})
 
         try:
-            stats = train(model_obj, task_obj, cfg.train, cfg.seed, dev, log=log, progress=not quiet,
-                          resume=state, checkpoint=checkpoint)
+            stats = state["trained"] if trained else train(model_obj, task_obj, cfg.train, cfg.seed, dev, log=log,
+                                                           progress=not quiet, resume=state, checkpoint=checkpoint)
         except TrainingDiverged as exc:
-            store.write_json(run_dir / store.STATUS, {"status": "diverged", "message": str(exc)})
-            raise TrainingDiverged(f"{exc} (log kept in {run_dir / store.LOG})") from None
+            message, bad = str(exc), _non_finite_options(cfg)
+            if bad:  # not the learning rate's fault
+                message = (f"{message.split('; try')[0]}; likely cause: non-finite option(s) {', '.join(bad)}, "
+                           "not the learning rate")
+            store.write_json(run_dir / store.STATUS, {"status": "diverged", "message": message})
+            raise TrainingDiverged(f"{message} (log kept in {run_dir / store.LOG})") from None
         except KeyboardInterrupt:
             store.write_json(run_dir / store.STATUS, {"status": "interrupted", "message": "Ctrl-C"})
             raise
-        log_file.write(json.dumps({"event": "trained", **stats}) + "\n")
+        if not trained:
+            log_file.write(json.dumps({"event": "trained", **stats}) + "\n")
+        log_end = log_file.tell()
 
     store.save_state_dict(run_dir / store.CHECKPOINT, model_obj.state_dict(),
                           {"config": json.dumps(cfg.to_dict())})
+    # a checkpoint at the end of training: a run killed while evaluating or probing does not train again
+    store.save_training_state(run_dir / store.TRAIN_STATE, {"step": cfg.train.steps, "trained": stats,
+                                                            "device": dev.type, "log_offset": log_end,
+                                                            "segments": segments})
     batch = evaluation_batch(task_obj, cfg, dev)
+    owners = {n: f"baseline '{cfg.task}:{n}' (plugin '{e.plugin}')" for n, e in registry.task_baselines(task_obj).items()}
+    baselines, refused = contracts.screen_baselines(baselines, batch, owners)
+    owners.update({"model": registry.owner("model", cfg.model), "model.plugin": registry.models[cfg.model].plugin})
     score_from = cfg.eval.score_from if cfg.eval.score_from >= 0 else task_obj.score_from
     curves = score(model_obj, baselines, task_obj, batch, score_from, cfg.eval.bootstrap, cfg.eval.confidence,
-                   cfg.eval.seed)
+                   cfg.eval.seed, owners)
     # the all-zeros predictor anchors the leaderboard's ICL score (0 = zero predictor, 1 = best baseline)
     zero = error_curves({"zero": torch.zeros_like(batch.targets)}, batch, task_obj.normalizer(dev), score_from,
                         replicates=1)["predictors"]["zero"]
@@ -240,17 +380,26 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
         "curves": curves,
         "ood": ood,
         "baselines": sorted(baselines),
+        "refused_baselines": refused,  # broke the baseline contract; not scored (contracts.screen_baselines)
+        "oracles": sorted(n for n, fn in baselines.items() if contracts.is_oracle(n, fn)),
         "train": stats,
         "wall_time_s": wall,
-        "provenance": {**store.provenance(dev), "seed": cfg.seed},
+        "provenance": {**store.provenance(dev), "seed": cfg.seed, "plugins": registry.plugin_versions(),
+                       "train_segments": segments},
         "config": cfg.to_dict(),
         "extra": {},
     }
-    hook.iclbench_eval_finished(run_dir=run_dir, config=cfg, metrics=metrics)
+    registry.notify("iclbench_eval_finished", run_dir=run_dir, config=cfg, metrics=metrics)
+    unstable = store.unstable_reason(metrics)
+    if unstable:  # recorded, but kept off the leaderboard (leaderboard --include-unstable shows it)
+        metrics["unstable"] = unstable
+        warn(f"run {run_dir.name} is unstable: {unstable}; it is left off the leaderboard")
     store.write_json(run_dir / store.METRICS, metrics)
-    store.write_json(run_dir / store.STATUS, {"status": "complete", "wall_time_s": wall})
+    store.write_json(run_dir / store.STATUS, {"status": "unstable", "message": unstable, "wall_time_s": wall}
+                     if unstable else {"status": "complete", "wall_time_s": wall})
     (run_dir / store.TRAIN_STATE).unlink(missing_ok=True)  # complete: nothing left to resume
-    hook.iclbench_run_finished(run_dir=run_dir, config=cfg, metrics=metrics)
+    _RUNNING.set(None)  # complete: a failing logger below must not mark it failed
+    registry.notify("iclbench_run_finished", run_dir=run_dir, config=cfg, metrics=metrics)
     return RunResult(run_dir, metrics, cfg, task_obj, model_obj, outcome="trained" if state is None else "resumed")
 
 

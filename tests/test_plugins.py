@@ -66,15 +66,18 @@ def test_broken_plugin_is_reported_and_the_rest_work(tmp_path):
     assert "Traceback" not in unknown.stderr
 
 
-def test_two_plugins_claiming_one_name_is_an_error_naming_both():
+def test_a_name_two_plugins_claim_is_disabled_alone():
     class Impostor(AffineTask):
         pass
 
     impostor = types.ModuleType("impostor_plugin")
     impostor.iclbench_tasks = hookimpl(lambda: [Impostor])
+    reg = build_registry(extra_plugins=[impostor])
     with pytest.raises(ICLBenchError, match=r"task name 'affine' is claimed by two plugins: 'affine' and "
                                             r"'impostor_plugin'"):
-        build_registry(extra_plugins=[impostor])
+        reg.task("affine")
+    assert "gpt3l" in reg.models and "linreg" in reg.tasks  # every other name still works
+    assert "task:affine" in reg.clashes
 
 
 def test_readme_example_is_the_tested_plugin():
