@@ -67,7 +67,8 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
                 errors = {n: float(s["mean"]) for n, s in m["summary"].items()}
             else:
                 errors = {n: _mean_from(curves[n], positions, score_from) for n in m["summary"]}
-            competitors = [e for n, e in errors.items() if n != "model" and not is_oracle(n)]
+            oracles = set(m.get("oracles", ()))  # marked by their function (fn.oracle = True), not their name
+            competitors = [e for n, e in errors.items() if n != "model" and not is_oracle(n) and n not in oracles]
             best = min(competitors) if competitors else float("nan")
             zero_ref = m.get("reference", {}).get("zero")
             zero = 1.0 if zero_ref is None else (float(zero_ref["mean"]) if score_from is None else _mean_from(

@@ -36,8 +36,9 @@ def run_probes(model, task, names=None, *, seed: int, device, registry: Registry
     out = {}
     for name in chosen:
         probe = registry.probe(name)()
-        if not probe.applies_to(task, model):
-            reason = f"does not apply to model '{model.name}' on task '{task.name}'"
+        why = probe.why_not(task, model)
+        if why is not None:
+            reason = f"does not apply to model '{model.name}' on task '{task.name}': {why}"
             if names is not None:
                 raise ICLBenchError(f"probe '{name}' {reason}")
             out[name] = {"skipped": reason}

@@ -71,6 +71,8 @@ class Ablation(Probe):
     description = "zero- and mean-ablation of every head, attention layer and MLP: change in error per position"
     n_sequences = 256
 
+    requires_hooks = ("blocks.{layer}.hook_attn_out",)
+
     def applies_to(self, task, model):
         return "blocks.0.hook_attn_out" in model.hook_points()
 

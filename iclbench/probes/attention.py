@@ -43,6 +43,9 @@ class AttentionStats(Probe):
     description = "per head: attention mass on previous, current and most-similar-value tokens; mean pattern"
     n_sequences = 512
 
+    requires_hooks = ("blocks.{layer}.attn.hook_pattern", "blocks.{layer}.attn.hook_z")
+    requires_attributes = ("n_heads",)
+
     def applies_to(self, task, model):
         return has_heads(model) and "blocks.0.attn.hook_pattern" in model.hook_points()
 

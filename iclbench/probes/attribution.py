@@ -116,6 +116,9 @@ class DirectAttribution(Probe):
     description = "each head's/MLP's direct contribution to the prediction; flags copy and anti-copy heads"
     n_sequences = 512
 
+    requires_hooks = ("hook_embed", "hook_pos_embed", "blocks.{layer}.hook_attn_out", "blocks.{layer}.hook_resid_post")
+    requires_attributes = ("direct_readout",)
+
     def applies_to(self, task, model):
         return "blocks.0.hook_attn_out" in model.hook_points()
 

@@ -62,6 +62,9 @@ class LayerLens(Probe):
     description = "prediction read from the residual after each layer (logit and tuned lens) vs target and baselines"
     n_sequences = 512
 
+    requires_hooks = ("blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post")
+    requires_attributes = ("readout",)
+
     def applies_to(self, task, model):
         return "blocks.0.hook_resid_pre" in model.hook_points()
 

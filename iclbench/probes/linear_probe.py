@@ -42,6 +42,8 @@ class LinearProbes(Probe):
     description = "ridge probes from each layer's residual to the task's latent parameters: held-out R²"
     n_sequences = 512
 
+    requires_hooks = ("blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post")
+
     def applies_to(self, task, model):
         return "blocks.0.hook_resid_pre" in model.hook_points()
 

@@ -71,6 +71,8 @@ class ActivationPatching(Probe):
     description = "clean→corrupted patching of each layer's residual (per position) and each head's output"
     n_sequences = 64
 
+    requires_hooks = ("blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post")
+
     def applies_to(self, task, model):
         return "blocks.0.hook_resid_pre" in model.hook_points()
 

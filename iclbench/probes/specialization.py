@@ -141,6 +141,9 @@ class Specialization(Probe):
     description = "role per layer (copy, refine, compute, none) by documented thresholds; the seed paper's claims"
     n_sequences = 256
 
+    requires_hooks = ("blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post", "blocks.{layer}.hook_attn_out")
+    requires_attributes = ("readout",)
+
     def applies_to(self, task, model):
         return "blocks.0.hook_attn_out" in model.hook_points() and model.n_layers >= 1
 
