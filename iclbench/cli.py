@@ -18,6 +18,9 @@ def _add_run(sub):
     p.add_argument("--config", help="YAML file with task/model/train/eval/seed/device/out keys")
     p.add_argument("--steps", type=int, help="training steps (train.steps)")
     p.add_argument("--seed", type=int, help="seed for initialisation and the training stream")
+    p.add_argument("--seeds", help="several seeds of this config, e.g. 0-9 or 0,3,7: one run directory each; "
+                   "on a CPU as parallel 1-thread processes (--jobs)")
+    p.add_argument("--jobs", type=int, help="processes for --seeds on a CPU (default: one per core)")
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", help="results directory (default: results)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -36,6 +39,8 @@ def cmd_run(args) -> int:
 
     if args.compile:
         args.overrides.append("train.compile=true")
+    if args.seeds is not None:
+        return run_many_seeds(args)
     result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,
                  resume=args.resume, force=args.force,
                  device=args.device, out=args.out, quiet=args.quiet,
@@ -58,6 +63,21 @@ def cmd_run(args) -> int:
           f"{t['steps']} steps in {t['train_time_s']:.1f}s ({t['tokens_per_s']:,.0f} tokens/s), "
           f"total {m['wall_time_s']:.1f}s")
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def run_many_seeds(args) -> int:
+    from .seeds import parse_seeds, run_seeds
+
+    if args.seed is not None:
+        raise ICLBenchError("give --seed or --seeds, not both")
+    seeds = parse_seeds(args.seeds)
+    results = run_seeds(seeds, jobs=args.jobs, task=args.task, model=args.model, config=args.config,
+                        steps=args.steps, resume=args.resume, force=args.force, device=args.device, out=args.out,
+                        overrides=args.overrides + (["eval.probes=false"] if args.no_probes else []))
+    for seed, (run_dir, outcome, m) in zip(seeds, results):
+        print(run_dir if args.quiet else f"seed {seed}: {outcome}, model {m['summary']['model']['mean']:.4f}, "
+              f"{m['train']['tokens_per_s']:,.0f} tokens/s: {run_dir}")
     return 0
 
 

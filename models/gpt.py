@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import is_batchedtensor
 
 from iclbench import Model, hookimpl
 from iclbench.errors import ICLBenchError
@@ -52,7 +53,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).unbind(2)  # [B, T, H, dh] each
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, dh]
-        if self.hook_attn_scores.active or self.hook_pattern.active:
+        if self.hook_attn_scores.active or self.hook_pattern.active or is_batchedtensor(q):
+            # (explicit also under vmap, i.e. seeds stacked: SDPA has no batching rule and would loop)
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d_head)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
