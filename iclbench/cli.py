@@ -250,6 +250,39 @@ def cmd_bench(args) -> int:
     return main(args)
 
 
+def _add_plugin_tools(sub):
+    c = sub.add_parser("check", help="check a plugin (or one task, model, probe, task:baseline) against the "
+                       "plugin contracts (docs/plugins.md)")
+    c.add_argument("names", nargs="+", metavar="PLUGIN_OR_NAME", help="entry-point name of a plugin, or a "
+                   "task, model, probe or task:baseline name")
+    r = sub.add_parser("rescore", help="score baselines installed after a run finished, without retraining")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+
+
+def cmd_check(args) -> int:
+    from .testing import check_plugin
+
+    failed = False
+    for name in args.names:
+        try:
+            print("\n".join(check_plugin(name)))
+        except AssertionError as exc:
+            print(str(exc))
+            failed = True
+    return 1 if failed else 0
+
+
+def cmd_rescore(args) -> int:
+    from .rescore import rescore
+
+    for run_dir in args.run_dirs:
+        out = rescore(run_dir, device=args.device)
+        added = ", ".join(out["added"]) or "no new baseline"
+        print(f"{run_dir}: {added}" + "".join(f"\n  refused {n}: {r}" for n, r in out["refused"].items()))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -260,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_bench(sub)
     _add_probe(sub)
+    _add_plugin_tools(sub)
     lp = sub.add_parser("list", help="list registered tasks, models, baselines, probes")
     lp.add_argument("kind", nargs="?", choices=KINDS)
     lb = sub.add_parser("leaderboard", help="table of every run under a results directory")
@@ -289,6 +323,7 @@ COMMANDS = {"report": cmd_report, "run": cmd_run, "sweep": cmd_sweep, "list": cm
 COMMANDS.update(probe=cmd_probe, specialization=cmd_specialization)
 
 COMMANDS["bench"] = cmd_bench
+COMMANDS.update(check=cmd_check, rescore=cmd_rescore)
 
 
 def main(argv=None) -> int:
