@@ -25,7 +25,7 @@ from .errors import ICLBenchError
 from .registry import get_registry
 from .runner import build
 from .store import device_name
-from .trainer import compile_model, make_optimizer, resolve_device, train_step
+from .trainer import compile_model, make_optimizer, resolve_device, scored_positions, train_step
 
 N_BATCHES = 4  # distinct batches cycled through, drawn once, so data generation is not timed
 
@@ -43,13 +43,15 @@ def fixed_batches(task, batch_size: int, device: torch.device, seed: int = 0):
 def training_step(model, task, cfg, batches, compile: bool = False) -> Callable[[], None]:
     """One call = one step of the real trainer (forward, loss, backward, clipping, AdamW, loss.item())."""
     opt = make_optimizer(model, cfg.train)
-    step_model = compile_model(model) if compile else model
-    norm = task.normalizer(batches[0].inputs.device)
+    device = batches[0].inputs.device
+    step_model = compile_model(model, device) if compile else model
+    norm = task.normalizer(device).to(device)
+    scored = scored_positions(batches[0].mask)
     cycle = itertools.cycle(batches)
     model.train()
 
     def step():
-        train_step(step_model, opt, next(cycle), norm, cfg.train.lr, cfg.train).item()
+        train_step(step_model, opt, next(cycle), norm, cfg.train.lr, cfg.train, scored).item()
 
     return step
 
@@ -111,6 +113,66 @@ def peak_step_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
+def step_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call of ``fn`` (GEMMs and attention, forward and backward), as torch's FlopCounterMode
+    counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_gemm_flops(device: torch.device, dtype=torch.float32, seconds: float = 0.3) -> float:
+    """The machine's GEMM throughput (FLOP/s): the best of square matrix products of a few sizes, timed
+    for about ``seconds`` each — what the models' GEMMs could reach at best on this device and thread
+    count. The FLOP floor of a step is its FLOPs over this figure."""
+    best = 0.0
+    sizes = (256, 512, 1024) if device.type == "cpu" else (2048, 4096, 8192)
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        synchronize(device)
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            reps += 1
+            if device.type != "cpu" and reps % 10:
+                continue
+            synchronize(device)
+        synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def stacked_seeds(cfg, device: torch.device, n: int, rounds: int, reps: int) -> dict:
+    """Seconds per step of ``n`` seeds trained one after another (each its own model and optimizer) and of
+    the same ``n`` seeds stacked into one model (:class:`~iclbench.stacked.StackedSeeds`), alternating."""
+    import dataclasses
+
+    from .stacked import StackedSeeds
+
+    models, task = [], None
+    for seed in range(n):
+        task, model = build(get_registry(), dataclasses.replace(cfg, seed=seed), device)
+        models.append(model)
+    batches = fixed_batches(task, cfg.train.batch_size, device)
+    norm, scored = task.normalizer(device).to(device), scored_positions(batches[0].mask)
+    separate = [training_step(m, task, cfg, batches) for m in models]
+    together = StackedSeeds(models, cfg.train)
+    cycle = itertools.cycle(batches)
+
+    def one_by_one():
+        for step in separate:
+            step()
+
+    def stacked():
+        b = next(cycle)
+        together.step([b] * n, norm, cfg.train.lr, scored).sum().item()
+
+    return interleaved({"separate": one_by_one, "stacked": stacked}, rounds, reps, device)
+
+
 def mib(n: int | None) -> str:
     return "" if n is None else f"{n / 2**20:,.1f} MiB"
 
@@ -137,6 +199,7 @@ def compare(cfg, device: torch.device, rounds: int, reps: int, compile: bool, wi
            "weights_grads_adam": {n: 4 * sum(p.numel() * p.element_size() for p in m.parameters())
                                   for n, m in models.items()},
            "peak_step": {n: peak_step_bytes(steps[n], device) for n in models}}
+    out["flops"] = {n: step_flops(steps[n]) for n in models}
     return out
 
 
@@ -157,6 +220,12 @@ def format_compare(r: dict, fmt: str) -> str:
         if len(names) == 2:
             row.append(ratio_text(r[key][names[0]], r[key][names[1]]))
         rows.append(row)
+    if r.get("peak_flops"):
+        rows.append(["training GFLOP/step (GEMMs + attention)"] + [f"{r['flops'][n] / 1e9:.2f}" for n in names]
+                    + ([""] if len(names) == 2 else []))
+        rows.append(["FLOP floor ÷ step time (share of peak GEMM speed)"]
+                    + [f"{r['flops'][n] / r['peak_flops'] / statistics.median(r['train'][n]):.0%}" for n in names]
+                    + ([""] if len(names) == 2 else []))
     for key, label in (("saved_activations", "activations kept for backward"),
                        ("weights_grads_adam", "weights + grads + AdamW state"),
                        ("peak_step", "peak allocated in a training step")):
@@ -224,7 +293,19 @@ def main(args) -> int:
           f"{', compiled' if args.compile else ''}; {args.rounds} rounds × {args.steps} steps")
     print(f"on {describe_machine(device)}{tl_version}\n")
     result = compare(cfg, device, args.rounds, args.steps, args.compile, not args.no_tl)
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    result["peak_flops"] = peak_gemm_flops(device, dtype)
+    floor = statistics.median(f / result["peak_flops"] for f in result["flops"].values())
+    print(f"peak GEMM throughput measured here: {result['peak_flops'] / 1e9:,.0f} GFLOP/s ({dtype}); "
+          f"FLOP floor of one training step: {floor * 1e3:.2f} ms\n")
     print(format_compare(result, args.format))
+    if getattr(args, "seeds", 0) and args.seeds > 1:
+        t = stacked_seeds(cfg, device, args.seeds, args.rounds, args.steps)
+        tokens = result["tokens_per_batch"] * args.seeds
+        sep, stk = statistics.median(t["separate"]), statistics.median(t["stacked"])
+        print(f"\n{args.seeds} seeds, training tokens/s (all seeds): one after another {tokens / sep:,.0f}, "
+              f"stacked into one model {tokens / stk:,.0f}; stacked/separate speed "
+              f"{ratio_text(t['stacked'], t['separate'])}")
     if result["note"]:
         print(f"\n(no TransformerLens comparison: {result['note']})")
     if device.type != "cuda":

@@ -237,6 +237,8 @@ def _add_bench(sub):
     p.add_argument("--steps", type=int, default=10, help="training steps (or forward passes) per round")
     p.add_argument("--compile", action="store_true", help="torch.compile the models before timing")
     p.add_argument("--no-tl", action="store_true", help="skip TransformerLens even when it is installed")
+    p.add_argument("--seeds", type=int, default=0, help="also time N seeds one after another against the same "
+                   "N stacked into one model")
     p.add_argument("--scaling", action="store_true", help="also the scaling table: training tokens/s by "
                    "model and context length")
     p.add_argument("--scaling-models", default="gpt1l,gpt2l,gpt3l,gpt6l,gpt12l", help="comma-separated")
