@@ -20,3 +20,20 @@ def cli(*args, env=None, cwd=None, timeout=300):
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+PLUGINS = ROOT / "tests" / "plugins"
+#: the example plugin packages the README and docs/plugins.md show, installed together once per session
+EXAMPLE_PACKAGES = ("iclbench-sine", "iclbench-examples")
+
+
+@pytest.fixture(scope="session")
+def installed_plugins(tmp_path_factory):
+    """pip-install the example third-party packages into one directory (no network, no deps, one pip call);
+    returns the environment that puts them on the path."""
+    target = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), *(str(PLUGINS / p) for p in EXAMPLE_PACKAGES)],
+                   check=True, cwd=build, capture_output=True)
+    return {"PYTHONPATH": str(target)}

@@ -1,8 +1,6 @@
 """Discovery through entry points, exactly as a user installs a plugin."""
 
 import re
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -18,14 +16,9 @@ EXAMPLE = ROOT / "tests" / "plugins" / "iclbench-sine"
 
 
 @pytest.fixture(scope="module")
-def installed_example(tmp_path_factory):
-    """pip-install the example third-party package into its own directory (no network, no deps)."""
-    target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(EXAMPLE)], check=True, cwd=build,
-                   capture_output=True)
-    return {"PYTHONPATH": str(target)}
+def installed_example(installed_plugins):
+    """The example packages (the sine task among them), pip-installed once per session (conftest)."""
+    return installed_plugins
 
 
 def test_installed_plugin_is_listed_and_runs(installed_example, tmp_path):
