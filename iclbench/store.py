@@ -6,13 +6,18 @@ run never leaves a half-written file; ``metrics.json`` is written last and marks
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import platform
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -23,21 +28,189 @@ METRICS, CONFIG, STATUS, LOG, CHECKPOINT = "metrics.json", "config.yaml", "statu
 #: the whole training state of an unfinished run (model, optimizer, step, data RNG, log position); removed
 #: when the run completes
 TRAIN_STATE = "train_state.pt"
+#: held (``flock``) by the one process writing a run directory, for the whole run; removed when it ends
+LOCK = ".lock"
+#: suffix of the temporary files :func:`write_atomic` renames into place (``.<name>.<random>.tmp``)
+TMP_SUFFIX = ".tmp"
+
+_umask_lock = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (``0o666 & ~umask``), as ``open`` would give it."""
+    with _umask_lock:  # reading the umask means setting it; no other thread of ours may see the interim
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_error(path: Path, exc: OSError, what: str = "write"):
+    from .errors import ICLBenchError
+
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and not path.parent.is_dir():
+        return ICLBenchError(f"cannot {what} {str(path)!r}: {str(path.parent)!r} exists and is not a directory")
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (free some space and rerun: nothing complete was lost)"
+    return ICLBenchError(f"cannot {what} {str(path)!r}: {reason}")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` whole or not at all: a temporary file in the same directory (created exclusively, so
+    never through a symlink), fsynced, given the umask's mode, renamed over ``path`` (a symlink there is
+    replaced, its target untouched). An OS error (disk full, read-only, not a directory) is one line
+    naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())  # mkstemp gives 0600 whatever the umask
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
         raise
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of writes that were killed halfway (call only while holding the lock)."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "probes"):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and not p.is_dir():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def open_log(path: Path, keep: int | None = None):
+    """``train.log`` opened for appending, line-buffered, never through a symlink.
+
+    ``keep=None``: a new log (whatever was there, a symlink included, is replaced, its target untouched).
+    ``keep=N``: continue the existing log after its first N bytes; raises :class:`DamagedRun` naming the file
+    when it is missing, not a regular file, or shorter than N."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    if keep is None:
+        path.unlink(missing_ok=True)
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+    else:
+        try:
+            fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise DamagedRun(f"{path}: cannot continue the log ({exc.strerror}"
+                             + (", a symlink" if path.is_symlink() else "") + ")") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < keep:
+            os.close(fd)
+            raise DamagedRun(f"{path}: not a regular file or shorter ({info.st_size} bytes) than the checkpoint "
+                             f"recorded ({keep})")
+        os.ftruncate(fd, keep)
+    return os.fdopen(fd, "a", buffering=1)
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; a FIFO, device or directory raises :class:`DamagedRun`
+    instead of blocking a reader."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DamagedRun(f"cannot read {path.name}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DamagedRun(f"{path.name} is not a regular file")
+        try:
+            return f.read()
+        except OSError as exc:
+            raise DamagedRun(f"cannot read {path.name}: {exc.strerror}") from None
+
+
+def read_json(path: Path, kind: type | None = dict):
+    """JSON from a regular file, checked to be a ``kind`` (dict by default); :class:`DamagedRun` otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(read_regular(path))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DamagedRun(f"unreadable {path.name}: {exc}") from None
+    if kind is not None and not isinstance(data, kind):
+        raise DamagedRun(f"{path.name} holds {type(data).__name__}, not a {kind.__name__}")
+    return data
+
+
+class RunBusy(Exception):
+    """Another process holds the run directory's lock."""
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run directory's OS lock (``flock`` on ``.lock``) for the ``with`` block: one writer per run.
+
+    Non-blocking: raises :class:`RunBusy` naming the holder. The kernel drops the lock when its process
+    dies (kill -9 included), so a lock is never stale; the file is removed on a clean exit."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink put in its place: remove it, never lock through it
+                path.unlink(missing_ok=True)
+                continue
+            raise _write_error(path, exc, "lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise RunBusy(holder or "another process") from None
+        try:  # the file we locked may have been removed by its previous holder in between: lock the new one
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding it: a waiting process then finds a fresh file
+        os.close(fd)
+
+
+def process_start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc; None where unknown), so that a
+    recorded pid taken over by another process is not mistaken for the run's."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
 
 
 def write_json(path: Path, obj) -> None:
@@ -117,23 +290,58 @@ class DamagedRun(Exception):
 
 
 def read_run(run_dir: Path) -> dict:
-    """The metrics of a complete run; raises :class:`DamagedRun` saying what is wrong otherwise."""
+    """The metrics of a complete run; raises :class:`DamagedRun` saying what is wrong otherwise (never
+    blocks on a FIFO or crashes on JSON of the wrong shape)."""
     run_dir = Path(run_dir)
     metrics = run_dir / METRICS
     if not metrics.exists():
         status = run_dir / STATUS
         if status.exists():
             try:
-                info = json.loads(status.read_text())
+                info = read_json(status)
+            except DamagedRun:
+                info = None
+            if info is not None:
                 raise DamagedRun(f"run did not finish: {info.get('status', '?')} ({info.get('message', '')})")
-            except (ValueError, OSError):
-                pass
         raise DamagedRun("no metrics.json (run incomplete or interrupted)")
     try:
-        data = json.loads(metrics.read_text())
-    except (ValueError, OSError) as exc:
-        raise DamagedRun(f"unreadable metrics.json: {exc}") from None
+        data = read_json(metrics)
+    except DamagedRun as exc:
+        raise DamagedRun(str(exc) if str(exc).startswith("unreadable") else f"unreadable metrics.json: {exc}") \
+            from None
     for key in ("task", "model", "seed", "summary", "config"):
         if key not in data:
             raise DamagedRun(f"metrics.json lacks '{key}'")
+    summary = data["summary"]
+    if not isinstance(summary, dict) or not all(isinstance(v, dict) and "mean" in v for v in summary.values()) \
+            or "model" not in summary:
+        raise DamagedRun("metrics.json: 'summary' is not a table of predictors with a mean each")
     return data
+
+
+#: a model error this many times the all-zeros predictor's (or the prior mean's, whichever is larger) is
+#: not a result but a broken run (divergence the loss check did not catch, an lr far too high)
+ABSURD_FACTOR = 10.0
+
+
+def unstable_reason(metrics: dict) -> str | None:
+    """Why a complete run's headline cannot be trusted (non-finite, or absurdly above the zero predictor),
+    or None."""
+    import math
+
+    try:
+        err = float(metrics["summary"]["model"]["mean"])
+    except (KeyError, TypeError, ValueError):
+        return "no model error recorded"
+    if not math.isfinite(err):
+        return f"model error is {err}"
+    zero = (metrics.get("reference") or {}).get("zero") or {}
+    try:
+        ref = max(1.0, float(zero.get("mean", 1.0)))
+    except (TypeError, ValueError):
+        ref = 1.0
+    if not math.isfinite(ref):
+        ref = 1.0
+    if err > ABSURD_FACTOR * ref:
+        return f"model error {err:.4g} is over {ABSURD_FACTOR:g}x the zero predictor's ({ref:.4g})"
+    return None

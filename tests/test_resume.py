@@ -120,14 +120,13 @@ def test_checkpoint_from_another_device_or_a_live_process_is_refused(tmp_path):
     with pytest.raises(ICLBenchError, match="written on cuda, this run is on cpu"):
         earlier_attempt(tmp_path, CPU, resume=False, force=False)
     assert earlier_attempt(tmp_path, CPU, resume=True, force=True) is None  # --force starts afresh
+    # a stale status whose pid now belongs to another (live) process does not block the run: the lock decides
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         store.write_json(tmp_path / store.STATUS, {"status": "running", "pid": sleeper.pid,
                                                    "host": socket.gethostname()})
-        with pytest.raises(ICLBenchError, match=f"being computed by process {sleeper.pid}"):
+        with pytest.raises(ICLBenchError, match="written on cuda"):
             earlier_attempt(tmp_path, CPU, resume=False, force=False)
     finally:
         sleeper.kill()
         sleeper.wait()
-    with pytest.raises(ICLBenchError, match="written on cuda"):  # dead: on to its checkpoint
-        earlier_attempt(tmp_path, CPU, resume=False, force=False)
