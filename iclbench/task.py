@@ -67,6 +67,11 @@ class Task:
     #: training options this task needs to be learned in a default run (e.g. ``{"steps": 6000}``); applied
     #: before the config file, ``--steps`` and ``--set``, so users still override them
     train_defaults: ClassVar[dict] = {}
+    #: the latents that *are* the sequence's rule (a, b; w; A, b; ...), which the linear probe reads back
+    #: from the residual stream. Per-example quantities (answers, clean states) are not rule latents: their
+    #: R² only says the model sees its own inputs. ``None`` (a plugin that does not say): every ``[B]`` or
+    #: ``[B, k]`` latent that is not per position; ``()``: the task has no identifiable rule to probe.
+    rule_latents: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -94,6 +99,14 @@ class Task:
     def baselines(self) -> dict[str, Callable[[Batch], torch.Tensor]]:
         """Classical predictors by name; see :class:`Baseline` for the no-peeking contract."""
         return {}
+
+    def rule_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The task seen as in-context linear regression, for the algorithm ladder's gradient-descent rungs
+        (Akyürek et al. 2022, von Oswald et al. 2023): ``(phi [B, T, k], examples [T] bool)`` such that the
+        rule maps ``phi[:, t]`` to ``targets[:, t]`` (exactly, or as its best linear description), and at
+        position ``t`` the examples ``s < t`` with ``examples[s]`` are known. ``None`` (the default): no
+        linear view; the ladder then holds only the task's baselines."""
+        return None
 
     def curriculum(self, step: int, steps: int) -> dict:
         """Option changes in force at training step ``step`` of ``steps``, for a task that is learned more

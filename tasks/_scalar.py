@@ -21,6 +21,14 @@ class Recurrence(Task):
     """Shared shape of the scalar tasks: one value per position, every position scored."""
 
     score_from = 3
+    #: ``features(y [B, T]) -> [B, T, k]``: the regressors of one transition, built causally (the rule maps
+    #: them at t to y_{t+1}); gives :meth:`rule_features` for the algorithm ladder
+    transition_features = None
+
+    def rule_features(self, batch):
+        if self.transition_features is None:
+            return None
+        return type(self).transition_features(batch.inputs[..., 0].double()).float(), batch.mask
 
     @property
     def d_in(self):

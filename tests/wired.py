@@ -61,9 +61,9 @@ def _sigma():
     return math.sqrt((2 * C ** 2 + 2 * P ** 2) / D + 1e-5)
 
 
-def _wire_head(block, head, *, attend, write):
-    """Head ``head`` attends to the ``attend`` token ("current" or "previous"), reads x, writes
-    ``write * x`` into the output channel."""
+def _wire_head(block, head, *, attend, write, read=0):
+    """Head ``head`` attends to the ``attend`` token ("current" or "previous"), reads x (the value held in
+    residual dims ``read``/``read + 1``), writes ``write * x`` into the output channel."""
     s = _sigma()
     qkv, out = block.attn.qkv.weight, block.attn.out.weight
     q, k, v = (slice(i * D + head * D_HEAD, i * D + (head + 1) * D_HEAD) for i in range(3))
@@ -76,15 +76,68 @@ def _wire_head(block, head, *, attend, write):
     q_rows = qkv[q.start:q.start + 2]  # R(-shift) (cos t, sin t) = (cos(t - shift), sin(t - shift))
     q_rows[0] = g * (math.cos(shift) * cos_in + math.sin(shift) * sin_in)
     q_rows[1] = g * (-math.sin(shift) * cos_in + math.cos(shift) * sin_in)
-    qkv[v.start, 0], qkv[v.start, 1] = s / 2, -s / 2  # v = x
+    qkv[v.start, read], qkv[v.start, read + 1] = s / 2, -s / 2  # v = x
     out[8, head * D_HEAD], out[9, head * D_HEAD] = write, -write
 
 
+def _wire_similarity_head(block, head, strength):
+    """Add ``strength * x_q * x_k`` to head ``head``'s score of key k for query q (negative: it looks away
+    from similar values), on top of any positional pattern the head has."""
+    s = _sigma()
+    qkv = block.attn.qkv.weight
+    q, k = (slice(i * D + head * D_HEAD, i * D + (head + 1) * D_HEAD) for i in range(2))
+    g = math.sqrt(abs(strength) * math.sqrt(D_HEAD))
+    row = 2  # rows 0/1 of the head's q and k may hold a positional pattern (_wire_head); this adds to it
+    qkv[q.start + row, 0], qkv[q.start + row, 1] = g * s / 2, -g * s / 2  # q = g x
+    sign = 1.0 if strength > 0 else -1.0
+    qkv[k.start + row, 0], qkv[k.start + row, 1] = sign * g * s / 2, -sign * g * s / 2  # k = ±g x
+
+
+class LeakTask(Task):
+    """Affine recurrences (the seed task's rule) whose input at t also carries the answer y_{t+1} in a
+    second channel, so a hand-wired layer can write the answer without computing it. Its answer correlates
+    with copy-last (≈ 0.87 at the scored positions), so a test that calls every layer correlating with
+    copy-last a copier is fooled by a layer that reads the leak."""
+
+    name = "leak"
+    description = "affine recurrences with the answer leaked in a second input channel (test task)"
+    Options = RampOptions
+    score_from = 3
+    d_in, d_out = 2, 1
+
+    @property
+    def context_len(self):
+        return self.options.context_len
+
+    def sample(self, n, generator, device="cpu"):
+        from iclbench.tasks.affine import AffineOptions, AffineTask
+
+        inner = AffineTask(AffineOptions(context_len=self.options.context_len)).sample(n, generator, device)
+        return Batch(torch.cat([inner.inputs, inner.targets], -1), inner.targets, inner.mask, inner.latents)
+
+    def normalizer(self, device="cpu"):
+        from iclbench.tasks.affine import AffineOptions, AffineTask
+
+        return AffineTask(AffineOptions(context_len=self.options.context_len)).normalizer(device)
+
+    def baselines(self):
+        return {"copy_last": lambda batch: batch.inputs[..., :1].clone(),
+                "bayes": lambda batch: batch.inputs[..., 1:].clone()}
+
+
 @torch.no_grad()
-def wired_gpt(copy_layer=0, refine_layer=2, n_layers=3, context_len=8) -> GPT:
+def wired_gpt(copy_layer=0, refine_layer=2, n_layers=3, context_len=8, predict_layer=None,
+              similarity=None, leak_layer=None, d_in=1) -> GPT:
     """A GPT (the registered architecture, unchanged) with weights set by hand; see the module docstring.
-    ``refine_layer=None`` leaves only the copy head."""
-    model = GPT(GPTOptions(n_layers=n_layers, d_model=D, n_heads=H, d_mlp=4), 1, 1, context_len)
+    ``refine_layer=None`` leaves only the copy head. ``predict_layer=L``: instead of copying, layer L
+    writes the answer 2 x_t - x_{t-1} itself (a current-token head and an anti-copy head; the "predict,
+    don't copy" layer that correlates with copy-last without copying). ``similarity=(layer, head,
+    strength)`` adds ``strength * x_q * x_k`` to that head's scores (on its own, a head that writes nothing;
+    on the anti-copy head L2H1, a negative-similarity head that still attends to the previous token).
+    ``leak_layer=L`` (for :class:`LeakTask`, two input channels): layer L's head 0 writes the leaked answer
+    instead of copying."""
+    d_in = 2 if leak_layer is not None else d_in  # d_in=2: inputs as LeakTask's (the second one unread)
+    model = GPT(GPTOptions(n_layers=n_layers, d_model=D, n_heads=H, d_mlp=4), d_in, 1, context_len)
     for p in model.parameters():
         p.zero_()
     for norm in [model.ln_final] + [m for b in model.blocks for m in (b.ln1, b.ln2)]:
@@ -95,7 +148,16 @@ def wired_gpt(copy_layer=0, refine_layer=2, n_layers=3, context_len=8) -> GPT:
     model.pos_embed.weight[:, 4], model.pos_embed.weight[:, 5] = P * torch.cos(THETA * t), -P * torch.cos(THETA * t)
     model.pos_embed.weight[:, 6], model.pos_embed.weight[:, 7] = P * torch.sin(THETA * t), -P * torch.sin(THETA * t)
     model.unembed.weight[0, 8], model.unembed.weight[0, 9] = _sigma() / 2, -_sigma() / 2
-    _wire_head(model.blocks[copy_layer], 0, attend="current", write=1.0)  # the copy head
+    if leak_layer is not None:
+        model.embed.weight[10, 1], model.embed.weight[11, 1] = 1.0, -1.0
+        _wire_head(model.blocks[leak_layer], 0, attend="current", write=1.0, read=10)
+    elif predict_layer is not None:
+        _wire_head(model.blocks[predict_layer], 0, attend="current", write=2.0)
+        _wire_head(model.blocks[predict_layer], 1, attend="previous", write=-1.0)
+    elif copy_layer is not None:
+        _wire_head(model.blocks[copy_layer], 0, attend="current", write=1.0)  # the copy head
+    if similarity is not None:
+        _wire_similarity_head(model.blocks[similarity[0]], similarity[1], similarity[2])
     if refine_layer is not None:
         _wire_head(model.blocks[refine_layer], 0, attend="current", write=1.0)
         _wire_head(model.blocks[refine_layer], 1, attend="previous", write=-1.0)  # the anti-copy head

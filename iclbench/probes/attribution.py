@@ -62,14 +62,37 @@ def contributions(model, batch) -> tuple[dict[tuple, torch.Tensor], dict[tuple, 
     return out, attended, pred.float()
 
 
-def head_flag(corr_attended, size, target_sd) -> str:
+def head_flag(corr_attended, size, target_sd, current=None, previous=None) -> str:
+    """``anti_copy`` / ``copy`` by the sign of the correlation of the head's write with what it attends to;
+    a positive head is ``copy`` only when it attends mostly to the current token (the last input, what
+    copy-last predicts) and ``previous_token`` when mostly to the one before: a previous-token head writes
+    what it reads too, but that is not copying the last value."""
     if corr_attended is None or size < FLAG_MIN_SIZE * target_sd:
         return ""
     if corr_attended <= -FLAG_CORRELATION:
         return "anti_copy"
     if corr_attended >= FLAG_CORRELATION:
-        return "copy"
+        if previous is not None and previous >= 0.5:
+            return "previous_token"
+        if current is None or current >= 0.5:
+            return "copy"
     return ""
+
+
+@torch.no_grad()
+def attention_mass(model, batch, scored) -> dict[tuple[int, int], tuple[float, float]]:
+    """``{(layer, head): (mass on the current token, mass on the previous one)}`` over scored positions."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
+    _, cache = model.run_with_cache(batch.inputs, names_filter=names)
+    q = scored[scored >= 1].to(batch.inputs.device)
+    out = {}
+    for l, name in enumerate(names):
+        pattern = cache[name].float()  # [B, H, T, T]
+        current = pattern[:, :, q, q].mean((0, 2))
+        previous = pattern[:, :, q, q - 1].mean((0, 2))
+        for h in range(model.n_heads):
+            out[(l, h)] = (float(current[h]), float(previous[h]))
+    return out
 
 
 def attribution_table(model, task, batch, parts=None) -> tuple[pd.DataFrame, dict]:
@@ -81,6 +104,7 @@ def attribution_table(model, task, batch, parts=None) -> tuple[pd.DataFrame, dic
     target = batch.targets.float()[:, scored]
     target_sd = float(target.std())
     total = sum(parts.values())
+    looks = attention_mass(model, batch, scored) if has_heads(model) else {}
     rows = []
     for (kind, layer, head), c in parts.items():
         c = c[:, scored]
@@ -94,7 +118,10 @@ def attribution_table(model, task, batch, parts=None) -> tuple[pd.DataFrame, dic
             "corr_copy_last": corr(c, copy_last[:, scored]) if copy_last is not None and copy_last.shape ==
             batch.targets.shape else None,
             "corr_attended": corr_att,
-            "flag": head_flag(corr_att, size, target_sd) if kind == "head" else "",
+            "attn_current": looks.get((layer, head), (None, None))[0],
+            "attn_previous": looks.get((layer, head), (None, None))[1],
+            "flag": head_flag(corr_att, size, target_sd, *looks.get((layer, head), (None, None)))
+            if kind == "head" else "",
         })
     table = pd.DataFrame(rows)
     heads = table[table.kind == "head"]
@@ -104,6 +131,7 @@ def attribution_table(model, task, batch, parts=None) -> tuple[pd.DataFrame, dic
         "sum_check_max_abs": clean(float(((pred - total) - (pred - total).mean((0, 1))).abs().max())),
         "anti_copy_heads": heads[heads.flag == "anti_copy"].component.tolist(),
         "copy_heads": heads[heads.flag == "copy"].component.tolist(),
+        "previous_token_heads": heads[heads.flag == "previous_token"].component.tolist(),
         "components": {r["component"]: {k: clean(r[k]) for k in ("rms", "corr_copy_last", "corr_attended")}
                        | {"flag": r["flag"]} for r in rows},
         "thresholds": {"flag_correlation": FLAG_CORRELATION, "flag_min_size_of_target_sd": FLAG_MIN_SIZE},

@@ -6,13 +6,15 @@ from iclbench import hookimpl
 from .ablation import Ablation
 from .attention import AttentionStats
 from .attribution import DirectAttribution
+from .ladder import AlgorithmLadder
 from .lens import LayerLens
 from .linear_probe import LinearProbes
 from .patching import ActivationPatching
+from .similarity import SimilarityHeads
 from .specialization import Specialization
 
 
 @hookimpl
 def iclbench_probes():
-    return [LayerLens, Ablation, DirectAttribution, AttentionStats, LinearProbes, ActivationPatching,
-            Specialization]
+    return [LayerLens, AlgorithmLadder, Ablation, DirectAttribution, AttentionStats, SimilarityHeads, LinearProbes,
+            ActivationPatching, Specialization]

@@ -100,19 +100,24 @@ def r_squared(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_latents(task, batch: Batch) -> dict[str, torch.Tensor]:
-    """The latents that are the sequence's rule (a, b, w, ...), as ``[B, k]``. A task may name them in a
-    ``rule_latents`` attribute; otherwise every 1-D latent and every 2-D one that is not per position
-    (``[B, T]`` or ``[B, T+1]``, e.g. clean states) is taken."""
+    """The latents that are the sequence's rule, each flattened to ``[B, k]`` (a matrix ``A [B, d, d]``
+    becomes ``[B, d*d]``). The task names them in ``rule_latents`` (see :class:`iclbench.Task`); a task
+    that does not say gets every ``[B]`` latent and every ``[B, k]`` one that is not per position."""
     T = batch.inputs.shape[1]
     named = getattr(task, "rule_latents", None)
     out = {}
     for name, value in batch.latents.items():
         if not torch.is_tensor(value) or (named is not None and name not in named):
             continue
-        if value.ndim == 1:
+        if named is not None:
+            out[name] = value.reshape(len(value), -1).float()
+        elif value.ndim == 1:
             out[name] = value[:, None].float()
-        elif value.ndim == 2 and (named is not None or value.shape[1] not in (T, T + 1)):
+        elif value.ndim == 2 and value.shape[1] not in (T, T + 1):
             out[name] = value.float()
+    missing = set(named or ()) - set(out)
+    if missing:
+        raise ValueError(f"task '{task.name}' declares rule latents {sorted(missing)} that its batch lacks")
     return out
 
 

@@ -14,8 +14,13 @@ import torch
 
 from iclbench import Probe, ProbeResult
 
-from .common import (baselines, clean, mean_over, probe_batch, residual_sites, ridge_fit, ridge_predict,
-                     scored_positions, sq_error)
+from .common import (baselines, clean, probe_batch, residual_sites, ridge_fit, ridge_predict, scored_positions,
+                     sq_error)
+from .stats import mean_with_ci, resample_weights
+
+#: ridge of the tuned lens, relative to the mean feature variance: enough to keep the 2 x d_model features
+#: from fitting noise on a few thousand rows, small enough to represent the model's own read-out
+LENS_RIDGE = 1e-4
 
 
 def lens_features(resid: torch.Tensor) -> torch.Tensor:
@@ -27,32 +32,40 @@ def lens_features(resid: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lens_predictions(model, fit_batch, test_batch) -> dict[str, dict[int, torch.Tensor]]:
+def lens_predictions(model, task, fit_batch, test_batch) -> dict[str, dict[int, torch.Tensor]]:
     """``{"logit": {layer: pred}, "tuned": {layer: pred}}`` on ``test_batch``; layer -1 is the embedding.
-    The tuned lens of each layer is one affine map of :func:`lens_features` shared by all positions,
-    fitted on ``fit_batch``."""
+
+    The tuned lens of each layer is one affine map of :func:`lens_features` shared by all positions, fitted
+    on the *scored* positions of ``fit_batch`` (other sequences than the test batch). Fitting it on unscored
+    positions too (answer tokens, the first positions, whose targets are unpredictable) spends its capacity
+    where nothing is judged: after the last layer it then reads out worse than the model itself, although
+    the model's own read-out is one of the maps it can represent."""
     sites = residual_sites(model)
     names = [name for _, name in sites]
     _, fit_cache = model.run_with_cache(fit_batch.inputs, names_filter=names)
     _, test_cache = model.run_with_cache(test_batch.inputs, names_filter=names)
+    positions = scored_positions(task, fit_batch).to(fit_batch.inputs.device)
     d_out = fit_batch.targets.shape[-1]
+    targets = fit_batch.targets[:, positions].reshape(-1, d_out)
     out = {"logit": {}, "tuned": {}}
     for layer, name in sites:
         out["logit"][layer] = model.readout(test_cache[name]).float()
-        x = lens_features(fit_cache[name])
-        affine = ridge_fit(x.reshape(-1, x.shape[-1]), fit_batch.targets.reshape(-1, d_out))
+        x = lens_features(fit_cache[name][:, positions])
+        affine = ridge_fit(x.reshape(-1, x.shape[-1]), targets, LENS_RIDGE)
         out["tuned"][layer] = ridge_predict(lens_features(test_cache[name]), affine).float()
     return out
 
 
-def lens_distances(task, model, fit_batch, test_batch) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
-    """``{lens: {layer: {reference: [T] mean normalized squared distance}}}``; references are ``target``,
-    ``model`` (the final output) and each baseline."""
+def lens_distances(task, model, fit_batch, test_batch, per_sequence: bool = False):
+    """``{lens: {layer: {reference: distance}}}``: normalized squared distance ``[T]`` averaged over the
+    test sequences (``[B, T]`` per sequence with ``per_sequence``); references are ``target``, ``model``
+    (the final output) and each baseline."""
     norm = task.normalizer(test_batch.inputs.device)
     refs = {"target": test_batch.targets, "model": model(test_batch.inputs).detach()}
     refs.update(baselines(task, test_batch))
-    preds = lens_predictions(model, fit_batch, test_batch)
-    return {lens: {layer: {ref: sq_error(p, r, norm).mean(0) for ref, r in refs.items()}
+    preds = lens_predictions(model, task, fit_batch, test_batch)
+    reduce = (lambda d: d) if per_sequence else (lambda d: d.mean(0))  # noqa: E731
+    return {lens: {layer: {ref: reduce(sq_error(p, r, norm)) for ref, r in refs.items()}
                    for layer, p in per_layer.items()}
             for lens, per_layer in preds.items()}
 
@@ -71,23 +84,26 @@ class LayerLens(Probe):
     def run(self, model, task, generator, device):
         fit = probe_batch(task, self.n_sequences, generator, device)
         test = probe_batch(task, self.n_sequences, generator, device)
-        dist = lens_distances(task, model, fit, test)
-        scored = scored_positions(task, test)
+        dist = lens_distances(task, model, fit, test, per_sequence=True)
+        scored = scored_positions(task, test).to(test.inputs.device)
+        weights = resample_weights(len(test), generator)
         rows, summary = [], {}
         for lens, per_layer in dist.items():
             summary[lens] = {}
             for layer, per_ref in per_layer.items():
-                for ref, curve in per_ref.items():
+                for ref, d in per_ref.items():
+                    curve = d.mean(0)
                     rows += [{"lens": lens, "layer": layer, "position": t, "reference": ref, "distance": float(v)}
                              for t, v in enumerate(curve)]
-                means = {ref: clean(mean_over(c, scored)) for ref, c in per_ref.items()}
-                baseline_means = {r: v for r, v in means.items() if r not in ("target", "model")
-                                  and v is not None}
+                means = {ref: mean_with_ci(d[:, scored].mean(1), generator, weights) for ref, d in per_ref.items()}
+                baseline_means = {r: v["mean"] for r, v in means.items() if r not in ("target", "model")
+                                  and v["mean"] is not None}
                 summary[lens][str(layer)] = {
                     "error": means["target"],
                     "distance": means,
                     "nearest_baseline": min(baseline_means, key=baseline_means.get) if baseline_means else None,
                 }
-        summary["note"] = ("normalized squared distance averaged over scored positions; layer -1 = embedding; "
-                           "'error' = distance to the target")
+        summary["note"] = ("normalized squared distance averaged over scored positions, mean and 95% bootstrap "
+                           "interval over probe sequences; layer -1 = embedding; 'error' = distance to the target; "
+                           "the tuned lens is fitted on the scored positions of other sequences")
         return ProbeResult(pd.DataFrame(rows), summary)

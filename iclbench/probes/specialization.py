@@ -1,206 +1,305 @@
-"""Specialization: one role per layer, from the other probes' measurements, by the thresholds below.
+"""Specialization: what each layer does, and the seed paper's two claims, tested so they can fail.
 
-Roles, first match wins:
+Everything is measured on one set of probe sequences with one set of bootstrap resamples, so every score
+has an interval and differences between scores are paired. A claim reads ``holds`` when its interval clears
+its criterion, ``fails`` when it lies on the other side, ``inconclusive`` when it straddles it, ``n/a``
+when the task or model cannot test it (never a failure). Each verdict is also shown at other criteria.
 
-* ``copy`` — the layer writes the last input toward the output: its direct contribution to the prediction
-  (all its heads and its MLP, through the read-out) correlates with ``copy_last`` at >= ``copy_correlation``
-  and is not negligible (rms >= ``min_size`` of the target's standard deviation). Needs a ``copy_last``
-  baseline. What the layer *writes* decides, not what the residual after it holds (a layer that does nothing
-  after a copying layer leaves a copy behind); the logit lens's distance to ``copy_last`` is reported
-  beside it.
-* ``refine`` — the prediction readable from the residual (tuned lens) improves across the layer by at least
-  ``refine_relative`` of its error before the layer and at least ``refine_absolute``.
-* ``compute`` — no readable gain, but mean-ablating the layer's attention or MLP raises the error by at
-  least ``ablation_matters``: it builds something later layers use.
-* ``none`` — none of the above.
+Per layer (every task):
 
-The seed paper's (Bhargav & Gu 2024) two claims, checked per run:
+* ``role``: the algorithm its tuned-lens read-out is nearest to on the ladder (:mod:`.ladder`: copy-last,
+  GD-k, least squares, Bayes, ...), with the read-out's error and the relative refinement across the layer
+  (drop of the lens error from before to after it).
+* ``copy``: the layer's direct write (all heads and MLP through the read-out) regressed jointly on
+  ``y_t`` (copy-last), ``y_{t-1}`` and the Bayes prediction (the target where the task has none), with
+  intervals; also on the positions where copying and the answer disagree most (upper half of
+  |answer - y_t|). A layer that writes the answer correlates with copy-last (the target itself does, ≈ 0.87
+  on affine), but its copy coefficient does not dominate.
 
-1. ``claim_1_layer0_copies``: layer 0's role is ``copy``.
-2. ``claim_2_last_layer_refines_with_anti_copy_heads``: the last layer (layer 2 of the paper's 3) is
-   ``refine`` and holds an anti-copy head (see :mod:`.attribution`) whose mean-ablation raises the error by
-   at least ``ablation_matters``. ``..._any_later_layer`` relaxes "last" to "any layer after 0".
+The seed paper's claims (Bhargav & Gu 2024):
 
-A claim that cannot be tested on a task is ``None`` (no ``copy_last`` baseline; outputs not of the inputs'
-kind, as in linear regression, so "the values it attends to" are not predictions). Each flagged head's
-attention (previous / current token, similar-value lift) is reported beside it.
+1. ``claim_1``, layer 0 copies: in layer 0's write the copy coefficient exceeds the answer's
+   (``copy − answer`` > ``COPY_MARGIN``) and is positive. Needs ``copy_last`` (a task whose output is its
+   next input); ``n/a`` elsewhere.
+2. ``claim_2``, the last layer refines through negative-similarity heads: the layer refines (relative gain
+   > ``REFINE_MARGIN``), holds a negative-similarity head (:mod:`.similarity`, position controlled), whose
+   dependence is confirmed causally (swapping a key's value moves the score as fitted), and mean-ablating the
+   layer's negative-similarity heads together raises the model's error by more than ``ABLATION_MARGIN``
+   (relative). ``claim_2_any_later_layer`` asks the same of any layer after 0.
 
-``iclbench specialization`` combines these summaries over runs (:meth:`Specialization.cross_run_table`).
+``refines_with_depth`` (every task, from the ladder) is the generalized pattern: the read-out after the
+first block is worse than after the last one.
+
+``iclbench specialization`` combines these over runs (:meth:`Specialization.cross_run_table`): per
+(task, model) the labels per seed, and each key number's mean with an interval over training seeds, read
+against the same criteria.
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 import pandas as pd
 import torch
 
 from iclbench import Probe, ProbeResult
 
-from .ablation import ablation_errors
-from .attention import attention_stats
-from .attribution import FLAG_MIN_SIZE, attribution_table, contributions
-from .common import baselines, clean, corr, has_heads, has_mlp, probe_batch, scored_positions
-from .lens import lens_distances
+from .attribution import contributions
+from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
+from .ladder import REFINE_MARGIN, REFINE_SWEEP, ladder
+from .similarity import causal_slopes, similarity_heads
+from .stats import (FAILS, HOLDS, INCONCLUSIVE, NA, any_of, combine, estimate, regression_with_ci,
+                    resample_weights, sweep, verdict)
 
-THRESHOLDS = {
-    "copy_correlation": 0.8,
-    "min_size": FLAG_MIN_SIZE,
-    "refine_relative": 0.2,
-    "refine_absolute": 0.005,
-    "ablation_matters": 0.01,
-}
+#: claim 1: the copy coefficient must exceed the answer's by this much in layer 0's write
+COPY_MARGIN = 0.0
+COPY_SWEEP = (-0.5, -0.25, 0.0, 0.25, 0.5)
+#: claim 2: mean-ablating the negative-similarity heads must raise the model's error by this fraction
+ABLATION_MARGIN = 0.25
+ABLATION_SWEEP = (0.0, 0.1, 0.25, 1.0, 4.0)
+
+CRITERIA = {"copy_margin": COPY_MARGIN, "refine_margin": REFINE_MARGIN, "ablation_margin": ABLATION_MARGIN}
+
+
+def copy_signals(task, batch):
+    """``{"copy", "previous", "answer"}`` ``[B, T, d]``, or ``None`` when the task has no copy-last (its
+    outputs are not its next inputs)."""
+    found = baselines(task, batch)
+    if "copy_last" not in found or found["copy_last"].shape != batch.targets.shape:
+        return None
+    copy = found["copy_last"].float()
+    previous = torch.cat([torch.zeros_like(copy[:, :1]), copy[:, :-1]], 1)
+    answer = found["bayes"].float() if "bayes" in found and found["bayes"].shape == copy.shape \
+        else batch.targets.float()
+    return {"copy": copy, "previous": previous, "answer": answer}
+
+
+def copy_regression(response, signals, positions, generator, weights, subset=None) -> dict:
+    """Coefficients of ``response ≈ c + copy·y_t + previous·y_{t-1} + answer·ŷ`` over ``positions`` (rows
+    of ``subset`` only, when given), with intervals, and ``copy − answer``."""
+    names = ["copy", "previous", "answer"]
+    cols = [torch.ones_like(response)] + [signals[n] for n in names]
+    design = torch.stack(cols, -1)[:, positions]  # [B, P, d, 4]
+    y = response[:, positions]
+    if subset is not None:
+        keep = subset[:, positions].to(design.dtype)
+        design, y = design * keep[..., None], y * keep
+    B = design.shape[0]
+    fit = regression_with_ci(design.reshape(B, -1, 4), y.reshape(B, -1), generator, ["intercept"] + names,
+                             weights)
+    samples, point = fit.pop("_samples"), fit.pop("_point")
+    fit["copy_minus_answer"] = estimate(float(point[1] - point[3]), samples[:, 1] - samples[:, 3])
+    return fit
+
+
+def copies(fit: dict, margin: float = COPY_MARGIN) -> str:
+    """The copy coefficient exceeds the answer's by ``margin`` and is itself positive."""
+    return combine(verdict(fit["copy_minus_answer"]["ci"], margin), verdict(fit["copy"]["ci"], 0.0))
+
+
+@torch.no_grad()
+def ablated_error(model, task, batch, heads: list[tuple[int, int]]) -> torch.Tensor:
+    """Per-sequence error over the scored positions with ``heads`` mean-ablated together (their output
+    replaced by its mean over the batch at each position)."""
+    norm = task.normalizer(batch.inputs.device)
+    scored = scored_positions(task, batch).to(batch.inputs.device)
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+
+    def hook_for(hs):
+        def ablate(z, hook):
+            z = z.clone()
+            z[:, :, hs] = z[:, :, hs].mean(0, keepdim=True)
+            return z
+        return ablate
+
+    pred = model.run_with_hooks(batch.inputs, [(f"blocks.{l}.attn.hook_z", hook_for(hs))
+                                               for l, hs in by_layer.items()])
+    return sq_error(pred, batch.targets, norm)[:, scored].mean(1).double().cpu()
+
+
+def _head(name: str) -> tuple[int, int]:
+    return int(name[1:name.index("H")]), int(name[name.index("H") + 1:])
 
 
 def layer_roles(model, task, generator, device, n: int = 256) -> dict:
-    """The per-layer numbers behind each role, the roles, and the two claims."""
-    th = THRESHOLDS
+    """The per-layer measurements, the claims and their criteria sweeps (see the module docstring)."""
     fit, test = probe_batch(task, n, generator, device), probe_batch(task, n, generator, device)
-    scored = scored_positions(task, test)
-    lens = lens_distances(task, model, fit, test)
-    # correlations are cheap (one forward pass) and decide roles: measure them on 4x more sequences
-    wide = probe_batch(task, 4 * n, generator, device)
-    computed = contributions(model, wide)
-    parts = computed[0]
-    _, attribution = attribution_table(model, task, wide, computed)
-    copy_last = baselines(task, wide).get("copy_last")
-    if copy_last is not None and copy_last.shape != wide.targets.shape:
-        copy_last = None
-    anti = attribution["anti_copy_heads"]
-    which = [(k, l, -1) for l in range(model.n_layers) for k in (("attn", "mlp") if has_mlp(model, l)
-                                                                 else ("attn",))]
-    which += [("head", int(h[1:h.index("H")]), int(h[h.index("H") + 1:])) for h in anti]
-    clean_err, ablated = ablation_errors(model, task, test, which, methods=("mean",))
-    delta = {key[:3]: float((err - clean_err)[scored].mean()) for key, err in ablated.items()}
-    looks = {}  # where each flagged head attends: the paper's copy heads look at x_t, its refiners by similarity
-    if has_heads(model):
-        stats = attention_stats(model, test)
-        for h in attribution["copy_heads"] + anti:
-            l, i = int(h[1:h.index("H")]), int(h[h.index("H") + 1:])
-            looks[h] = {"prev": clean(stats["prev"][l, i, scored].mean()),
-                        "current": clean(stats["current"][l, i, scored].mean()),
-                        "similar_lift": clean(stats["similar"][l, i, scored].mean()
-                                              / stats["uniform_single"][l, i, scored].mean())}
+    scored = scored_positions(task, test).to(test.inputs.device)
+    weights = resample_weights(len(test), generator)
+    boot = lambda x: (weights @ x) / weights.sum(1)  # noqa: E731
+    L = model.n_layers
+
+    lad = ladder(model, task, fit, test, generator, weights)
+    errors = lad["_errors"]  # per-sequence tuned-lens error after each layer (-1: embedding)
+    norm = task.normalizer(test.inputs.device)
+    model_err = sq_error(model(test.inputs), test.targets, norm)[:, scored].mean(1).double().cpu()
+
+    def gain(l):
+        g = errors[l - 1] - errors[l]
+        return estimate(float(g.mean() / errors[l - 1].mean().clamp_min(1e-12)),
+                        boot(g) / boot(errors[l - 1]).clamp_min(1e-12))
+
+    parts = contributions(model, test)[0]
+    signals = copy_signals(task, test)
+    if signals is not None:
+        gap = (signals["answer"] - signals["copy"]).abs()
+        disagree = gap >= gap[:, scored].median()
+
+    heads_ok = has_heads(model) and "blocks.0.attn.hook_attn_scores" in model.hook_points() and L > 1
+    sim = similarity_heads(model, task, test, generator, weights, layers=list(range(1, L))) if heads_ok \
+        else {"heads": {}}
+    negative = [_head(h) for h, e in sim["heads"].items() if e["label"] == "negative"]
+    causal = causal_slopes(model, task, test, sim, negative, generator, weights) if negative else {}
 
     layers = []
-    for l in range(model.n_layers):
-        own = sum(c for (kind, layer, _), c in parts.items() if layer == l)
-        size = float(own[:, scored].pow(2).mean().sqrt())
-        big_enough = size >= th["min_size"] * attribution["target_sd"]
-        copy_corr = corr(own[:, scored], copy_last[:, scored]) if copy_last is not None else None
-        logit = lens["logit"][l]
-        copy_dist = float(logit["copy_last"][scored].mean()) if "copy_last" in logit else None
-        before = float(lens["tuned"][l - 1]["target"][scored].mean())
-        after = float(lens["tuned"][l]["target"][scored].mean())
-        gain = before - after
-        abl = max(delta[(k, l, -1)] for k in ("attn", "mlp") if (k, l, -1) in delta)
-        heads = [h for h in anti if h.startswith(f"L{l}H")]
-        if big_enough and copy_corr is not None and copy_corr >= th["copy_correlation"]:
-            role = "copy"
-        elif gain >= th["refine_absolute"] and gain >= th["refine_relative"] * before:
-            role = "refine"
-        elif abl >= th["ablation_matters"]:
-            role = "compute"
-        else:
-            role = "none"
-        layers.append({
-            "layer": l, "role": role,
-            "direct_rms": clean(size), "direct_copy_corr": clean(copy_corr),
-            "logit_lens_copy_distance": clean(copy_dist),
-            "tuned_error_before": clean(before), "tuned_error_after": clean(after),
-            "ablation_delta": clean(abl),
-            "copy_heads": [h for h in attribution["copy_heads"] if h.startswith(f"L{l}H")],
-            "anti_copy_heads": heads,
-            "anti_copy_head_ablation_delta": {h: clean(delta[("head", l, int(h.split("H")[1]))]) for h in heads},
-            "flagged_head_attention": {h: v for h, v in looks.items() if h.startswith(f"L{l}H")},
-        })
+    for l in range(L):
+        write = sum(c for (kind, layer, _), c in parts.items() if layer == l)
+        entry = {"layer": l, "role": lad["layers"][l + 1]["nearest"],
+                 "indistinguishable": lad["layers"][l + 1]["indistinguishable"],
+                 "lens_error": lad["layers"][l + 1]["error"],
+                 "refinement": gain(l),
+                 "direct_rms": clean(float(write[:, scored].pow(2).mean().sqrt()))}
+        entry["refines"] = verdict(entry["refinement"]["ci"], REFINE_MARGIN)
+        if signals is not None:
+            entry["copy"] = copy_regression(write, signals, scored, generator, weights)
+            entry["copy_where_they_disagree"] = copy_regression(write, signals, scored, generator, weights,
+                                                                disagree)
+            entry["copies"] = copies(entry["copy"])
+        if l >= 1 and heads_ok:
+            entry.update(negative_similarity(model, task, test, l, sim, causal, model_err, boot, entry["refines"]))
+        layers.append(entry)
 
-    def refines_with_anti_copy(entry):
-        return entry["role"] == "refine" and any(v is not None and v >= th["ablation_matters"]
-                                                 for v in entry["anti_copy_head_ablation_delta"].values())
-
-    claim2_layers = [e["layer"] for e in layers[1:] if refines_with_anti_copy(e)]
-    # a claim that cannot be tested here is None, not False: no copy_last baseline, or outputs that are not
-    # the inputs' kind (anti-copy compares a head's write with the inputs it attends to)
-    testable_1 = copy_last is not None
-    testable_2 = has_heads(model) and model.n_layers > 1 and wide.inputs.shape[-1] == wide.targets.shape[-1]
-    return {
+    claim1 = NA
+    if signals is not None:
+        c0 = layers[0]["copy"]
+        claim1 = copies(c0)
+        lens_fit = copy_regression(lad["_lens"][0], signals, scored, generator, weights)
+    claim2 = [e.get("claim_2", NA) for e in layers[1:]]
+    summary = {
         "roles": [e["role"] for e in layers],
-        "claim_1_layer0_copies": layers[0]["role"] == "copy" if testable_1 else None,
-        "claim_2_last_layer_refines_with_anti_copy_heads": refines_with_anti_copy(layers[-1]) if testable_2 else None,
-        "claim_2_any_later_layer": bool(claim2_layers) if testable_2 else None,
-        "claim_2_layers": claim2_layers,
-        "model_error": clean(clean_err[scored].mean()),
+        "ladder": lad["ladder"],
+        "refines_with_depth": lad["refinement"],
+        "claim_1": {"verdict": claim1, "criterion": COPY_MARGIN} | (
+            {"copy_minus_answer": c0["copy_minus_answer"],
+             "where_they_disagree": layers[0]["copy_where_they_disagree"]["copy_minus_answer"],
+             "lens_after_layer0": lens_fit,
+             "sweep": {f"{m:g}": copies(c0, m) for m in COPY_SWEEP}} if signals is not None else {}),
+        "claim_2": {"verdict": claim2[-1] if claim2 else NA,
+                    "any_later_layer": any_of(claim2) if claim2 else NA,
+                    "layers_holding": [l + 1 for l, v in enumerate(claim2) if v == HOLDS]},
+        "model_error": estimate(float(model_err.mean()), boot(model_err)),
         "layers": layers,
-        "thresholds": dict(th),
+        "criteria": dict(CRITERIA),
     }
+    return summary
+
+
+def negative_similarity(model, task, test, layer, sim, causal, model_err, boot, refines) -> dict:
+    """Claim 2 at one layer: its negative-similarity heads, their causal check, the cost of ablating them."""
+    heads = {h: e for h, e in sim["heads"].items() if h.startswith(f"L{layer}H")}
+    labels = [e["label"] for e in heads.values()]
+    neg = [h for h, e in heads.items() if e["label"] == "negative"]
+    if neg:
+        found = HOLDS
+    elif all(label in ("none", "positive") for label in labels):
+        found = FAILS
+    else:
+        found = INCONCLUSIVE
+    out = {"similarity_heads": {h: {"label": e["label"], "effect": e["effect"]} for h, e in heads.items()},
+           "negative_heads": neg}
+    if not neg:
+        out["claim_2"] = combine(refines, found)
+        return out
+    cost = ablated_error(model, task, test, [_head(h) for h in neg]) - model_err
+    rel = estimate(float(cost.mean() / model_err.mean().clamp_min(1e-12)),
+                   boot(cost) / boot(model_err).clamp_min(1e-12))
+    out["causal"] = {h: causal[h] for h in neg if h in causal}
+    out["ablation_cost"] = rel
+    out["ablation_sweep"] = sweep(rel["ci"], ABLATION_SWEEP)
+    out["claim_2"] = combine(refines, found, any_of([c["verdict"] for c in out["causal"].values()]),
+                             verdict(rel["ci"], ABLATION_MARGIN))
+    return out
 
 
 class Specialization(Probe):
     name = "specialization"
-    description = "role per layer (copy, refine, compute, none) by documented thresholds; the seed paper's claims"
+    description = ("per layer: nearest algorithm, refinement, copy test; the seed paper's claims as holds / fails / "
+                   "inconclusive from intervals")
     n_sequences = 256
 
-    requires_hooks = ("blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post", "blocks.{layer}.hook_attn_out")
-    requires_attributes = ("readout",)
-
     def applies_to(self, task, model):
-        return "blocks.0.hook_attn_out" in model.hook_points() and model.n_layers >= 1
+        return "blocks.0.hook_attn_out" in model.hook_points() and "blocks.0.hook_resid_pre" in model.hook_points()
 
     def run(self, model, task, generator, device):
         summary = layer_roles(model, task, generator, device, self.n_sequences)
-        table = pd.DataFrame([{k: v for k, v in e.items() if not isinstance(v, (list, dict))}
-                              | {"anti_copy_heads": " ".join(e["anti_copy_heads"]),
-                                 "copy_heads": " ".join(e["copy_heads"])} for e in summary["layers"]])
-        return ProbeResult(table, summary)
+        rows = []
+        for e in summary["layers"]:
+            row = {"layer": e["layer"], "role": e["role"], "lens_error": e["lens_error"]["mean"],
+                   "refinement": e["refinement"]["mean"], "refinement_lo": e["refinement"]["ci"][0],
+                   "refinement_hi": e["refinement"]["ci"][1], "refines": e["refines"], "direct_rms": e["direct_rms"]}
+            if "copy" in e:
+                row.update({"copy_coef": e["copy"]["copy"]["mean"], "answer_coef": e["copy"]["answer"]["mean"],
+                            "previous_coef": e["copy"]["previous"]["mean"],
+                            "copy_minus_answer": e["copy"]["copy_minus_answer"]["mean"],
+                            "copy_minus_answer_lo": e["copy"]["copy_minus_answer"]["ci"][0],
+                            "copy_minus_answer_hi": e["copy"]["copy_minus_answer"]["ci"][1], "copies": e["copies"]})
+            row["negative_heads"] = " ".join(e.get("negative_heads", []))
+            row["claim_2"] = e.get("claim_2", NA)
+            rows.append(row)
+        return ProbeResult(pd.DataFrame(rows), summary)
 
     @classmethod
     def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame:
-        """One row per (task, model): roles per layer as 'role k/n' (most common over seeds), how many seeds
-        support each claim ("paper's pattern": holds = both claims in most seeds, partly = one), and the key
-        numbers as mean ± sd over seeds."""
+        """One row per (task, model): each claim's labels over seeds, and the key numbers as the mean over
+        seeds with a 95% bootstrap interval over seeds, labelled against the probe's own criteria (so the
+        row's verdict is about the population of trained models, not one seed)."""
         rows = []
-        depth = max(len(s["roles"]) for s in runs["summary"])  # one column per layer of the deepest model
         for (task, model), group in runs.groupby(["task", "model"], sort=True):
-            summaries = list(group["summary"])
+            summaries = [s for s in group["summary"] if isinstance(s, dict) and "claim_1" in s]
+            if not summaries:
+                continue
             n = len(summaries)
             row = {"task": task, "model": model, "seeds": n}
+            depth = max(len(s["roles"]) for s in summaries)
             for l in range(depth):
-                roles = Counter(s["roles"][l] for s in summaries if l < len(s["roles"]))
-                row[f"layer {l}"] = "{} {}/{}".format(*roles.most_common(1)[0], n) if roles else "—"
-            claim1 = _count(summaries, "claim_1_layer0_copies")
-            claim2 = _count(summaries, "claim_2_last_layer_refines_with_anti_copy_heads")
-            if claim1 is None and claim2 is None:
-                row["paper's pattern"] = "n/a"
-            else:
-                row["paper's pattern"] = {2: "holds", 1: "partly", 0: "no"}[
-                    (claim1 is not None and claim1 > n / 2) + (claim2 is not None and claim2 > n / 2)]
-            row["claim 1: layer 0 copies"] = _fraction(claim1, n)
-            row["claim 2: last layer refines via anti-copy heads"] = _fraction(claim2, n)
-            row["claim 2 (any later layer)"] = _fraction(_count(summaries, "claim_2_any_later_layer"), n)
-            row["L0 write~copy corr"] = _mean_sd([s["layers"][0]["direct_copy_corr"] for s in summaries])
-            row["last layer write~copy corr"] = _mean_sd([s["layers"][-1]["direct_copy_corr"] for s in summaries])
-            row["anti-copy heads/run"] = _mean_sd([sum(len(e["anti_copy_heads"]) for e in s["layers"])
-                                                    for s in summaries], digits=1)
-            row["model error"] = _mean_sd([s["model_error"] for s in summaries], digits=4)
+                roles = pd.Series([s["roles"][l] for s in summaries if l < len(s["roles"])]).value_counts()
+                row[f"layer {l}"] = f"{roles.index[0]} {roles.iloc[0]}/{n}" if len(roles) else "—"
+            for key, label in (("claim_1", "claim 1: layer 0 copies"), ("claim_2", "claim 2: last layer refines "
+                                                                                    "via neg.-similarity heads")):
+                seed_labels = [s[key]["verdict"] for s in summaries]
+                row[label] = across_seeds(seed_labels)
+            row["claim 2 (any later layer)"] = across_seeds([s["claim_2"]["any_later_layer"] for s in summaries])
+            row["refines with depth"] = across_seeds([s["refines_with_depth"]["verdict"] for s in summaries])
+            copy = [s["claim_1"]["copy_minus_answer"]["mean"] for s in summaries if "copy_minus_answer" in s["claim_1"]]
+            row["L0 copy − answer"] = seed_interval(copy, COPY_MARGIN)
+            row["refinement first→last"] = seed_interval(
+                [s["refines_with_depth"]["relative_gain"]["mean"] for s in summaries], REFINE_MARGIN)
+            row["model error"] = seed_interval([s["model_error"]["mean"] for s in summaries], None, digits=4)
             rows.append(row)
         return pd.DataFrame(rows)
 
 
-def _count(summaries, key):
-    """Seeds where the claim holds; None when no seed could test it."""
-    values = [s[key] for s in summaries if s.get(key) is not None]
-    return sum(values) if values else None
+def across_seeds(labels: list[str]) -> str:
+    """'holds 4/5 (inconclusive 1)': the per-seed labels counted; n/a only when no seed could test it."""
+    tested = [v for v in labels if v != NA]
+    if not tested:
+        return NA
+    counts = pd.Series(tested).value_counts()
+    head = f"{counts.index[0]} {counts.iloc[0]}/{len(labels)}"
+    rest = ", ".join(f"{k} {v}" for k, v in counts.iloc[1:].items())
+    return f"{head} ({rest})" if rest else head
 
 
-def _fraction(count, n):
-    return "n/a" if count is None else f"{count}/{n}"
-
-
-def _mean_sd(values, digits: int = 2) -> str:
+def seed_interval(values, criterion, digits: int = 2, replicates: int = 2000) -> str:
+    """'mean [lo, hi]' over training seeds (bootstrap over seeds), with the verdict against ``criterion``."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
-    t = torch.tensor(values, dtype=torch.float64)
-    sd = f" ± {float(t.std()):.{digits}f}" if len(values) > 1 else ""
-    return f"{float(t.mean()):.{digits}f}{sd}"
+    x = torch.tensor(values, dtype=torch.float64)
+    if len(values) == 1:
+        return f"{float(x[0]):.{digits}f} (1 seed)"
+    gen = torch.Generator().manual_seed(0)
+    w = resample_weights(len(x), gen, replicates)
+    est = estimate(float(x.mean()), (w @ x) / w.sum(1))
+    text = f"{est['mean']:.{digits}f} [{est['ci'][0]:.{digits}f}, {est['ci'][1]:.{digits}f}]"
+    return text if criterion is None else f"{text} {verdict(est['ci'], criterion)}"

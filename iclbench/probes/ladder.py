@@ -1,0 +1,155 @@
+"""Algorithm ladder: which known algorithm does each layer's read-out match?
+
+In the spirit of Akyürek et al. 2022 and von Oswald et al. 2023. Each layer's prediction is read from the
+residual stream by the tuned lens (:mod:`.lens`, fitted on the scored positions of other sequences) and
+compared with a ladder of estimators that use the same context, from crude to refined:
+
+* the task's own baselines (copy-last, the context mean, nearest neighbours, least squares, the Bayes
+  posterior mean where the task has one; oracles are left out: they see the rule);
+* ``gd_k``: k steps of gradient descent from 0 on the mean squared loss of the in-context examples, in the
+  task's linear view (:meth:`iclbench.Task.rule_features`), step size tuned per k on the fit sequences
+  (the best a k-step learner with one step size can do).
+
+Rungs are ordered by their own error (crude → refined). Per layer: the normalized squared distance to every
+rung with a bootstrap interval over probe sequences, the nearest rung, and which rungs cannot be told apart
+from it (paired interval of the difference includes 0). ``refines_with_depth``: the read-out after the first
+block is worse than after the last one by a relative margin whose interval clears ``REFINE_MARGIN``
+(holds / fails / inconclusive, with the verdict at other margins beside it).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from iclbench import Probe, ProbeResult
+
+from .common import baselines, probe_batch, scored_positions, sq_error
+from .lens import lens_predictions
+from .stats import estimate, interval, resample_weights, sweep, verdict
+
+GD_STEPS = (1, 2, 4, 16)
+#: step sizes tried for each k, as multiples of 1 / trace of the examples' second moment (stable below 2)
+GD_STEP_GRID = (0.125, 0.25, 0.5, 1.0, 1.5, 1.9)
+#: relative drop of the lens error from the first to the last block that counts as refinement
+REFINE_MARGIN = 0.2
+REFINE_SWEEP = (0.0, 0.1, 0.2, 0.5, 0.8)
+
+
+def gradient_descent(phi: torch.Tensor, targets: torch.Tensor, examples: torch.Tensor, steps: int,
+                     step_size: float) -> torch.Tensor:
+    """Prediction at every position after ``steps`` of gradient descent from ``w = 0`` on the mean squared
+    loss of the examples before it: ``phi [B, T, k]``, ``targets [B, T, m]``, ``examples [T]`` (bool).
+    Vectorised over the batch and every prefix through cumulative sufficient statistics (float64)."""
+    phi64, z = phi.double(), targets.double()
+    use = examples.to(phi64)[None, :, None]
+
+    def before(x):  # prefix sums over the examples s < t: shift the inclusive cumsum by one position
+        x = x.cumsum(1)
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+
+    count = before(examples.to(phi64)[None, :, None]).clamp_min(1)[..., None]  # [1, T, 1, 1]
+    xtx = before(torch.einsum("bti,btj->btij", phi64 * use, phi64)) / count
+    xtz = before(torch.einsum("bti,btm->btim", phi64 * use, z)) / count
+    # the step is relative to the trace of the examples' second moment, a bound on its largest eigenvalue, so
+    # that every step size in (0, 2) is stable whatever the number of examples
+    eta = step_size / torch.diagonal(xtx, dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)[..., None, None]
+    w = torch.zeros_like(xtz)
+    for _ in range(steps):
+        w = w - eta * (xtx @ w - xtz)
+    return (phi64[..., None] * w).sum(-2).to(targets.dtype)
+
+
+def gd_rungs(task, fit, test, positions_fit) -> dict[str, torch.Tensor]:
+    """``{"gd_k": predictions on test}`` with the step size of each k chosen on ``fit``."""
+    view_fit, view_test = task.rule_features(fit), task.rule_features(test)
+    if view_fit is None or view_test is None:
+        return {}
+    phi, examples = view_fit
+    examples = examples.to(torch.bool)
+    norm = task.normalizer(fit.inputs.device)
+    out = {}
+    for k in GD_STEPS:
+        best, best_err = None, float("inf")
+        for c in GD_STEP_GRID:
+            pred = gradient_descent(phi, fit.targets, examples, k, c)
+            err = float(sq_error(pred, fit.targets, norm)[:, positions_fit].mean())
+            if err < best_err:
+                best, best_err = c, err
+        out[f"gd_{k}"] = gradient_descent(view_test[0], test.targets, view_test[1].to(torch.bool), k, best)
+    return out
+
+
+@torch.no_grad()
+def ladder(model, task, fit, test, generator, weights=None) -> dict:
+    """The per-layer comparison described in the module docstring. ``weights``: bootstrap resampling counts
+    of the test sequences (shared with other scores so their intervals are paired)."""
+    norm = task.normalizer(test.inputs.device)
+    scored = scored_positions(task, test).to(test.inputs.device)
+    rungs = {**baselines(task, test), **gd_rungs(task, fit, test, scored_positions(task, fit))}
+    rungs = {n: p for n, p in rungs.items() if p.shape == test.targets.shape and torch.isfinite(p).all()}
+    weights = resample_weights(len(test), generator) if weights is None else weights
+
+    def per_sequence(pred, ref):
+        return sq_error(pred, ref, norm)[:, scored].mean(1).double().cpu()
+
+    def boot(x):
+        return (weights @ x) / weights.sum(1)
+
+    own = {n: per_sequence(p, test.targets) for n, p in rungs.items()}
+    order = sorted(rungs, key=lambda n: -float(own[n].mean()))  # crude (high error) → refined
+    lens = lens_predictions(model, task, fit, test)["tuned"]
+    layers, errors = [], {}
+    for layer, pred in lens.items():
+        err = per_sequence(pred, test.targets)
+        errors[layer] = err
+        dist = {n: per_sequence(pred, rungs[n]) for n in order}
+        nearest = min(order, key=lambda n: float(dist[n].mean()))
+        ties = [n for n in order if n == nearest or interval(boot(dist[n] - dist[nearest]))[0] <= 0]
+        layers.append({
+            "layer": layer,
+            "error": estimate(float(err.mean()), boot(err)),
+            "distance": {n: estimate(float(d.mean()), boot(d)) for n, d in dist.items()},
+            "nearest": nearest,
+            "nearest_rank": order.index(nearest),
+            "indistinguishable": ties,
+        })
+    blocks = [l for l in lens if l >= 0]
+    first, last = blocks[0], blocks[-1]
+    gain = (errors[first] - errors[last])
+    rel_point = float(gain.mean() / errors[first].mean().clamp_min(1e-12))
+    rel = boot(gain) / boot(errors[first]).clamp_min(1e-12)
+    rel_est = estimate(rel_point, rel)
+    return {
+        "_errors": errors, "_lens": lens,
+        "ladder": [{"name": n, "error": estimate(float(own[n].mean()), boot(own[n]))} for n in order],
+        "layers": layers,
+        "refinement": {
+            "first_block": first, "last_block": last, "relative_gain": rel_est, "criterion": REFINE_MARGIN,
+            "verdict": verdict(rel_est["ci"], REFINE_MARGIN) if len(blocks) > 1 else "n/a",
+            "sweep": sweep(rel_est["ci"], REFINE_SWEEP) if len(blocks) > 1 else {},
+            "nearest_rank_rises": (layers[-1]["nearest_rank"] > layers[1]["nearest_rank"]) if len(blocks) > 1
+            else None,
+        },
+    }
+
+
+class AlgorithmLadder(Probe):
+    name = "ladder"
+    description = "each layer's tuned-lens read-out against a ladder of algorithms (copy, GD-k, least squares, Bayes)"
+    n_sequences = 512
+
+    def applies_to(self, task, model):
+        return "blocks.0.hook_resid_pre" in model.hook_points()
+
+    def run(self, model, task, generator, device):
+        fit = probe_batch(task, self.n_sequences, generator, device)
+        test = probe_batch(task, self.n_sequences, generator, device)
+        summary = {k: v for k, v in ladder(model, task, fit, test, generator).items() if not k.startswith("_")}
+        rows = [{"layer": e["layer"], "algorithm": n, "distance": d["mean"], "lo": d["ci"][0], "hi": d["ci"][1],
+                 "rank": i, "algorithm_error": summary["ladder"][i]["error"]["mean"], "layer_error": e["error"]["mean"]}
+                for e in summary["layers"] for i, (n, d) in enumerate(e["distance"].items())]
+        summary["note"] = ("distance: normalized squared distance between the layer's tuned-lens read-out and each "
+                           "algorithm, mean over scored positions with a 95% bootstrap interval over probe sequences; "
+                           "rungs ordered crude → refined by their own error")
+        return ProbeResult(pd.DataFrame(rows), summary)

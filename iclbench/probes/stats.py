@@ -1,0 +1,132 @@
+"""Uncertainty for probe scores: bootstrap over probe sequences, and verdicts read from intervals.
+
+Every continuous score a probe reports is a mean (or a regression coefficient) over sequences. Its interval
+comes from resampling *sequences* (the unit that is independent), never positions. Regressions are
+bootstrapped through per-sequence sufficient statistics (``X'X`` and ``X'y`` summed per sequence), so a
+replicate is one weighted sum and one small solve, not a refit over every row.
+
+A verdict is read from an interval and a criterion, never from a point estimate against a cut:
+``holds`` when the interval clears the criterion, ``fails`` when it lies wholly on the other side,
+``inconclusive`` otherwise (:func:`verdict`). :func:`sweep` shows how a verdict moves as its criterion moves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: bootstrap replicates for probe intervals
+REPLICATES = 400
+CONFIDENCE = 0.95
+
+HOLDS, FAILS, INCONCLUSIVE, NA = "holds", "fails", "inconclusive", "n/a"
+
+
+def resample_weights(n: int, generator: torch.Generator, replicates: int = REPLICATES,
+                     dtype=torch.float64) -> torch.Tensor:
+    """``[R, n]`` multinomial counts: how often each of ``n`` sequences is drawn in each bootstrap replicate."""
+    index = torch.randint(0, n, (replicates, n), generator=generator)
+    weights = torch.zeros(replicates, n, dtype=dtype)
+    return weights.scatter_add_(1, index, torch.ones_like(index, dtype=dtype))
+
+
+def interval(samples: torch.Tensor, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile interval over dim 0 of bootstrap ``samples`` (NaN replicates dropped)."""
+    samples = samples.double().flatten()
+    samples = samples[torch.isfinite(samples)]
+    if samples.numel() == 0:
+        return (math.nan, math.nan)
+    alpha = (1 - confidence) / 2
+    q = torch.quantile(samples, torch.tensor([alpha, 1 - alpha], dtype=samples.dtype))
+    return float(q[0]), float(q[1])
+
+
+def estimate(point, samples: torch.Tensor, confidence: float = CONFIDENCE) -> dict:
+    """``{"mean", "ci"}``: the point estimate on all sequences and the bootstrap interval."""
+    lo, hi = interval(samples, confidence)
+    return {"mean": _round(point), "ci": [_round(lo), _round(hi)]}
+
+
+def mean_with_ci(per_sequence: torch.Tensor, generator: torch.Generator, weights: torch.Tensor | None = None,
+                 confidence: float = CONFIDENCE) -> dict:
+    """Mean of ``per_sequence [n]`` (one value per sequence) with its bootstrap interval."""
+    x = per_sequence.double().cpu()
+    w = resample_weights(len(x), generator) if weights is None else weights
+    return estimate(float(x.mean()), (w @ x) / w.sum(1), confidence)
+
+
+def regression_with_ci(design: torch.Tensor, response: torch.Tensor, generator: torch.Generator,
+                       names: list[str], weights: torch.Tensor | None = None, ridge: float = 1e-9,
+                       confidence: float = CONFIDENCE) -> dict:
+    """Least squares ``response ≈ design @ beta`` with a bootstrap interval for every coefficient.
+
+    ``design [n, rows, k]`` and ``response [n, rows]`` hold the rows of each of ``n`` sequences (rows that
+    should not count are all-zero in both). Returns ``{name: {"mean", "ci"}}`` plus ``"_samples" [R, k]``
+    for derived statistics (differences of coefficients, ...)."""
+    x, y = design.double().cpu(), response.double().cpu()
+    xtx = torch.einsum("nri,nrj->nij", x, x)  # per-sequence sufficient statistics
+    xty = torch.einsum("nri,nr->ni", x, y)
+    k = x.shape[-1]
+    scale = torch.diagonal(xtx.sum(0)).mean().clamp_min(1e-12)
+    eye = ridge * scale * torch.eye(k, dtype=x.dtype)
+
+    def solve(a, b):
+        return torch.linalg.lstsq(a + eye, b[..., None]).solution[..., 0]
+
+    point = solve(xtx.sum(0), xty.sum(0))
+    w = resample_weights(len(x), generator) if weights is None else weights
+    samples = solve(torch.einsum("rn,nij->rij", w, xtx), w @ xty)  # [R, k]
+    out = {name: estimate(float(point[i]), samples[:, i], confidence) for i, name in enumerate(names)}
+    out["_samples"] = samples
+    out["_point"] = point
+    return out
+
+
+def verdict(ci, criterion: float = 0.0, above: bool = True) -> str:
+    """``holds`` when the whole interval is beyond ``criterion`` (above it when ``above``), ``fails`` when the
+    whole interval is on the other side, ``inconclusive`` when it straddles; ``n/a`` without an interval."""
+    if ci is None or any(v is None or not math.isfinite(v) for v in ci):
+        return NA
+    lo, hi = ci
+    if not above:
+        lo, hi, criterion = -hi, -lo, -criterion
+    if lo > criterion:
+        return HOLDS
+    if hi < criterion:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def sweep(ci, criteria, above: bool = True) -> dict[str, str]:
+    """The verdict at each criterion in ``criteria``: how a label moves when its cut moves."""
+    return {f"{c:g}": verdict(ci, c, above) for c in criteria}
+
+
+def combine(*labels: str) -> str:
+    """A claim made of parts that must all hold: fails if any part fails, holds if all hold, n/a if a part
+    cannot be tested, inconclusive otherwise."""
+    if NA in labels:
+        return NA
+    if FAILS in labels:
+        return FAILS
+    if all(label == HOLDS for label in labels):
+        return HOLDS
+    return INCONCLUSIVE
+
+
+def any_of(labels: list[str]) -> str:
+    """At least one of several candidates (heads, layers) holds: holds if any holds, fails if all fail."""
+    labels = [label for label in labels if label != NA]
+    if not labels:
+        return NA
+    if HOLDS in labels:
+        return HOLDS
+    if all(label == FAILS for label in labels):
+        return FAILS
+    return INCONCLUSIVE
+
+
+def _round(x):
+    x = float(x)
+    return round(x, 6) if math.isfinite(x) else None
