@@ -19,6 +19,7 @@ import torch
 from iclbench import hookimpl
 from iclbench.task import uniform
 
+from ._bayes import affine_noisy_quadrature, affine_segment_mean_a, exact_from, mark
 from ._fit import least_squares_recurrence
 from ._scalar import Recurrence, copy_last
 from ._shifts import standard_shifts
@@ -73,6 +74,8 @@ class AffineTask(Recurrence):
     name = "affine"
     description = "scalar affine recurrences x_{t+1} = a*x_t + b, rule drawn per sequence (seed paper)"
     Options = AffineOptions
+    rule_latents = ("a", "b")
+    transition_features = staticmethod(lambda y: torch.stack([y, torch.ones_like(y)], -1))
 
     def sample(self, n, generator, device="cpu"):
         o = self.options
@@ -96,10 +99,34 @@ class AffineTask(Recurrence):
             out.append(m(2 * t) * o.x0_max ** 2 / 3 + o.b_max ** 2 / 3 * geo + o.noise ** 2)
         return torch.tensor(out, dtype=torch.float32, device=device).clamp_min(1e-12)
 
+    def bayes(self, batch):
+        """The posterior mean of y_{t+1}."""
+        o = self.options
+        y = batch.inputs[..., 0]
+        if o.noise:
+            return affine_noisy_quadrature(y, o.a_low, o.a_high, o.b_max, o.x0_max, o.noise).to(y.dtype)[..., None]
+        # t = 0: E[a] = E[b] = 0 by symmetry; t = 1: y_2 = y_1 + a (y_1 - y_0) with a's posterior a segment;
+        # t >= 2: two transitions determine (a, b), and least squares finds them
+        pred = torch.zeros_like(y)
+        if y.shape[1] > 1:
+            mean_a = affine_segment_mean_a(y[:, 0].double(), y[:, 1].double(), o.a_low, o.a_high, o.b_max)
+            pred[:, 1] = (y[:, 1] + mean_a * (y[:, 1] - y[:, 0]).double()).to(y.dtype)
+        return exact_from(self._least_squares(batch), pred[..., None], 2)
+
+    def _least_squares(self, batch):
+        return least_squares_recurrence(batch.inputs[..., 0], lambda y: torch.stack([y, torch.ones_like(y)], -1)
+                                        )[..., None]
+
     def baselines(self):
+        if self.options.noise:
+            bayes = mark(self.bayes, "quadrature", "Posterior mean: (a, b) on a 128 x 32 midpoint grid, x_0 "
+                         "integrated in closed form (truncated Gaussian)")
+        else:
+            bayes = mark(self.bayes, "exact", "Posterior mean, exact: 0 at t = 0, a uniform on a segment at "
+                         "t = 1, least squares from t = 2")
         return {
-            "least_squares": lambda batch: least_squares_recurrence(
-                batch.inputs[..., 0], lambda y: torch.stack([y, torch.ones_like(y)], -1))[..., None],
+            "bayes": bayes,
+            "least_squares": self._least_squares,
             "copy_last": copy_last,
             "context_mean": lambda batch: batch.inputs.cumsum(1) / torch.arange(
                 1, batch.inputs.shape[1] + 1, device=batch.inputs.device)[None, :, None],

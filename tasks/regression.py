@@ -26,10 +26,12 @@ import torch
 from iclbench import Task, hookimpl
 from iclbench.task import Batch
 
+from ._bayes import arccos_relu_kernel, gp_prefix_mean, mark, sparse_linreg_mixture
 from ._fit import prefix_least_squares
 from ._shifts import standard_shifts
 
 NEIGHBOURS = 3  # k of the k-nearest-neighbours baseline (Garg et al.)
+MAX_SUPPORTS = 5000  # sparse-linreg's exact Bayes mixes over every support up to this many
 
 
 @dataclass
@@ -242,6 +244,10 @@ class InContextRegression(Task):
     def baselines(self):
         return {"nearest_neighbours": on_examples(nearest_neighbours), "zero": zero, "oracle": oracle}
 
+    def rule_features(self, batch):
+        """x at the query tokens (zeros at the answer tokens, which are not examples)."""
+        return batch.inputs[..., :-1], batch.mask
+
     def ood_variants(self):
         o = self.options
         noise = round(0.3 * math.sqrt(self.signal_variance()), 3)  # noise floor ~0.08 of the prior error
@@ -255,6 +261,7 @@ class InContextRegression(Task):
 class LinearRegression(InContextRegression):
     name = "linreg"
     description = "linear regression in context, y = w.x (+ noise), Garg et al. 2022"
+    rule_latents = ("w",)
 
     def draw(self, n, generator, device):
         o = self.options
@@ -274,7 +281,16 @@ class LinearRegression(InContextRegression):
         out["averaging"] = on_examples(averaging, x_var=max(o.x_scale, 1e-12) ** 2)
         if o.noise and o.w_scale:  # posterior mean under the Gaussian prior: the Bayes-optimal predictor
             out["ridge"] = on_examples(least_squares, ridge=(o.noise / o.w_scale) ** 2)
+        out["bayes"] = self.bayes()
         return out
+
+    def bayes(self):
+        o = self.options
+        if not o.w_scale:
+            return mark(zero, "exact", "Posterior mean: w = 0 a priori, so 0")
+        # ridge at the prior's lambda is the posterior mean; without noise its limit, the minimum-norm fit
+        return mark(on_examples(least_squares, ridge=(o.noise / o.w_scale) ** 2), "exact",
+                    "Posterior mean, exact: ridge at lambda = (noise / w_scale)^2 (minimum-norm fit without noise)")
 
 
 class SparseLinearRegression(LinearRegression):
@@ -307,18 +323,34 @@ class SparseLinearRegression(LinearRegression):
         out["lasso"] = lasso_baseline
         return out
 
+    def bayes(self):
+        o = self.options
+        if not o.w_scale:
+            return super().bayes()
+        if math.comb(o.d, o.nonzero) > MAX_SUPPORTS:  # best linear: ridge with the prior's covariance
+            return mark(on_examples(least_squares, ridge=o.d * (o.noise / o.w_scale) ** 2 / o.nonzero),
+                        "best-linear", f"Best linear predictor (ridge at the prior's covariance); more than "
+                        f"{MAX_SUPPORTS} supports")
+        return mark(on_examples(sparse_linreg_mixture, nonzero=o.nonzero, w_scale=o.w_scale, noise=o.noise),
+                    "exact", f"Posterior mean, exact: mixture over the C(d, nonzero) = "
+                    f"{math.comb(o.d, o.nonzero)} supports, a Gaussian posterior on each")
+
 
 class ReluNetworkRegression(InContextRegression):
     name = "relu-nn"
     description = "targets from random 2-layer ReLU networks; fitted-network and kNN baselines"
     Options = ReluNNOptions
+    # u and v are not identifiable (hidden units permute, u scales against v); the network's best linear
+    # description is: for x ~ N(0, s^2 I), E[x relu(u.x)] = s^2 u / 2 (Stein), so the least-squares slope of
+    # f on x is sum_j v_j u_j / 2 whatever s
+    rule_latents = ("linear_part",)
 
     def draw(self, n, generator, device):
         o = self.options
         u = torch.randn(n, o.hidden, o.d, generator=generator, device=device)
         v = torch.randn(n, o.hidden, generator=generator, device=device) * o.w_scale * math.sqrt(
             2 / (o.hidden * o.d))
-        return {"u": u, "v": v}
+        return {"u": u, "v": v, "linear_part": 0.5 * torch.einsum("bh,bhd->bd", v, u)}
 
     def function(self, params, x):
         return (torch.relu(torch.einsum("bhd,bnd->bnh", params["u"], x)) * params["v"][:, None]).sum(-1)
@@ -332,7 +364,19 @@ class ReluNetworkRegression(InContextRegression):
         out = super().baselines()
         hidden = self.options.hidden
         out["relu_net_gd"] = on_examples(relu_net_gd, hidden=hidden)
+        out["bayes"] = mark(on_examples(self.gaussian_process), "best-linear",
+                            "Best linear predictor: GP regression with the prior's exact covariance (arc-cosine "
+                            "kernel); its error bounds the Bayes error from above")
         return out
+
+    def gaussian_process(self, x, y):
+        """``Cov(f(x), f(x')) = hidden Var(v) E_u[relu(u.x) relu(u.x')] = 2 w^2 / d * arccos_1(x, x')``,
+        whatever the width; noise on the diagonal (and a 1e-4 relative jitter without noise)."""
+        o = self.options
+        K = arccos_relu_kernel(x.double(), 2 * o.w_scale ** 2 / o.d)
+        var = o.noise ** 2 + (1e-4 * o.w_scale * o.x_scale) ** 2
+        K = K + var * torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+        return gp_prefix_mean(K, y.double()).to(x.dtype)
 
 
 @hookimpl
