@@ -91,7 +91,7 @@ def best_linear_recurrence(task, inputs: torch.Tensor, mean=None, cov=None) -> t
     B, T, d = inputs.shape
     noise = getattr(task.options, "noise", 0.0)
     cov = cov[: (T + 1) * d, : (T + 1) * d] + noise ** 2 * torch.eye((T + 1) * d, dtype=cov.dtype)
-    H, offset = linear_predictor(mean[: T + 1].reshape(-1), cov, d, T)
+    H, offset = linear_predictor(mean.reshape(-1)[: (T + 1) * d], cov, d, T)
     return apply_linear(H, offset, inputs)
 
 
@@ -236,3 +236,65 @@ def sparse_linreg_mixture(x, y, nonzero: int, w_scale: float, noise: float, jitt
     weight = torch.softmax(log_evidence, -1)  # [B, N, M]
     pred = (mean * x64[:, :, supports]).sum(-1)  # [B, N, M]
     return (weight * pred).sum(-1).to(x.dtype)
+
+
+# --- recurrences ----------------------------------------------------------------------------------------
+def recurrence_bayes(task, least_squares, exact_start: int, moments=None, what: str = "the rule"):
+    """The ``bayes`` baseline of a recurrence task whose rule is linear in features of the state.
+
+    Without noise ``exact_start`` transitions determine the rule, so from then on least squares on the
+    matching features *is* the posterior mean. Before that (and at every position with noise) it is the
+    best linear predictor, or least squares at positions where that has the lower error on a fixed sample of
+    the prior (a choice made once, from the prior, not from the data): an upper bound on the Bayes error,
+    never above either. ``moments``: the prior ``(mean, cov)`` of the clean states where a closed form
+    exists (else Monte Carlo, :func:`sequence_moments`). The kind names what holds from ``task.score_from``
+    on."""
+    noise = getattr(task.options, "noise", 0.0)
+
+    def candidates(batch):
+        mean, cov = moments if moments is not None else sequence_moments(task)
+        linear = best_linear_recurrence(task, batch.inputs, mean, cov)
+        return linear, least_squares(batch)
+
+    def use_least_squares(T: int, device) -> torch.Tensor:
+        key = ("choice", task.name, repr(task.options), T)
+        if key not in _MOMENTS:
+            sample = task.sample(4096, torch.Generator("cpu").manual_seed(0xC401CE), "cpu")
+            linear, ls = candidates(sample)
+            err = lambda p: (p.double() - sample.targets).pow(2).mean((0, 2)).nan_to_num(math.inf)  # noqa: E731
+            _MOMENTS[key] = err(ls) < err(linear)
+        return _MOMENTS[key].to(device)
+
+    def bayes(batch):
+        linear, ls = candidates(batch)
+        T = batch.inputs.shape[1]
+        pick = use_least_squares(T, batch.inputs.device) if T == task.context_len else torch.zeros(
+            T, dtype=torch.bool, device=batch.inputs.device)
+        pred = torch.where(pick[None, :, None], ls, linear)
+        return pred if noise else exact_from(ls, pred, exact_start)
+
+    source = "exact prior covariance" if moments is not None else f"prior covariance from {MC_SEQUENCES} draws"
+    if noise:
+        return mark(bayes, "best-linear", f"Best linear predictor ({source}), or least squares where that is "
+                    "better on the prior; with noise the exact posterior is not computed")
+    kind = "exact" if task.score_from >= exact_start else "best-linear"
+    return mark(bayes, kind, f"Posterior mean, exact from t = {exact_start} ({what} is determined: least "
+                f"squares); before, the better of the best linear predictor ({source}) and least squares")
+
+
+def logistic_bayes(task):
+    """Posterior mean for the logistic map without noise: one transition gives r = x_1 / (x_0 (1 - x_0));
+    before it, ``E[r]`` (x_0 says nothing about r)."""
+    o = task.options
+
+    def bayes(batch):
+        x = batch.inputs[..., 0].double() / o.scale
+        g = x * (1 - x)
+        num = (g[:, :-1] * x[:, 1:]).cumsum(1)  # transitions s -> s+1 seen by position t = s + 1
+        den = (g[:, :-1] ** 2).cumsum(1)
+        r = torch.full_like(x, (o.r_low + o.r_high) / 2)
+        r[:, 1:] = torch.where(den > 1e-24, num / den.clamp_min(1e-300), r[:, 1:])
+        return (o.scale * r * g).to(batch.inputs.dtype)[..., None]
+
+    return mark(bayes, "exact", "Posterior mean, exact: E[r] x_t (1 - x_t) at t = 0, then r from the "
+                "transitions seen")

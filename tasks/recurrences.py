@@ -16,6 +16,7 @@ import torch
 from iclbench import Task, hookimpl
 from iclbench.task import Batch, uniform
 
+from ._bayes import logistic_bayes, recurrence_bayes
 from ._fit import least_squares_recurrence, prefix_least_squares
 from ._scalar import Recurrence, copy_last, observe
 from ._shifts import standard_shifts
@@ -102,13 +103,15 @@ class AffineVecTask(Task):
                      device=device), latents={"A": A, "b": b, "x": x})
 
     def baselines(self):
-        return {
+        out = {
             "least_squares": lambda batch: least_squares_recurrence(
                 batch.inputs, lambda y: torch.cat([y, torch.ones_like(y[..., :1])], -1)),
             "copy_last": copy_last,
             "oracle": lambda batch: (batch.latents["A"][:, None] @ batch.latents["x"][:, :-1, :, None])[..., 0]
             + batch.latents["b"][:, None],
         }
+        out["bayes"] = recurrence_bayes(self, out["least_squares"], self.options.d + 1, what="(A, b)")
+        return out
 
     def ood_variants(self):
         o = self.options
@@ -185,7 +188,8 @@ class LinRecTask(Recurrence):
             a, x = batch.latents["a"], batch.latents["x"][:, :-1]
             return ((lagged(x, order)[..., :-1] * a[:, None]).sum(-1) + batch.latents["c"][:, None])[..., None]
 
-        return {"least_squares": least_squares, "copy_last": copy_last, "oracle": oracle}
+        return {"least_squares": least_squares, "copy_last": copy_last, "oracle": oracle,
+                "bayes": recurrence_bayes(self, least_squares, 2 * order, what="(a, c)")}
 
     def ood_variants(self):
         o = self.options
@@ -257,13 +261,15 @@ class QuadraticTask(Recurrence):
             x = lat["x"][:, :-1] / scale
             return (scale * ((lat["a"][:, None] * x + lat["b"][:, None]) * x + lat["c"][:, None]))[..., None]
 
-        return {
+        out = {
             "least_squares": lambda batch: least_squares_recurrence(batch.inputs[..., 0],
                                                                     _quadratic_features)[..., None],
             "affine_least_squares": affine_least_squares,
             "copy_last": copy_last,
             "oracle": oracle,
         }
+        out["bayes"] = recurrence_bayes(self, out["least_squares"], 3, what="(a, b, c)")
+        return out
 
     def ood_variants(self):
         o = self.options
@@ -321,13 +327,16 @@ class LogisticTask(Recurrence):
             x = batch.latents["x"][:, :-1] / scale
             return (scale * batch.latents["r"][:, None] * x * (1 - x))[..., None]
 
-        return {
+        out = {
             "least_squares": lambda batch: least_squares_recurrence(batch.inputs[..., 0],
                                                                     _logistic_features)[..., None],
             "affine_least_squares": affine_least_squares,
             "copy_last": copy_last,
             "oracle": oracle,
         }
+        out["bayes"] = logistic_bayes(self) if not self.options.noise else recurrence_bayes(
+            self, out["least_squares"], 2, what="r")
+        return out
 
     def ood_variants(self):
         o = self.options
@@ -400,8 +409,12 @@ class PolyTask(Recurrence):
         def oracle(batch):
             return (batch.latents["c"].double() @ self.monomials(batch.inputs.device)[1:].T).float()[..., None]
 
+        o = self.options
+        phi = self.monomials()
+        moments = (torch.zeros(len(phi), 1, dtype=phi.dtype), o.coef_max ** 2 / 3 * phi @ phi.T)  # c uniform
         return {"least_squares": least_squares, "affine_least_squares": affine_least_squares,
-                "copy_last": copy_last, "oracle": oracle}
+                "copy_last": copy_last, "oracle": oracle,
+                "bayes": recurrence_bayes(self, least_squares, o.degree, moments, what="p")}
 
     def ood_variants(self):
         o = self.options
