@@ -77,9 +77,13 @@ class EvalOptions:
             raise ValueError(f"bootstrap must be >= 1, got {self.bootstrap}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if not 0 <= self.seed < MAX_SEED - 1:  # probes draw from seed + 1
+            raise ValueError(f"seed must be in [0, 2^63 - 1), got {self.seed}")
 
 
 TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out")
+#: seeds go to torch generators as signed 64-bit integers
+MAX_SEED = 2 ** 63
 #: fields that do not change what a run computes; left out of the config hash
 NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
               ("eval", "ood"), ("eval", "probes")}
@@ -126,12 +130,18 @@ class RunConfig:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    from .store import DamagedRun, read_regular
+
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ICLBenchError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        text = read_regular(path).decode()
+    except DamagedRun as exc:  # missing, unreadable, or a FIFO/device that would block
+        raise ICLBenchError(f"cannot read config file {str(path)!r}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ICLBenchError(f"config file {str(path)!r} is not UTF-8 text (a binary file?)") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ICLBenchError(f"malformed YAML in {path}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -220,8 +230,13 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
     model_cls = registry.model(model_name)
 
     seed_value = raw.get("seed", 0)
-    if not isinstance(seed_value, int) or isinstance(seed_value, bool) or seed_value < 0:
-        raise ICLBenchError(f"seed must be a non-negative integer, got {seed_value!r}")
+    if not isinstance(seed_value, int) or isinstance(seed_value, bool) or not 0 <= seed_value < MAX_SEED:
+        raise ICLBenchError(f"seed must be an integer in [0, 2^63), got {seed_value!r}")
+    out_value = raw.get("out", "results")
+    if isinstance(out_value, Path):
+        out_value = str(out_value)
+    if not isinstance(out_value, str) or not out_value:
+        raise ICLBenchError(f"out must be a directory name (a string), got {out_value!r}")
     device_value = raw.get("device", "auto")
     if not isinstance(device_value, str):
         raise ICLBenchError(f"device must be a string, got {device_value!r}")
@@ -236,5 +251,5 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
         eval=build_options(EvalOptions, sections["eval"], "eval"),
         seed=seed_value,
         device=device_value,
-        out=str(raw.get("out", "results")),
+        out=out_value,
     )

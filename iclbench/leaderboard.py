@@ -9,12 +9,14 @@ are rows of their own ("baseline: least_squares").
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from .store import METRICS, DamagedRun, read_run
+from .errors import ICLBenchError
+from .store import METRICS, DamagedRun, read_run, unstable_reason
 
 FORMATS = ("github", "plain", "csv", "json", "latex")
 
@@ -38,12 +40,16 @@ METRIC_HELP = {
 }
 
 
+class PastContext(ValueError):
+    """``--from K`` beyond the last position a (healthy) run scored."""
+
+
 def _mean_from(predictor: dict, positions: list[int], start: int | None) -> float:
     if start is None:
         return float(predictor["mean"])
     values = [v for p, v in zip(positions, predictor["curve"]) if p >= start]
     if not values:
-        raise ValueError(f"no scored position >= {start}")
+        raise PastContext(f"its last scored position is {max(positions, default=-1)}, before --from {start}")
     return sum(values) / len(values)
 
 
@@ -53,13 +59,23 @@ def is_oracle(name: str) -> bool:
 
 
 def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric: str = "error",
-            score_from: int | None = None) -> pd.DataFrame:
+            score_from: int | None = None, include_unstable: bool = False) -> pd.DataFrame:
     """Tidy table: one row per (run, predictor) with the chosen metric and its CI half-width (when the metric
-    is the run's own summary; NaN otherwise)."""
+    is the run's own summary; NaN otherwise).
+
+    A damaged run directory is skipped with a one-line warning naming it; so is an unstable run (non-finite
+    or absurd error, :func:`iclbench.store.unstable_reason`) unless ``include_unstable``. ``score_from`` past
+    every run's context is an error."""
     rows = []
+    past = []
     for run_dir in find_runs(results):
         try:
             m = read_run(run_dir)
+            unstable = m.get("unstable") or unstable_reason(m)
+            if unstable and not include_unstable:
+                warn(f"iclbench: warning: leaving out unstable run {run_dir}: {unstable} (--include-unstable "
+                     "shows it)")
+                continue
             groups = m.get("groups", {"task": m["config_hash"], "model": m["config_hash"]})
             curves = m.get("curves", {}).get("predictors", {})
             positions = m.get("curves", {}).get("positions", [])
@@ -79,6 +95,8 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
                          "icl_score": (zero - err) / (zero - best) if zero != best else float("nan")}[metric]
                 half = (s["ci"][1] - s["ci"][0]) / 2 if metric == "error" and score_from is None else float("nan")
                 is_model = name == "model"
+                if not math.isfinite(value) and not (metric == "icl_score" and zero == best):
+                    warn(f"iclbench: warning: {run_dir}: {name} has a non-finite {metric} ({value})")
                 rows.append({
                     "run": str(run_dir),
                     "kind": "model" if is_model else "baseline",
@@ -90,8 +108,14 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
                     "value": value,
                     "ci_half": half,
                 })
-        except (DamagedRun, KeyError, TypeError, ValueError, IndexError) as exc:
+        except PastContext as exc:
+            past.append(f"iclbench: warning: leaving out {run_dir}: {exc}")
+        except (DamagedRun, KeyError, TypeError, ValueError, IndexError, AttributeError, OSError) as exc:
             warn(f"iclbench: warning: skipping damaged run directory {run_dir}: {exc}")
+    if past and not rows:
+        raise ICLBenchError(f"--from {score_from} is past the last scored position of every run under {results}")
+    for message in past:  # a healthy run, just shorter than K: not called damaged
+        warn(message)
     return pd.DataFrame(rows, columns=["run", "kind", "name", "config", "task", "task_config", "seed",
                                        "value", "ci_half"])
 
@@ -163,10 +187,11 @@ def _machine_readable(df: pd.DataFrame, fmt: str) -> str | None:
 
 
 def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=sys.stderr),
-           metric: str = "error", score_from: int | None = None, tasks=(), models=()) -> str:
+           metric: str = "error", score_from: int | None = None, tasks=(), models=(),
+           include_unstable: bool = False) -> str:
     from tabulate import tabulate
 
-    agg = aggregate(collect(results, warn, metric, score_from), tasks, models)
+    agg = aggregate(collect(results, warn, metric, score_from, include_unstable), tasks, models)
     tidy = _machine_readable(agg, fmt)
     if tidy is not None:
         return tidy

@@ -35,10 +35,46 @@ class RunResult:
     outcome: str = "trained"  # "trained", "resumed" (from a checkpoint) or "complete" (found done, not rerun)
 
 
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory a run on ``device`` can use at most (the GPU's, or this machine's RAM); None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def check_sizes(cfg: RunConfig, task, model_cls, device: torch.device) -> None:
+    """Refuse, before allocating anything, a configuration whose weights (+ gradients and AdamW moments),
+    training batch or evaluation set cannot fit in memory: one line, not an allocator traceback. The
+    weights are counted on PyTorch's meta device (no memory); a model that cannot be built there is not
+    checked."""
+    limit = memory_bytes(device)
+    if not limit:
+        return
+    sizes = {}
+    try:
+        with torch.device("meta"):
+            meta = model_cls(cfg.model_options, task.d_in, task.d_out, task.context_len)
+        sizes["the model's weights, gradients and optimizer state"] = 16 * sum(
+            p.numel() for p in meta.parameters())
+    except Exception:
+        pass
+    width = 4 * task.context_len * (task.d_in + task.d_out)
+    sizes["a training batch (train.batch_size)"] = cfg.train.batch_size * width
+    sizes["the evaluation set (eval.n_sequences)"] = cfg.eval.n_sequences * width
+    for what, size in sizes.items():
+        if size > limit:
+            raise ICLBenchError(f"{what} would take {size / 2 ** 30:,.1f} GiB, more than the "
+                                f"{limit / 2 ** 30:,.1f} GiB of {device}; choose smaller sizes")
+
+
 def build(registry: Registry, cfg: RunConfig, device: torch.device):
     """Instantiate the task and a freshly initialised model (initialisation seeded by ``cfg.seed``)."""
     task = registry.task(cfg.task)(cfg.task_options)
     model_cls = registry.model(cfg.model)
+    check_sizes(cfg, task, model_cls, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = model_cls(cfg.model_options, task.d_in, task.d_out, task.context_len)
@@ -52,7 +88,11 @@ def load_run(run_dir: str | Path, registry: Registry | None = None, device: str 
     cfg = resolve(registry, config=run_dir / store.CONFIG)
     dev = resolve_device(device)
     task, model = build(registry, cfg, dev)
-    model.load_state_dict(store.load_state_dict(run_dir / store.CHECKPOINT))
+    try:
+        model.load_state_dict(store.load_state_dict(run_dir / store.CHECKPOINT))
+    except Exception as exc:  # truncated or foreign weights: safetensors and torch raise their own types
+        raise ICLBenchError(f"damaged weights {run_dir / store.CHECKPOINT} ({one_line(exc)}); rerun the run "
+                            "with --force") from None
     model.eval()
     return cfg, task, model
 
@@ -280,6 +320,9 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     registry = registry or get_registry()
     cfg = resolve(registry, config=config, task=task, model=model, steps=steps, seed=seed, device=device,
                   out=out, overrides=overrides)
+    nan = [o for o in _non_finite_options(cfg) if o.endswith("=nan")]
+    if nan:  # fails as a bad option, not later as "divergence" with advice to lower the learning rate
+        raise ICLBenchError(f"option(s) {', '.join(nan)} must be numbers, got NaN")
     dev = resolve_device(cfg.device)
     task_obj, model_obj = build(registry, cfg, dev)
     check_plugins(registry, cfg, task_obj, model_obj, dev)
@@ -340,7 +383,8 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
             store.write_json(run_dir / store.STATUS, {"status": "diverged", "message": message})
             raise TrainingDiverged(f"{message} (log kept in {run_dir / store.LOG})") from None
         except KeyboardInterrupt:
-            store.write_json(run_dir / store.STATUS, {"status": "interrupted", "message": "Ctrl-C"})
+            store.write_json(run_dir / store.STATUS, {"status": "interrupted", "message": "Ctrl-C",
+                                                      "threads": segments[-1]["threads"]})
             raise
         if not trained:
             log_file.write(json.dumps({"event": "trained", **stats}) + "\n")

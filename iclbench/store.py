@@ -47,8 +47,10 @@ def file_mode() -> int:
 def _write_error(path: Path, exc: OSError, what: str = "write"):
     from .errors import ICLBenchError
 
-    if isinstance(exc, (FileExistsError, NotADirectoryError)) and not path.parent.is_dir():
-        return ICLBenchError(f"cannot {what} {str(path)!r}: {str(path.parent)!r} exists and is not a directory")
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        blocker = next((p for p in path.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return ICLBenchError(f"cannot {what} {str(path)!r}: {str(blocker)!r} exists and is not a directory")
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += " (free some space and rerun: nothing complete was lost)"

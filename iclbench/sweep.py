@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
+import socket
 import sys
+import threading
 import tempfile
 import time
 import traceback
@@ -106,14 +109,18 @@ class _Reader:
     def __init__(self, path: Path):
         self.path = path
         try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ICLBenchError(f"cannot read experiment file {str(path)!r}: {exc.strerror}") from None
+            text = store.read_regular(path).decode()
+        except store.DamagedRun as exc:
+            raise ICLBenchError(f"cannot read experiment file {str(path)!r}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ICLBenchError(f"experiment file {str(path)!r} is not UTF-8 text (a binary file?)") from None
         self.loader = yaml.SafeLoader(text)
         try:
             self.root = self.loader.get_single_node()
         except yaml.YAMLError as exc:
             raise self._yaml_error(exc) from None
+        except RecursionError:
+            raise ICLBenchError(f"malformed YAML in {path}: nested too deeply") from None
 
     def _yaml_error(self, exc: yaml.YAMLError) -> ICLBenchError:
         mark = getattr(exc, "problem_mark", None)
@@ -129,6 +136,8 @@ class _Reader:
             return self.loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             raise self._yaml_error(exc) from None
+        except RecursionError:
+            raise self.error(node, "value nested too deeply") from None
 
     def pairs(self, node: yaml.Node, where: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
         """``(key, key node, value node)`` of a mapping; a key written twice is an error (YAML keeps the last)."""
@@ -193,6 +202,8 @@ def _blame(settings: list[Setting], message: str) -> Setting | None:
 
 def _resolve(registry: Registry, settings: list[Setting], out: str | None) -> RunConfig:
     named = {s.key: s.value for s in settings}  # later settings win
+    if out is not None:  # --out overrides base.out
+        named.pop("out", None)
     task, model = named.pop("task", None), named.pop("model", None)
     return resolve(registry, task=task, model=model, out=out, overrides=list(named.items()))
 
@@ -308,14 +319,46 @@ def compute_run(config: dict, threads: int, ship_files: bool = False) -> Outcome
 
 
 def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
-    """Store files returned by a worker; ``metrics.json`` last, so the run counts as complete only when
-    everything else is in place."""
-    (run_dir / store.METRICS).unlink(missing_ok=True)
-    for rel in sorted(files, key=lambda r: r == store.METRICS):
-        store.write_atomic(run_dir / rel, files[rel])
+    """Store files returned by a worker (holding the run's lock); ``metrics.json`` last, so the run counts as
+    complete only when everything else is in place. A path that would leave the run directory is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with store.run_lock(run_dir):
+        (run_dir / store.METRICS).unlink(missing_ok=True)
+        for rel in sorted(files, key=lambda r: r == store.METRICS):
+            parts = Path(rel).parts
+            if Path(rel).is_absolute() or ".." in parts or not parts:
+                raise ICLBenchError(f"a worker returned the file {rel!r}, which is outside its run directory")
+            store.write_atomic(run_dir / rel, files[rel])
 
 
 # --- executors: submit runs, wait for some to finish ------------------------------------------------------
+
+def _watch_driver(driver: int) -> None:
+    """In a pool worker: exit when the driver process is gone (kill -9 included), so no orphan keeps
+    computing, and holding the lock of, a run the next sweep will want. Polls the parent pid each second
+    (``PR_SET_PDEATHSIG`` would fire when the spawning *thread* ends, not the driver)."""
+
+    def watch():
+        while True:
+            if os.getppid() != driver:
+                os._exit(1)
+            time.sleep(1.0)
+
+    if os.getppid() != driver:
+        os._exit(1)
+    threading.Thread(target=watch, name="iclbench-driver-watch", daemon=True).start()
+
+
+def run_threads(plan: PlannedRun, default: int) -> int:
+    """The torch threads for ``plan``: those its earlier, interrupted attempt trained with (status.json), so
+    a rerun with another ``--jobs`` does not mix thread counts within one run; else ``default``."""
+    try:
+        threads = store.read_json(plan.run_dir / store.STATUS).get("threads")
+    except store.DamagedRun:
+        return default
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= 1024 \
+        else default
+
 
 def available_cores() -> int:
     try:
@@ -339,17 +382,19 @@ class LocalExecutor:
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: forking a process that already runs torch threads can deadlock
-        return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_watch_driver, initargs=(os.getpid(),))
 
     def submit(self, plan: PlannedRun):
         from concurrent.futures.process import BrokenProcessPool
 
+        threads = run_threads(plan, self.threads)
         try:
-            return self.pool.submit(compute_run, plan.config.to_dict(), self.threads)
+            return self.pool.submit(compute_run, plan.config.to_dict(), threads)
         except BrokenProcessPool:  # a worker died earlier (killed, out of memory): start a fresh pool
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
-            return self.pool.submit(compute_run, plan.config.to_dict(), self.threads)
+            return self.pool.submit(compute_run, plan.config.to_dict(), threads)
 
     def wait(self, handles, timeout: float):
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -366,6 +411,27 @@ class LocalExecutor:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: seconds to wait for a Ray cluster's address to answer before giving up with one line
+RAY_CONNECT_TIMEOUT = 15.0
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """Fail with one line when ``HOST:PORT`` (or ``ray://HOST:PORT``) does not accept a TCP connection
+    within ``timeout`` s: ``ray.init`` itself would retry for minutes. ``auto`` and ``local`` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ICLBenchError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ICLBenchError(f"cannot connect to the Ray cluster at {address!r}: {reason} (after at most "
+                            f"{timeout:g}s)") from None
+
+
 class RayExecutor:
     """Each run a Ray task asking for ``cpus``/``gpus``; the worker returns the run's files."""
 
@@ -380,11 +446,14 @@ class RayExecutor:
         self.ray = ray
         self.started_here = False
         if not ray.is_initialized():
+            if address:
+                check_reachable(address)
             kwargs = {"address": address} if address else {"include_dashboard": False}
             try:
                 ray.init(logging_level="warning", **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ICLBenchError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+                raise ICLBenchError(f"cannot connect to the Ray cluster at {address!r}: "
+                                    f"{' '.join(str(exc).split())[:300]}") from None
             self.started_here = True
         self.cpus, self.gpus = cpus, gpus
         self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(compute_run)
@@ -532,16 +601,28 @@ def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepRepo
     """The driver's side of a finished run: store shipped files, mark failures in the run directory."""
     run_dir = plan.run_dir
     if shipped and outcome.files:
-        write_run_files(run_dir, outcome.files)
+        try:
+            write_run_files(run_dir, outcome.files)
+        except (store.RunBusy, ICLBenchError) as exc:
+            outcome = Outcome(error=f"cannot store the returned files: {exc}", wall_s=outcome.wall_s)
     record["wall_s"] = round(outcome.wall_s, 3)
     if outcome.error is None and plan.is_complete():
         report.ran.append(plan.name)
         record.update(state="ran", error=None)
         return
-    error = outcome.error or "the worker finished but the run directory has no metrics.json"
+    error = " ".join((outcome.error or "the worker finished but the run directory has no metrics.json").split())
     report.failed[plan.name] = error
     record.update(state="failed", error=error, detail=outcome.detail)
-    store.write_json(run_dir / store.STATUS, {"status": "failed", "message": error})
+    try:  # only while no other process computes the run: never mark a live run failed over its status
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with store.run_lock(run_dir):
+            status = {"status": "failed", "message": error}
+            threads = run_threads(plan, 0)
+            if threads:  # the thread count its checkpoint was trained with, for the next attempt
+                status["threads"] = threads
+            store.write_json(run_dir / store.STATUS, status)
+    except (store.RunBusy, OSError, ICLBenchError):
+        pass
 
 
 def plan_table(experiment: Experiment) -> str:
