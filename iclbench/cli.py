@@ -129,7 +129,7 @@ def cmd_leaderboard(args) -> int:
         print(render_compare(args.compare[0], args.compare[1], args.format, args.metric, args.score_from))
         return 0
     print(render(_results_dir(args.results), args.format, metric=args.metric, score_from=args.score_from,
-                 tasks=args.task or (), models=args.model or ()))
+                 tasks=args.task or (), models=args.model or (), include_unstable=args.include_unstable))
     return 0
 
 
@@ -311,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
                     help="average over positions t >= K instead of each task's default")
     lb.add_argument("--task", action="append", help="only this task (repeatable)")
     lb.add_argument("--model", action="append", help="only this model (repeatable); baselines stay")
+    lb.add_argument("--include-unstable", action="store_true", help="also rank runs whose error is non-finite "
+                    "or absurd (over 10x the zero predictor's), which are left out with a warning by default")
     lb.add_argument("--compare", nargs=2, metavar=("A", "B"),
                     help="two results or run directories side by side: B - A and whether it exceeds the CI")
     rp = sub.add_parser("report", help="Markdown + HTML report with figures for runs")
@@ -328,20 +330,33 @@ COMMANDS["bench"] = cmd_bench
 COMMANDS.update(check=cmd_check, rescore=cmd_rescore)
 
 
+def _one_line(exc: BaseException, limit: int = 600) -> str:
+    """An error's text on one line (PyTorch's messages often span several), shortened to ``limit``."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except ICLBenchError as exc:
-        print(f"iclbench: error: {exc}", file=sys.stderr)
+        print(f"iclbench: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("iclbench: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("iclbench: error: out of memory; choose smaller sizes (model, train.batch_size, "
+              "eval.n_sequences)", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("iclbench: error: input nested too deeply", file=sys.stderr)
+        return 2
     except Exception as exc:  # an internal error: one line unless asked for the traceback
         if os.environ.get("ICLBENCH_DEBUG"):
             raise
-        print(f"iclbench: internal error: {type(exc).__name__}: {exc} (set ICLBENCH_DEBUG=1 for the "
+        print(f"iclbench: internal error: {type(exc).__name__}: {_one_line(exc)} (set ICLBENCH_DEBUG=1 for the "
               "traceback)", file=sys.stderr)
         return 1
 

@@ -65,7 +65,15 @@ def save_probes(run_dir: Path, outcomes: dict, replace: bool = False) -> dict:
     start it afresh, as a new run does)."""
     run_dir = Path(run_dir)
     path = run_dir / PROBES_JSON
-    record = json.loads(path.read_text()) if path.exists() and not replace else {"probes": {}}
+    record = {"probes": {}}
+    if path.exists() and not replace:
+        try:
+            record = store.read_json(path)
+            if not isinstance(record.get("probes"), dict):
+                raise store.DamagedRun(f"{PROBES_JSON} has no 'probes' table")
+        except store.DamagedRun as exc:  # truncated, null, a list: the results just computed are not lost
+            print(f"iclbench: warning: replacing damaged {path} ({exc})", file=sys.stderr)
+            record = {"probes": {}}
     for name, outcome in outcomes.items():
         entry = {k: v for k, v in outcome.items() if k != "table"}
         if "table" in outcome:
@@ -149,16 +157,18 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
         if not path.exists():
             continue
         try:
-            entry = json.loads(path.read_text())["probes"].get(probe)
+            entry = store.read_json(path)["probes"].get(probe)
             if not entry or "summary" not in entry:
                 continue
+            if not isinstance(entry["summary"], dict):
+                raise TypeError(f"{PROBES_JSON}: the summary of '{probe}' is not a mapping")
             metrics = store.read_run(run_dir)
             cfg = metrics["config"]
             task, model = cfg["task"]["name"], cfg["model"]["name"]
             rows.append({"run": str(run_dir), "seed": metrics["seed"], "summary": entry["summary"],
                          "task": _label(task, cfg["task"], _defaults(registry, "tasks", task)),
                          "model": _label(model, cfg["model"], _defaults(registry, "models", model), cfg["train"])})
-        except (store.DamagedRun, ValueError, KeyError, TypeError) as exc:
+        except (store.DamagedRun, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             warn(f"iclbench: warning: skipping run directory {run_dir}: {exc}")
     return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary"])
 
