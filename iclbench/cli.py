@@ -199,6 +199,9 @@ def _add_probe(sub):
     p.add_argument("run_dir", help="a run directory (results/<task>-<model>-<hash>-s<seed>)")
     p.add_argument("--probe", action="append", help="only this probe (repeatable; see `iclbench list probes`)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the probe sequences and resamples (default: the run's eval.seed + 1); another "
+                        "seed draws another probe sample")
     s = sub.add_parser("specialization", help="role per layer and the seed paper's claims, tasks x models")
     s.add_argument("--results", default="results", help="results directory (default: results)")
     s.add_argument("--format", default="github", choices=("github", "plain", "csv", "json", "latex"))
@@ -207,7 +210,7 @@ def _add_probe(sub):
 def cmd_probe(args) -> int:
     from .probing import describe, probe_run_dir
 
-    print(describe(probe_run_dir(args.run_dir, args.probe, args.device)))
+    print(describe(probe_run_dir(args.run_dir, args.probe, args.device, seed=args.seed)))
     return 0
 
 

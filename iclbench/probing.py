@@ -88,8 +88,11 @@ def save_probes(run_dir: Path, outcomes: dict, replace: bool = False) -> dict:
     return record
 
 
-def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry | None = None) -> dict:
-    """``iclbench probe``: load a finished run, run the probes, store them in the run directory."""
+def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry | None = None,
+                  seed: int | None = None) -> dict:
+    """``iclbench probe``: load a finished run, run the probes, store them in the run directory. ``seed``
+    draws another probe sample (default ``eval.seed + 1``, the one the run itself used); it is recorded
+    with each probe's result."""
     from .runner import load_run
 
     run_dir = Path(run_dir)
@@ -97,8 +100,13 @@ def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry |
         raise ICLBenchError(f"{str(run_dir)!r} is not a finished run directory (no {store.CHECKPOINT})")
     registry = registry or get_registry()
     cfg, task, model = load_run(run_dir, registry, device)
-    outcomes = run_probes(model, task, names, seed=cfg.eval.seed + 1, device=next(model.parameters()).device,
+    if seed is not None and not 0 <= seed < 2 ** 63:
+        raise ICLBenchError(f"--seed must be in [0, 2**63), got {seed}")
+    seed = cfg.eval.seed + 1 if seed is None else seed
+    outcomes = run_probes(model, task, names, seed=seed, device=next(model.parameters()).device,
                           registry=registry)
+    for outcome in outcomes.values():
+        outcome["seed"] = seed
     save_probes(run_dir, outcomes)
     return outcomes
 
@@ -113,13 +121,20 @@ def describe(outcomes: dict) -> str:
             lines.append(f"{name:16s} {'skipped' if 'skipped' in o else 'failed'}: {o.get('skipped', o.get('error'))}")
     spec = outcomes.get("specialization", {}).get("summary")
     if spec:
-        lines.append(f"roles per layer: {', '.join(f'{l}: {r}' for l, r in enumerate(spec['roles']))}")
-        verdict = lambda v: "n/a" if v is None else v  # noqa: E731
-        lines.append(f"claim 1 (layer 0 copies): {verdict(spec['claim_1_layer0_copies'])}; claim 2 (last layer "
-                     f"refines via anti-copy heads): "
-                     f"{verdict(spec['claim_2_last_layer_refines_with_anti_copy_heads'])} "
-                     f"(any later layer: {spec['claim_2_layers'] or 'none'})")
+        lines.append(f"nearest algorithm per layer: {', '.join(f'{l}: {r}' for l, r in enumerate(spec['roles']))}")
+        gain = spec["refines_with_depth"]["relative_gain"]
+        lines.append(f"refines with depth: {spec['refines_with_depth']['verdict']} (relative gain first → last block "
+                     f"{_ci(gain)}); claim 1 (layer 0 copies): {spec['claim_1']['verdict']}"
+                     + (f" (copy − answer {_ci(spec['claim_1']['copy_minus_answer'])})"
+                        if "copy_minus_answer" in spec["claim_1"] else "")
+                     + f"; claim 2 (last layer refines via negative-similarity heads): {spec['claim_2']['verdict']} "
+                       f"(any later layer: {spec['claim_2']['any_later_layer']})")
     return "\n".join(lines)
+
+
+def _ci(estimate: dict) -> str:
+    lo, hi = estimate["ci"]
+    return f"{estimate['mean']:.3g} [{lo:.3g}, {hi:.3g}]" if None not in (estimate["mean"], lo, hi) else "—"
 
 
 # --- across runs ---------------------------------------------------------------------------------------

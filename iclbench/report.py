@@ -244,12 +244,14 @@ def linear_probe_figure(table: pd.DataFrame, score_from: int, title: str):
     return fig
 
 
-PATTERN_COLOURS = {"holds": "#9bd39b", "partly": "#f3dc8a", "no": "#ee9b9b"}
+PATTERN_COLOURS = {"holds": "#9bd39b", "inconclusive": "#f3dc8a", "fails": "#ee9b9b"}
 
 
 def specialization_figure(table: pd.DataFrame):
-    """Tasks × models matrix: each cell lists the role of every layer (most common over seeds) and is
-    coloured by whether the seed paper's pattern holds (green), partly holds (yellow) or not (red)."""
+    """Tasks × models matrix: each cell lists the nearest algorithm of every layer (most common over seeds)
+    and the verdicts, and is coloured by the seed paper's pattern (both claims) where the task can test it,
+    else by "refines with depth": holds (green), inconclusive (yellow), fails (red), by the most common label
+    over seeds."""
     plt = _pyplot()
     # rows by model (name + model options); training settings a task chose for itself do not split a row
     table = table.assign(model=[" ".join(t for t in m.split() if not t.startswith("train.")) for m in table.model])
@@ -264,9 +266,10 @@ def specialization_figure(table: pd.DataFrame):
             else:
                 r = row.iloc[0]
                 roles = [f"L{c.split()[1]}: {r[c]}" for c in layer_cols if isinstance(r[c], str) and r[c] != "—"]
-                pattern = r["paper's pattern"]
-                text = "\n".join(roles + [f"paper: {pattern}"])
-                colour = PATTERN_COLOURS.get(pattern, "#dddddd")
+                pattern, refines = str(r.get("paper's pattern", "n/a")), str(r.get("refines with depth", "n/a"))
+                text = "\n".join(roles + [f"paper: {pattern}", f"refines: {refines}"])
+                deciding = pattern if pattern != "n/a" else refines
+                colour = PATTERN_COLOURS.get(deciding.split()[0], "#dddddd")
             ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour, edgecolor="white", lw=2))
             ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=7)
     ax.set_xlim(0, len(tasks))
@@ -275,9 +278,62 @@ def specialization_figure(table: pd.DataFrame):
     ax.set_yticks([i + 0.5 for i in range(len(models))], models)
     ax.set_xlabel("task")
     ax.set_ylabel("model")
-    ax.set_title("Layer roles across tasks × models (green: the seed paper's copy-then-refine pattern holds; "
-                 "yellow: partly; red: no)", fontsize=9)
+    ax.set_title("Nearest algorithm per layer across tasks × models; colour: the seed paper's pattern (else "
+                 "refinement with depth) holds / inconclusive / fails in most seeds", fontsize=9)
     return fig
+
+
+def ladder_figure(table: pd.DataFrame, title: str):
+    """Layers × algorithms (crude → refined): distance between each layer's tuned-lens read-out and each
+    algorithm's prediction (log colour scale); the nearest algorithm of each layer is outlined."""
+    import numpy as np
+
+    plt = _pyplot()
+    algos = table.sort_values("rank").drop_duplicates("algorithm").algorithm.tolist()
+    layers = sorted(table.layer.unique())
+    grid = table.pivot_table(index="layer", columns="algorithm", values="distance").reindex(index=layers, columns=algos)
+    values = np.log10(grid.to_numpy(dtype=float).clip(1e-6))
+    fig, ax = plt.subplots(figsize=(1.0 * len(algos) + 2.5, 0.45 * len(layers) + 1.6))
+    im = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    for i, layer in enumerate(layers):
+        row = grid.loc[layer]
+        best = int(np.nanargmin(row.to_numpy(dtype=float)))
+        ax.add_patch(plt.Rectangle((best - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="white" if values[i, j] > -2 else "black")
+    ax.set_xticks(range(len(algos)), algos, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), ["embed" if l < 0 else f"after L{l}" for l in layers])
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="log10 distance (1 = prior variance)")
+    return fig
+
+
+def verdict_table(summary: dict) -> pd.DataFrame:
+    """The specialization probe's claims: verdict, the statistic behind it with its interval, the criterion,
+    and the verdict at other criteria (how a label moves when its cut moves)."""
+    def ci(e):
+        return f"{e['mean']:.3g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e and None not in (e["mean"], *e["ci"]) else "—"
+
+    def moves(sweep):
+        return ", ".join(f"{k}: {v}" for k, v in sweep.items())
+
+    rows = []
+    refine = summary["refines_with_depth"]
+    rows.append({"claim": "refines with depth (lens error, first → last block, relative drop)",
+                 "verdict": refine["verdict"], "statistic": ci(refine["relative_gain"]),
+                 "criterion": f"> {refine['criterion']}", "at other criteria": moves(refine.get("sweep", {}))})
+    c1 = summary["claim_1"]
+    rows.append({"claim": "1: layer 0 copies (copy − answer coefficient in its write)", "verdict": c1["verdict"],
+                 "statistic": ci(c1.get("copy_minus_answer")), "criterion": f"> {c1['criterion']}",
+                 "at other criteria": moves(c1.get("sweep", {}))})
+    last = summary["layers"][-1] if summary["layers"] else {}
+    rows.append({"claim": "2: last layer refines via negative-similarity heads", "verdict": summary["claim_2"]["verdict"],
+                 "statistic": f"heads {' '.join(last.get('negative_heads', [])) or 'none'}; ablation cost "
+                              f"{ci(last.get('ablation_cost'))}",
+                 "criterion": f"refines > {summary['criteria']['refine_margin']}, cost > "
+                              f"{summary['criteria']['ablation_margin']}",
+                 "at other criteria": moves(last.get("ablation_sweep", {}))})
+    return pd.DataFrame(rows)
 
 
 def warn(message: str) -> None:
@@ -312,6 +368,9 @@ def probe_section(doc: Document, run_dir: Path, metrics: dict):
          "Change in normalized error per position when a component is ablated."),
         ("linear_probe", lambda t: linear_probe_figure(t, k, f"Linear probes: {what}"),
          "Held-out R² of ridge probes for the task's latent parameters, per layer."),
+        ("ladder", lambda t: ladder_figure(t, f"Algorithm ladder: {what}"),
+         "Distance between each layer's read-out (tuned lens) and each algorithm, crude → refined; outlined: "
+         "the nearest algorithm."),
     ]
     for name, draw, caption in figures:
         table = _probe_table(run_dir, name)
@@ -325,9 +384,17 @@ def probe_section(doc: Document, run_dir: Path, metrics: dict):
             doc.figure(fig, f"{slug}-{name}", caption)
     spec = _probe_table(run_dir, "specialization")
     if spec is not None and not spec.empty:
-        doc.text("Layer roles assigned by the specialization probe (thresholds in iclbench/probes/"
+        doc.text("Per layer: the nearest algorithm, the tuned-lens error, the refinement across the layer (with "
+                 "its interval) and the copy regression of the layer's direct write (iclbench/probes/"
                  "specialization.py):")
         doc.table(spec)
+    try:
+        summary = json.loads(store.read_regular(run_dir / "probes.json"))["probes"]["specialization"]["summary"]
+        doc.text("The claims, each read from an interval against its criterion, and how the verdict moves when "
+                 "the criterion moves:")
+        doc.table(verdict_table(summary))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, store.DamagedRun):
+        pass  # no specialization summary stored (or an older one): the table above is all there is
 
 
 def run_section(doc: Document, run_dir: Path):
@@ -364,8 +431,10 @@ def specialization_section(doc: Document, roots: list[Path]):
         return
     table = registry.probe("specialization").cross_run_table(runs)
     doc.heading("Does early-copy / late-refine generalize?")
-    doc.text("Per task × model: each layer's most common role over seeds, and how many seeds support each of "
-             "the seed paper's two claims (layer 0 copies; a later layer refines through anti-copy heads).")
+    doc.text("Per task × model: each layer's most common nearest algorithm over seeds; each claim's labels "
+             "over seeds (holds / fails / inconclusive, each from an interval over probe sequences; n/a: the "
+             "task cannot test it, never a failure); and key numbers as the mean over training seeds with a "
+             "95% bootstrap interval over seeds, labelled against the probe's criterion.")
     doc.figure(specialization_figure(table), "specialization", "Specialization matrix across tasks × models.")
     doc.table(table)
 

@@ -49,8 +49,8 @@ def table(probes, name):
 
 
 def test_every_probe_ran_and_summaries_are_json(probes):
-    assert set(probes) >= {"layer_lens", "ablation", "attribution", "attention", "linear_probe", "patching",
-                           "specialization"}
+    assert set(probes) >= {"layer_lens", "ladder", "ablation", "attribution", "attention", "similarity",
+                           "linear_probe", "patching", "specialization"}
     assert probes["broken"] == {"error": "RuntimeError: boom"}  # recorded; the others still ran
     for name, outcome in probes.items():
         if name == "broken":
@@ -61,13 +61,16 @@ def test_every_probe_ran_and_summaries_are_json(probes):
 
 def test_layer_lens_reads_the_copy_after_layer0_and_the_answer_after_layer2(probes):
     s = probes["layer_lens"]["summary"]
-    assert s["logit"]["0"]["distance"]["copy_last"] < 1e-4  # layer 0 wrote x_t: the lens shows copy-last
+    assert s["logit"]["0"]["distance"]["copy_last"]["mean"] < 1e-4  # layer 0 wrote x_t: the lens shows copy-last
     assert s["logit"]["0"]["nearest_baseline"] == "copy_last"
-    assert s["logit"]["1"]["distance"]["copy_last"] < 1e-4  # layer 1 does nothing
-    assert s["logit"]["0"]["error"] > 0.01  # ... and copying is not the answer
-    assert s["logit"]["2"]["error"] < 1e-4 and s["logit"]["2"]["nearest_baseline"] == "extrapolate"
-    assert s["logit"]["-1"]["error"] > 0.9  # the embedding writes nothing the read-out reads: predicts 0
-    assert s["tuned"]["2"]["error"] < 1e-3 < s["tuned"]["1"]["error"]
+    assert s["logit"]["1"]["distance"]["copy_last"]["mean"] < 1e-4  # layer 1 does nothing
+    err = {lens: {layer: v["error"]["mean"] for layer, v in s[lens].items()} for lens in ("logit", "tuned")}
+    assert err["logit"]["0"] > 0.01  # ... and copying is not the answer
+    assert err["logit"]["2"] < 1e-4 and s["logit"]["2"]["nearest_baseline"] == "extrapolate"
+    assert err["logit"]["-1"] > 0.9  # the embedding writes nothing the read-out reads: predicts 0
+    assert err["tuned"]["2"] < 1e-3 < err["tuned"]["1"]
+    lo, hi = s["tuned"]["1"]["error"]["ci"]
+    assert lo <= err["tuned"]["1"] <= hi and hi - lo < err["tuned"]["1"]  # an interval over probe sequences
 
 
 def test_attribution_flags_exactly_the_wired_heads(probes):
@@ -125,20 +128,6 @@ def test_patching_recovers_nothing_through_silent_heads_or_out_of_reach_position
     assert resid[resid.position == resid.patch_position].recovery.mean() > 0.3
 
 
-@pytest.mark.parametrize("kw,roles,claim1,claim2,layers", [
-    ({}, ["copy", "none", "refine"], True, True, [2]),
-    ({"refine_layer": 1}, ["copy", "refine", "none"], True, False, [1]),
-    ({"refine_layer": None}, ["copy", "none", "none"], True, False, []),
-    ({"copy_layer": 1, "refine_layer": 2}, ["none", "copy", "refine"], False, True, [2]),
-])
-def test_specialization_roles_and_claims_follow_the_wiring(task, kw, roles, claim1, claim2, layers):
-    s = run_probes(wired_gpt(**kw), task, ["specialization"], seed=0, device="cpu")["specialization"]["summary"]
-    assert s["roles"] == roles
-    assert s["claim_1_layer0_copies"] is claim1
-    assert s["claim_2_last_layer_refines_with_anti_copy_heads"] is claim2
-    assert s["claim_2_layers"] == layers
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe_results")
@@ -150,7 +139,7 @@ def test_probe_command_stores_summaries_and_tables_then_specialization_combines_
     assert not (d / "probes.json").exists()  # eval.probes=false
     out = cli("probe", str(d), "--probe", "attention", "--probe", "specialization")
     assert out.returncode == 0, out.stderr
-    assert "roles per layer" in out.stdout
+    assert "nearest algorithm per layer" in out.stdout and "claim 1" in out.stdout
     record = json.loads((d / "probes.json").read_text())
     assert set(record["probes"]) == {"attention", "specialization"}
     assert sorted(p.name for p in (d / "probes").iterdir()) == ["attention.csv", "specialization.csv"]
@@ -170,3 +159,32 @@ def test_probe_bad_input_one_line(tiny_run, args, message):
     out = cli("probe", *run_dir, *args)
     assert out.returncode == 2 and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_tuned_lens_after_the_last_layer_reads_out_as_well_as_the_model(tiny_run):
+    """Fitted on the scored positions of other sequences, the last layer's tuned lens can represent the
+    model's own read-out, so its held-out error must not exceed the model's (fitted over every position it
+    was about 2x worse on a trained affine model; on this barely trained one it may even be better)."""
+    from iclbench.probes.lens import lens_distances
+
+    task, model = tiny_run.task, tiny_run.model
+    gen = torch.Generator().manual_seed(0)
+    fit, test = task.sample(512, gen), task.sample(512, gen)
+    d = lens_distances(task, model, fit, test)["tuned"][model.n_layers - 1]
+    scored = slice(task.score_from, None)
+    lens_err = float(d["target"][scored].mean())
+    own = float(lens_distances(task, model, fit, test)["logit"][model.n_layers - 1]["target"][scored].mean())
+    assert lens_err <= 1.05 * own
+
+
+def test_probe_seed_draws_another_sample_and_is_recorded(tiny_run):
+    d = tiny_run.run_dir
+    first = cli("probe", str(d), "--probe", "ladder", "--seed", "7")
+    assert first.returncode == 0, first.stderr
+    a = json.loads((d / "probes.json").read_text())["probes"]["ladder"]
+    assert a["seed"] == 7
+    cli("probe", str(d), "--probe", "ladder", "--seed", "8")
+    b = json.loads((d / "probes.json").read_text())["probes"]["ladder"]
+    assert b["seed"] == 8 and a["summary"]["layers"][0]["error"] != b["summary"]["layers"][0]["error"]
+    bad = cli("probe", str(d), "--probe", "ladder", "--seed", "-1")
+    assert bad.returncode == 2 and "--seed" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -29,10 +29,12 @@ def scored_positions(task, batch: Batch) -> torch.Tensor:
 
 
 def baselines(task, batch: Batch) -> dict[str, torch.Tensor]:
-    """Predictions of the task's baselines plus those other plugins add for it (oracles left out: they
-    see the latents, so agreeing with them is just being right)."""
+    """Predictions of the task's baselines plus those other plugins add for it. Oracles are left out (a name
+    starting with ``oracle``, or ``fn.oracle``): they see the latents, so agreeing with them is just being
+    right."""
     entries = get_registry().task_baselines(task)
-    return {name: e.obj(batch).float() for name, e in entries.items() if name != "oracle"}
+    return {name: e.obj(batch).float() for name, e in entries.items()
+            if not name.startswith("oracle") and not getattr(e.obj, "oracle", False)}
 
 
 def sq_error(pred: torch.Tensor, ref: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:

@@ -269,6 +269,8 @@ class Specialization(Probe):
                 seed_labels = [s[key]["verdict"] for s in summaries]
                 row[label] = across_seeds(seed_labels)
             row["claim 2 (any later layer)"] = across_seeds([s["claim_2"]["any_later_layer"] for s in summaries])
+            row["paper's pattern"] = across_seeds([combine(s["claim_1"]["verdict"], s["claim_2"]["verdict"])
+                                                   for s in summaries])
             row["refines with depth"] = across_seeds([s["refines_with_depth"]["verdict"] for s in summaries])
             copy = [s["claim_1"]["copy_minus_answer"]["mean"] for s in summaries if "copy_minus_answer" in s["claim_1"]]
             row["L0 copy − answer"] = seed_interval(copy, COPY_MARGIN)
