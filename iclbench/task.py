@@ -38,12 +38,29 @@ class Batch:
 @dataclass(frozen=True)
 class Baseline:
     """A classical predictor: ``fn(batch) -> predictions [B, T, d_out]`` using only the context up to each
-    position (never ``targets`` at or after it). ``task`` names the task it applies to."""
+    position (never ``targets`` at or after it). ``task`` names the task it applies to.
+
+    A name starting with ``oracle`` reads the latents: a reference, not a competitor. The baseline named
+    ``bayes`` is the posterior mean under the task's prior (the limit of in-context learning); its function
+    carries ``fn.bayes``, one of :data:`BAYES_KINDS`, saying how exactly it is computed (see
+    :func:`bayes_kind`)."""
 
     task: str
     name: str
     fn: Callable[[Batch], torch.Tensor]
     description: str = ""
+
+
+#: how a ``bayes`` baseline is computed: closed form; a grid over low-dimensional parameters; the best
+#: predictor linear in the observations (GP with the prior's covariance: its error bounds Bayes' from above);
+#: prior draws weighted by the likelihood
+BAYES_KINDS = ("exact", "quadrature", "best-linear", "importance-sampled")
+
+
+def bayes_kind(fn) -> str | None:
+    """The kind of a Bayes baseline (``fn.bayes``), or None for any other predictor."""
+    kind = getattr(fn, "bayes", None)
+    return kind if kind in BAYES_KINDS else None
 
 
 @dataclass
