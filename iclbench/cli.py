@@ -90,13 +90,20 @@ def cmd_list(args) -> int:
     kinds = [args.kind] if args.kind else list(KINDS)
     for kind in kinds:
         if kind == "baselines":
+            from .task import bayes_kind
+
             rows = []
             for task_name, entry in sorted(reg.tasks.items()):
                 try:
                     task = entry.obj()
                     for name, e in reg.task_baselines(task).items():
                         doc = (getattr(e.obj, "__doc__", None) or "").strip().splitlines()
-                        rows.append([f"{task_name}:{name}", e.description or (doc[0] if doc else ""), e.plugin])
+                        text = e.description or (doc[0] if doc else "")
+                        bayes = bayes_kind(e.obj)
+                        if bayes:  # exact and quadrature are the posterior mean; the others approximate it
+                            text = (f"[Bayes-optimal: {bayes}] " if bayes in ("exact", "quadrature")
+                                    else f"[approximates Bayes: {bayes}] ") + text
+                        rows.append([f"{task_name}:{name}", text, e.plugin])
                 except Exception as exc:  # a broken task must not hide the others
                     rows.append([f"{task_name}:?", f"cannot list: {type(exc).__name__}: {exc}", entry.plugin])
         else:

@@ -38,8 +38,10 @@ def error_curves(predictions: dict[str, torch.Tensor], batch: Batch, normalizer:
     alpha = (1 - confidence) / 2
     q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
     out = {}
+    errs = {name: normalized_error(pred, batch, normalizer).cpu().double()[:, positions]
+            for name, pred in predictions.items()}
     for name, pred in predictions.items():
-        err = normalized_error(pred, batch, normalizer).cpu().double()[:, positions]  # [N, P]
+        err = errs[name]  # [N, P]
         curve = err.mean(0)
         boot = weights @ err / len(batch)  # [R, P]
         lo, hi = torch.quantile(boot, q, dim=0)
@@ -54,8 +56,44 @@ def error_curves(predictions: dict[str, torch.Tensor], batch: Batch, normalizer:
             "mse": float((pred.float() - batch.targets.float()).pow(2).mean(-1).cpu()[:, positions]
                          [:, summary_cols].mean()),
         }
+    if BAYES in errs:  # paired: the same resampled sequences for both terms of every difference
+        zero = normalized_error(torch.zeros_like(batch.targets), batch, normalizer).cpu().double()[:, positions]
+        zero_excess = (weights @ (zero - errs[BAYES]))[:, summary_cols].mean(1) / len(batch)
+        for name, err in errs.items():
+            excess = err - errs[BAYES]
+            boot = (weights @ excess)[:, summary_cols].mean(1) / len(batch)
+            lo, hi = torch.quantile(boot, q)
+            ratio = torch.quantile(boot / zero_excess.clamp_min(1e-12), q)
+            mean_ratio = float(excess[:, summary_cols].mean() / (zero - errs[BAYES])[:, summary_cols].mean()
+                               .clamp_min(1e-12))
+            out[name]["excess_bayes"] = {"mean": float(excess[:, summary_cols].mean()), "ci": [float(lo), float(hi)],
+                                         "relative": mean_ratio, "relative_ci": [float(v) for v in ratio],
+                                         "learned": learned_label(ratio[0], ratio[1])}
     return {"positions": [int(p) for p in positions], "score_from": int(score_from),
             "confidence": confidence, "bootstrap": replicates, "predictors": out}
+
+
+#: the baseline every task names for its posterior mean (see :class:`iclbench.task.Baseline`)
+BAYES = "bayes"
+#: relative excess over Bayes, (error - Bayes) / (zero predictor - Bayes), below which a task counts as learned,
+#: and above which it counts as not learned
+LEARNED_BELOW, NOT_LEARNED_ABOVE = 0.1, 0.5
+
+
+def learned_label(lo: float, hi: float) -> str:
+    """Whether a run learned its task, from the CI ``[lo, hi]`` of its relative excess over Bayes
+    ``(error - Bayes) / (zero - Bayes)`` (0: Bayes-optimal; 1: no better than predicting 0):
+    ``learned`` if the whole CI is below 0.1 (the run closes >= 90 % of the gap from the zero predictor to
+    Bayes), ``not learned`` if it is above 0.5 (it closes under half), ``partly`` if it lies between; a CI
+    across 0.1 or 0.5 is ``inconclusive``."""
+    lo, hi = float(lo), float(hi)
+    if hi < LEARNED_BELOW:
+        return "learned"
+    if lo > NOT_LEARNED_ABOVE:
+        return "not learned"
+    if lo >= LEARNED_BELOW and hi <= NOT_LEARNED_ABOVE:
+        return "partly"
+    return "inconclusive"
 
 
 def baseline_predictions(baselines: dict[str, Callable[[Batch], torch.Tensor]], batch: Batch) -> dict:

@@ -37,7 +37,12 @@ METRIC_HELP = {
               "every baseline)",
     "icl_score": "(zero - error) / (zero - best baseline): 0 = the all-zeros predictor, 1 = the best non-oracle "
                  "baseline (higher is better)",
+    "excess_bayes": "error minus the Bayes-optimal (posterior-mean) baseline's error in the same run, paired "
+                    "(0 = the limit of in-context learning; lower is better)",
 }
+#: shown beside each model cell: whether the run learned its task (see iclbench.evaluate.learned_label)
+LEARNED_HELP = ("[learned / partly / not learned / inconclusive]: the 95% CI of (error - Bayes) / (zero - Bayes) "
+                "below 0.1 / within [0.1, 0.5] / above 0.5 / across a cut")
 
 
 class PastContext(ValueError):
@@ -86,14 +91,18 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
             oracles = set(m.get("oracles", ()))  # marked by their function (fn.oracle = True), not their name
             competitors = [e for n, e in errors.items() if n != "model" and not is_oracle(n) and n not in oracles]
             best = min(competitors) if competitors else float("nan")
+            bayes = errors.get("bayes", float("nan"))
             zero_ref = m.get("reference", {}).get("zero")
             zero = 1.0 if zero_ref is None else (float(zero_ref["mean"]) if score_from is None else _mean_from(
                 zero_ref, positions, score_from))
             for name, s in m["summary"].items():
                 err = errors[name]
-                value = {"error": err, "excess": err - best,
+                value = {"error": err, "excess": err - best, "excess_bayes": err - bayes,
                          "icl_score": (zero - err) / (zero - best) if zero != best else float("nan")}[metric]
                 half = (s["ci"][1] - s["ci"][0]) / 2 if metric == "error" and score_from is None else float("nan")
+                vs_bayes = curves.get(name, {}).get("excess_bayes")
+                if metric == "excess_bayes" and score_from is None and vs_bayes:
+                    half = (vs_bayes["ci"][1] - vs_bayes["ci"][0]) / 2  # paired bootstrap
                 is_model = name == "model"
                 if not math.isfinite(value) and not (metric == "icl_score" and zero == best):
                     warn(f"iclbench: warning: {run_dir}: {name} has a non-finite {metric} ({value})")
@@ -107,6 +116,7 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
                     "seed": m["seed"],
                     "value": value,
                     "ci_half": half,
+                    "learned": vs_bayes["learned"] if is_model and vs_bayes and score_from is None else "",
                 })
         except PastContext as exc:
             past.append(f"iclbench: warning: leaving out {run_dir}: {exc}")
@@ -117,7 +127,18 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
     for message in past:  # a healthy run, just shorter than K: not called damaged
         warn(message)
     return pd.DataFrame(rows, columns=["run", "kind", "name", "config", "task", "task_config", "seed",
-                                       "value", "ci_half"])
+                                       "value", "ci_half", "learned"])
+
+
+def _seeds_learned(labels: pd.Series) -> str:
+    """One label when every seed agrees, else the count of each ('learned 2/3, partly 1/3')."""
+    labels = [v for v in labels if v]
+    if not labels:
+        return ""
+    counts = pd.Series(labels).value_counts()
+    if len(counts) == 1:
+        return counts.index[0]
+    return ", ".join(f"{k} {v}/{len(labels)}" for k, v in counts.items())
 
 
 def _labels(df: pd.DataFrame, name_col: str, cfg_col: str, within: list[str] = ()) -> pd.Series:
@@ -138,7 +159,7 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=()) -> pd.DataFrame:
     run's own bootstrap interval.
     """
     keys = ["kind", "row", "task_label"]
-    columns = ["kind", "row", "task", "mean", "sd", "n_seeds", "ci_half"]
+    columns = ["kind", "row", "task", "mean", "sd", "n_seeds", "ci_half", "learned"]
     df = runs.copy()
     if tasks:
         df = df[df.task.isin(tasks)]
@@ -154,8 +175,13 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=()) -> pd.DataFrame:
     df = pd.concat([model_rows, base])
     # one value per (row, task, seed) first, so that a baseline evaluated by several models counts once
     per_seed = df.groupby([*keys, "seed"], as_index=False)[["value", "ci_half"]].mean()
+    if "learned" not in df:
+        df["learned"] = ""
+    per_seed = per_seed.merge(df.groupby([*keys, "seed"], as_index=False)["learned"].agg(_seeds_learned),
+                              on=[*keys, "seed"])
     out = per_seed.groupby(keys, as_index=False).agg(
-        mean=("value", "mean"), sd=("value", "std"), n_seeds=("seed", "nunique"), boot=("ci_half", "mean"))
+        mean=("value", "mean"), sd=("value", "std"), n_seeds=("seed", "nunique"), boot=("ci_half", "mean"),
+        learned=("learned", _seeds_learned))
     spread = 1.96 * out["sd"] / out["n_seeds"].clip(lower=1) ** 0.5
     out["ci_half"] = spread.where(out["n_seeds"] >= 2, out["boot"])
     out = out.drop(columns="boot").rename(columns={"task_label": "task"})
@@ -167,7 +193,8 @@ def wide(agg: pd.DataFrame) -> pd.DataFrame:
     """Rows: models then baselines; columns: tasks; cells 'mean (n)' or 'mean ± sd (n)'."""
     def cell(r):
         sd = "" if pd.isna(r["sd"]) else f" ± {r['sd']:.4f}"
-        return f"{r['mean']:.4f}{sd} (n={r['n_seeds']})"
+        label = f" [{r['learned']}]" if r.get("learned") else ""
+        return f"{r['mean']:.4f}{sd} (n={r['n_seeds']}){label}"
 
     if agg.empty:
         return pd.DataFrame()
@@ -200,6 +227,8 @@ def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=
     table = wide(agg)
     where = f" (positions t >= {score_from})" if score_from is not None else ""
     title = f"{metric}{where}: {METRIC_HELP[metric]}; mean ± sd over seeds (n = seeds)"
+    if (agg["learned"] != "").any():
+        title += f"; {LEARNED_HELP}"
     body = tabulate(table, headers=["model"] + list(table.columns), tablefmt=fmt, disable_numparse=True)
     return body if fmt == "latex" else f"{title}\n\n{body}"
 

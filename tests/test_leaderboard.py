@@ -37,7 +37,7 @@ def test_mean_over_seeds_with_counts_and_configs_kept_apart(tmp_path):
     text = render(tmp_path, "github")
     assert "0.0200 ± 0.0141 (n=2)" in text and "| baseline: copy_last" in text
     assert json.loads(render(tmp_path, "json"))[0]["kind"] == "model"
-    assert render(tmp_path, "csv").splitlines()[0] == "kind,row,task,mean,sd,n_seeds,ci_half"
+    assert render(tmp_path, "csv").splitlines()[0] == "kind,row,task,mean,sd,n_seeds,ci_half,learned"
     assert "\\begin{tabular}" in render(tmp_path, "latex")
 
 
