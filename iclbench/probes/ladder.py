@@ -86,7 +86,8 @@ def ladder(model, task, fit, test, generator, weights=None) -> dict:
     of the test sequences (shared with other scores so their intervals are paired)."""
     norm = task.normalizer(test.inputs.device)
     scored = scored_positions(task, test).to(test.inputs.device)
-    rungs = {**baselines(task, test), **gd_rungs(task, fit, test, scored_positions(task, fit))}
+    found = baselines(task, test)
+    rungs = {**found, **gd_rungs(task, fit, test, scored_positions(task, fit))}
     rungs = {n: p for n, p in rungs.items() if p.shape == test.targets.shape and torch.isfinite(p).all()}
     weights = resample_weights(len(test), generator) if weights is None else weights
 
@@ -121,7 +122,7 @@ def ladder(model, task, fit, test, generator, weights=None) -> dict:
     rel = boot(gain) / boot(errors[first]).clamp_min(1e-12)
     rel_est = estimate(rel_point, rel)
     return {
-        "_errors": errors, "_lens": lens,
+        "_errors": errors, "_lens": lens, "_baselines": found,
         "ladder": [{"name": n, "error": estimate(float(own[n].mean()), boot(own[n]))} for n in order],
         "layers": layers,
         "refinement": {

@@ -59,10 +59,10 @@ ABLATION_SWEEP = (0.0, 0.1, 0.25, 1.0, 4.0)
 CRITERIA = {"copy_margin": COPY_MARGIN, "refine_margin": REFINE_MARGIN, "ablation_margin": ABLATION_MARGIN}
 
 
-def copy_signals(task, batch):
+def copy_signals(task, batch, found=None):
     """``{"copy", "previous", "answer"}`` ``[B, T, d]``, or ``None`` when the task has no copy-last (its
-    outputs are not its next inputs)."""
-    found = baselines(task, batch)
+    outputs are not its next inputs). ``found``: the baselines' predictions on ``batch``, when computed."""
+    found = baselines(task, batch) if found is None else found
     if "copy_last" not in found or found["copy_last"].shape != batch.targets.shape:
         return None
     copy = found["copy_last"].float()
@@ -140,7 +140,7 @@ def layer_roles(model, task, generator, device, n: int = 256) -> dict:
                         boot(g) / boot(errors[l - 1]).clamp_min(1e-12))
 
     parts = contributions(model, test)[0]
-    signals = copy_signals(task, test)
+    signals = copy_signals(task, test, lad["_baselines"])
     if signals is not None:
         gap = (signals["answer"] - signals["copy"]).abs()
         disagree = gap >= gap[:, scored].median()
