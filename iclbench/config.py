@@ -40,6 +40,10 @@ class TrainOptions:
     log_every: int = 100
     checkpoint_every: int = 500  # save the whole training state every N steps (0: never), for --resume
     compile: bool = False  # torch.compile the model for training (--compile)
+    #: positions the loss averages: "scored" = the task's scored positions from its summary start
+    #: (``score_from``) on, where the model is judged; "all" = every scored position, including the first
+    #: ones whose Bayes error is irreducible (1.0 at t = 0 on affine) and would dominate the loss
+    loss_positions: str = "all"
 
     def validate(self):
         if self.steps <= 0:
@@ -58,6 +62,8 @@ class TrainOptions:
             raise ValueError(f"log_every must be > 0, got {self.log_every}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.loss_positions not in ("all", "scored"):
+            raise ValueError(f"loss_positions must be all or scored, got {self.loss_positions!r}")
 
 
 @dataclass

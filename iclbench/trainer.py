@@ -130,14 +130,15 @@ class Stage:
     normalizer (computed once, not per step) and the scored positions (found from the stage's first batch;
     a task's mask depends on its options only)."""
 
-    def __init__(self, task: Task, device: torch.device):
-        self.task, self.device = task, device
+    def __init__(self, task: Task, device: torch.device, loss_from: int = 0):
+        self.task, self.device, self.loss_from = task, device, loss_from
         self.normalizer = task.normalizer(device).to(device)
         self._scored: torch.Tensor | None | str = "unset"
 
     def scored(self, batch: Batch) -> torch.Tensor | None:
         if isinstance(self._scored, str):
-            self._scored = scored_positions(batch.mask)
+            first = torch.arange(batch.mask.shape[0], device=batch.mask.device) >= self.loss_from
+            self._scored = scored_positions(batch.mask & first)  # once per stage, not per step
         return self._scored
 
 
@@ -145,8 +146,9 @@ class Curriculum:
     """The stage to train on at each step: the task with ``task.curriculum(step, steps)`` applied. One
     :class:`Stage` per distinct set of changes, so a stage's normalizer is computed once."""
 
-    def __init__(self, task: Task, steps: int, device: torch.device | str = "cpu"):
+    def __init__(self, task: Task, steps: int, device: torch.device | str = "cpu", loss_from: int = 0):
         self.task, self.steps, self.device, self.stages = task, steps, torch.device(device), {}
+        self.loss_from = loss_from  # train.loss_positions: "scored" trains on positions >= score_from only
 
     def __call__(self, step: int) -> Stage:
         changes = self.task.curriculum(step, self.steps) or {}
@@ -157,7 +159,7 @@ class Curriculum:
             except TypeError as exc:
                 raise ICLBenchError(f"task '{self.task.name}' curriculum at step {step} sets {changes}: "
                                     f"{exc}") from None
-            self.stages[key] = Stage(task, self.device)
+            self.stages[key] = Stage(task, self.device, self.loss_from)
         return self.stages[key]
 
 
@@ -209,7 +211,7 @@ def train(model: torch.nn.Module, task: Task, o: TrainOptions, seed: int, device
         first, running, window_tokens = resume["step"], resume["running_loss"], resume["window_tokens"]
         tokens_done, elapsed = resume["tokens"], resume["elapsed_s"]
     step_model = compile_model(model, device) if o.compile else model
-    stages = Curriculum(task, o.steps, device)
+    stages = Curriculum(task, o.steps, device, task.score_from if o.loss_positions == "scored" else 0)
     model.train()
     bar = tqdm(total=o.steps, initial=first, disable=not progress, desc=f"train {task.name}", unit="step",
                leave=False, dynamic_ncols=True)
