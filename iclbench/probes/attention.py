@@ -3,6 +3,11 @@
 Mass on the previous token, on the current token, and on the earlier position whose input is most similar
 to the current input (the seed paper's "similarity" heads), beside what a uniform causal pattern would put
 there; the mean pattern per head is kept in the table for plots (``stat == "pattern"``, ``key`` column).
+
+"similar" is descriptive, not a test of similarity-based attention: in a smooth sequence the most similar
+earlier value is usually the previous one (on affine, about two thirds of scored positions, where a uniform
+pattern would put 1/t there), so a previous-token head scores high on it. :mod:`.similarity` tests the
+dependence on value similarity with position held fixed.
 """
 
 from __future__ import annotations
