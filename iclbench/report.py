@@ -117,6 +117,8 @@ def error_curve_figure(metrics: dict):
         p = curves["predictors"][name]
         label = f"{metrics['model']} (model)" if name == "model" else name
         style = {"lw": 2.4, "color": "black", "zorder": 5} if name == "model" else {"lw": 1.4, "ls": "--"}
+        if name == "bayes":  # the limit: drawn solid, so the model's gap to it reads at a glance
+            label, style = "bayes (posterior mean: the limit)", {"lw": 2.0, "color": "tab:red", "zorder": 4}
         line, = ax.plot(pos, p["curve"], marker="o", ms=3, label=label, **style)
         ax.fill_between(pos, p["curve_lo"], p["curve_hi"], color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="prior mean (1.0)")
@@ -408,6 +410,14 @@ def run_section(doc: Document, run_dir: Path):
     summary = pd.DataFrame([{"predictor": metrics["model"] if n == "model" else n, "error": s["mean"],
                              "ci_low": s["ci"][0], "ci_high": s["ci"][1]}
                             for n, s in metrics["summary"].items()])
+    vs_bayes = {n: p.get("excess_bayes") for n, p in metrics["curves"]["predictors"].items()}
+    if vs_bayes.get("model"):  # paired with Bayes on the same sequences (iclbench.evaluate.error_curves)
+        summary["excess_bayes"] = [vs_bayes[n]["mean"] for n in metrics["summary"]]
+        summary["excess_ci"] = [f"[{vs_bayes[n]['ci'][0]:.4f}, {vs_bayes[n]['ci'][1]:.4f}]" for n in metrics["summary"]]
+        m = vs_bayes["model"]
+        doc.text(f"**{m['learned']}**: relative excess over Bayes (error − Bayes) / (zero − Bayes) = "
+                 f"{m['relative']:.3f}, 95% CI [{m['relative_ci'][0]:.3f}, {m['relative_ci'][1]:.3f}] "
+                 "(learned below 0.1, partly within [0.1, 0.5], not learned above 0.5, else inconclusive).")
     doc.table(summary)
     doc.figure(error_curve_figure(metrics), f"{slug}-error",
                f"Normalized squared error per context position for {metrics['model']} and every baseline on "
