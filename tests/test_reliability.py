@@ -48,6 +48,11 @@ HOLD = ("import sys, time; from iclbench import store\n"
         "with store.run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)\n")
 
 
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory):
+    return fast_run(tmp_path_factory.mktemp("good")).run_dir
+
+
 # --- one writer per run directory -------------------------------------------------------------------------
 
 def test_a_live_run_is_never_trained_beside_even_with_force(tmp_path):
@@ -153,8 +158,9 @@ def test_disk_full_names_the_file_and_leaves_nothing_behind(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_killed_during_evaluation_resumes_without_training_and_cleans_temporaries(tmp_path, monkeypatch):
-    clean = fast_run(tmp_path / "clean")
+def test_killed_during_evaluation_resumes_without_training_and_cleans_temporaries(complete, tmp_path,
+                                                                                 monkeypatch):
+    clean = fast_run(complete.parent)  # the uninterrupted run of the same config (found complete)
     real = runner.evaluation_batch
     monkeypatch.setattr(runner, "evaluation_batch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -223,11 +229,6 @@ def test_sweep_keeps_a_runs_thread_count(tmp_path):
 
 
 # --- damaged results: skipped with a warning naming the file --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def complete(tmp_path_factory):
-    return fast_run(tmp_path_factory.mktemp("good")).run_dir
-
 
 def _fifo(path):
     path.unlink(missing_ok=True)
@@ -381,6 +382,6 @@ def test_unreachable_ray_address_fails_fast_with_one_line():
     started = time.monotonic()
     with pytest.raises(ICLBenchError, match="cannot connect to the Ray cluster"):
         check_reachable(f"127.0.0.1:{port}", timeout=2)
-    with pytest.raises(ICLBenchError, match="cannot connect to the Ray cluster"):
-        check_reachable("ray://10.255.255.1:10001", timeout=0.5)  # unroutable: a timeout, not a hang
+    with pytest.raises(ICLBenchError, match="expected HOST:PORT"):
+        check_reachable("nonsense")
     assert time.monotonic() - started < 10

@@ -1,0 +1,219 @@
+"""A battery of hostile and careless inputs (issue 13), run in-process through ``iclbench.cli.main``.
+
+    python benchmarks/hostile.py [--keep DIR]
+
+Each case damages a copy of one small real run (or passes bad input) and runs one command. A case is
+*handled cleanly* when the command exits 0, 1 or 2 with at most one ``iclbench: error`` line and no internal
+error or traceback; *data lost* counts cases after which a good run beside the damaged one no longer reads
+back identical (or a file outside the results directory changed). Not part of CI: about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FAST = ["model.d_model=16", "model.d_mlp=32", "eval.n_sequences=64", "eval.bootstrap=10", "eval.ood=false",
+        "eval.probes=false"]
+SETS = [a for s in FAST for a in ("--set", s)]
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink() and not p.name.startswith("."):
+            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def call(argv) -> tuple[int, str]:
+    from iclbench.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 2
+        except BaseException as exc:  # escaped main: not clean
+            return 99, f"{type(exc).__name__}: {exc}"
+    return code, err.getvalue()
+
+
+def clean(code: int, err: str) -> bool:
+    errors = [line for line in err.splitlines() if line.startswith("iclbench: error")]
+    return code in (0, 1, 2) and len(errors) <= 1 and "internal error" not in err and "Traceback" not in err \
+        and all(line.startswith(("iclbench: ", "usage:", "  ")) or not line.strip() for line in err.splitlines())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keep", help="work in this directory and keep it")
+    args = ap.parse_args()
+    work = Path(args.keep or tempfile.mkdtemp(prefix="iclbench-hostile-"))
+    work.mkdir(parents=True, exist_ok=True)
+    import iclbench
+    from iclbench import store
+
+    good = iclbench.run("affine", "gpt1l", steps=20, out=str(work / "seed"), overrides=FAST).run_dir
+    victim = work / "outside.txt"
+    victim.write_text("precious\n")
+
+    def results_with(damage, name="zz-damaged"):
+        root = work / "cases" / f"{len(cases_run)}"
+        shutil.rmtree(root, ignore_errors=True)
+        ok = shutil.copytree(good, root / good.name)
+        bad = shutil.copytree(good, root / name)
+        damage(bad)
+        return root, ok, bad
+
+    def fifo(p):
+        p.unlink(missing_ok=True)
+        os.mkfifo(p)
+
+    def edit_metrics(fn):
+        def damage(d):
+            m = json.loads((d / store.METRICS).read_text())
+            (d / store.METRICS).write_text(json.dumps(fn(m)))
+        return damage
+
+    damages = {
+        "status null": lambda d: ((d / store.METRICS).unlink(), (d / store.STATUS).write_text("null")),
+        "status list": lambda d: ((d / store.METRICS).unlink(), (d / store.STATUS).write_text("[]")),
+        "status fifo": lambda d: ((d / store.METRICS).unlink(), fifo(d / store.STATUS)),
+        "metrics null": lambda d: (d / store.METRICS).write_text("null"),
+        "metrics list": lambda d: (d / store.METRICS).write_text("[1]"),
+        "metrics truncated": lambda d: (d / store.METRICS).write_text((d / store.METRICS).read_text()[:300]),
+        "metrics binary": lambda d: (d / store.METRICS).write_bytes(os.urandom(200)),
+        "metrics fifo": lambda d: fifo(d / store.METRICS),
+        "metrics directory": lambda d: ((d / store.METRICS).unlink(), (d / store.METRICS).mkdir()),
+        "metrics deep": lambda d: (d / store.METRICS).write_text("[" * 100000),
+        "summary list": edit_metrics(lambda m: {**m, "summary": []}),
+        "summary model null": edit_metrics(lambda m: {**m, "summary": {**m["summary"], "model": None}}),
+        "no curves": edit_metrics(lambda m: {k: v for k, v in m.items() if k != "curves"}),
+        "no train": edit_metrics(lambda m: {k: v for k, v in m.items() if k != "train"}),
+        "curves positions null": edit_metrics(lambda m: {**m, "curves": {**m["curves"], "positions": None}}),
+        "absurd error": edit_metrics(lambda m: {**m, "summary": {**m["summary"], "model": {"mean": 2e7,
+                                                                                          "ci": [2e7, 2e7]}}}),
+        "empty probe csv": lambda d: ((d / "probes").mkdir(), (d / "probes" / "layer_lens.csv").write_text("")),
+        "garbage probe csv": lambda d: ((d / "probes").mkdir(), (d / "probes" / "attention.csv").write_text("a\n1\n")),
+        "probes.json list": lambda d: (d / "probes.json").write_text("[]"),
+        "probes.json truncated": lambda d: (d / "probes.json").write_text('{"probes": {"specialization": {"su'),
+        "probes.json summary list": lambda d: (d / "probes.json").write_text(
+            '{"probes": {"specialization": {"summary": [1]}}}'),
+        "config.yaml fifo": lambda d: fifo(d / store.CONFIG),
+        "weights truncated": lambda d: (d / store.CHECKPOINT).write_bytes((d / store.CHECKPOINT).read_bytes()[:64]),
+        "xss name": lambda d: None,
+    }
+    cases_run: list[tuple[str, bool, bool, str]] = []
+
+    def record(name, code, err, ok_dir):
+        lost = digest(ok_dir) != good_digest or victim.read_text() != "precious\n"
+        cases_run.append((name, clean(code, err), lost, " ".join(err.split())[:160]))
+
+    good_digest = digest(good)
+    for dname, damage in damages.items():
+        for command in ("leaderboard", "report", "specialization", "probe", "rerun"):
+            root, ok, bad = results_with(damage, 'x" onerror="alert(1)' if dname == "xss name" else "zz-damaged")
+            if command == "leaderboard":
+                code, err = call(["leaderboard", "--results", root])
+            elif command == "report":
+                code, err = call(["report", "--results", root, "--out", root / "report"])
+                page = root / "report" / "report.html"
+                if page.exists() and 'onerror="' in page.read_text():
+                    code, err = 99, "unescaped name in report.html"
+            elif command == "specialization":
+                code, err = call(["specialization", "--results", root])
+            elif command == "probe":
+                code, err = call(["probe", bad, "--probe", "attention"])
+            else:  # the same config rerun into the damaged directory: must not crash
+                target = root / "rerun"
+                damage(shutil.copytree(good, target / good.name))
+                code, err = call(["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", target,
+                                  "--quiet", *SETS])
+            record(f"{command}: {dname}", code, err, ok)
+
+    # run-level hostility
+    def run_case(name, argv, prepare=lambda out: None):
+        out = work / "runs" / str(len(cases_run))
+        out.mkdir(parents=True)
+        prepare(out)
+        code, err = call(argv(out) if callable(argv) else argv)
+        record(name, code, err, good)
+
+    base = lambda out, *extra: ["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", out,  # noqa
+                                "--quiet", *SETS, *extra]
+    for name, extra in {
+        "seed 2^63": ["--seed", str(2 ** 63)], "seed -1": ["--seed", "-1"], "out=[1]": ["--set", "out=[1]"],
+        "d_model 4e6": ["--set", "model.d_model=4000000"], "batch 1e10": ["--set", "train.batch_size=10000000000"],
+        "n_sequences 1e12": ["--set", "eval.n_sequences=1000000000000"], "noise nan": ["--set", "task.noise=.nan"],
+        "lr 10": ["--set", "train.lr=10"], "lr 1e6": ["--set", "train.lr=1e6", "--set", "train.grad_clip=0"],
+        "steps 0": ["--steps", "0"], "unknown key": ["--set", "model.nope=1"], "device cuda:99": ["--device", "cuda:99"],
+        "resume nothing": ["--resume"],
+    }.items():
+        run_case(f"run: {name}", lambda out, extra=extra: base(out, *extra))
+    (work / "deep.yaml").write_text("[" * 50000)
+    (work / "binary.yaml").write_bytes(os.urandom(512))
+    (work / "list.yaml").write_text("- 1\n- 2\n")
+    os.mkfifo(work / "fifo.yaml")
+    for f in ("deep", "binary", "list", "fifo"):
+        run_case(f"run --config {f}", ["run", "--config", work / f"{f}.yaml"])
+        run_case(f"sweep {f}", ["sweep", work / f"{f}.yaml", "--dry-run"])
+    run_case("leaderboard --from past", ["leaderboard", "--results", good.parent, "--from", "999"])
+    run_case("leaderboard missing dir", ["leaderboard", "--results", work / "nope"])
+    run_case("report --out a file", ["report", "--results", good.parent, "--out", victim])
+    run_case("ray unreachable", lambda out: ["sweep", work / "exp.yaml", "--executor", "ray", "--address",
+                                             "127.0.0.1:1"],
+             lambda out: (work / "exp.yaml").write_text(f"base: {{task: affine, model: gpt1l, out: {out}}}\n"
+                                                         "runs: [{seed: 0}]\n"))
+
+    def symlinked_log(out):
+        iclbench.run("affine", "gpt1l", steps=20, out=str(out), overrides=FAST)
+        (log := next(out.iterdir()) / store.LOG).unlink()
+        log.symlink_to(victim)
+    run_case("--force over a symlinked train.log", lambda out: base(out, "--force"), symlinked_log)
+
+    def stale_pid(out):
+        run_dir = iclbench.run("affine", "gpt1l", steps=20, out=str(out), overrides=FAST).run_dir
+        (run_dir / store.METRICS).unlink()
+        store.write_json(run_dir / store.STATUS, {"status": "running", "pid": os.getppid(), "host": os.uname()[1]})
+    run_case("stale pid owned by another process", base, stale_pid)
+
+    holder = {}
+
+    def locked(out):
+        from iclbench.config import resolve
+        from iclbench.registry import get_registry
+
+        cfg = resolve(get_registry(), task="affine", model="gpt1l", steps=20, out=str(out), overrides=FAST)
+        (out / cfg.run_name).mkdir(parents=True)
+        holder["p"] = subprocess.Popen([sys.executable, "-c", "import sys,time; from iclbench import store\n"
+                                        "with store.run_lock(sys.argv[1]):\n print('l',flush=True); time.sleep(60)",
+                                        str(out / cfg.run_name)], stdout=subprocess.PIPE, text=True)
+        holder["p"].stdout.readline()
+    run_case("--force on a live run", lambda out: base(out, "--force"), locked)
+    busy = cases_run[-1]
+    cases_run[-1] = (busy[0], busy[1] and "being computed" in busy[3], busy[2], busy[3])
+    holder["p"].kill()
+
+    unclean = [c for c in cases_run if not c[1]]
+    for name, ok, lost, err in cases_run:
+        print(f"{'ok ' if ok else 'BAD'} {'LOST' if lost else '    '} {name}: {err}")
+    print(f"\n{len(cases_run)} cases, {len(cases_run) - len(unclean)} handled cleanly, "
+          f"{sum(c[2] for c in cases_run)} with data lost")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if unclean or any(c[2] for c in cases_run) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
