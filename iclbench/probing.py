@@ -125,8 +125,8 @@ def describe(outcomes: dict) -> str:
         gain = spec["refines_with_depth"]["relative_gain"]
         lines.append(f"refines with depth: {spec['refines_with_depth']['verdict']} (relative gain first → last block "
                      f"{_ci(gain)}); claim 1 (layer 0 copies): {spec['claim_1']['verdict']}"
-                     + (f" (copy − answer {_ci(spec['claim_1']['copy_minus_answer'])})"
-                        if "copy_minus_answer" in spec["claim_1"] else "")
+                     + (f" (copy dominance {_ci(spec['claim_1']['copy_dominance'])})"
+                        if "copy_dominance" in spec["claim_1"] else "")
                      + f"; claim 2 (last layer refines via negative-similarity heads): {spec['claim_2']['verdict']} "
                        f"(any later layer: {spec['claim_2']['any_later_layer']})")
     return "\n".join(lines)

@@ -325,8 +325,8 @@ def verdict_table(summary: dict) -> pd.DataFrame:
                  "verdict": refine["verdict"], "statistic": ci(refine["relative_gain"]),
                  "criterion": f"> {refine['criterion']}", "at other criteria": moves(refine.get("sweep", {}))})
     c1 = summary["claim_1"]
-    rows.append({"claim": "1: layer 0 copies (copy − answer coefficient in its write)", "verdict": c1["verdict"],
-                 "statistic": ci(c1.get("copy_minus_answer")), "criterion": f"> {c1['criterion']}",
+    rows.append({"claim": "1: layer 0 copies (copy coefficient over the largest other, in its write)", "verdict": c1["verdict"],
+                 "statistic": ci(c1.get("copy_dominance")), "criterion": f"> {c1['criterion']}",
                  "at other criteria": moves(c1.get("sweep", {}))})
     last = summary["layers"][-1] if summary["layers"] else {}
     rows.append({"claim": "2: last layer refines via negative-similarity heads", "verdict": summary["claim_2"]["verdict"],

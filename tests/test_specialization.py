@@ -99,7 +99,7 @@ def test_a_layer0_that_writes_the_answer_is_not_a_copier_although_it_correlates_
 def test_a_layer0_that_copies_passes_and_a_collinear_design_is_inconclusive(leak_task):
     s = spec(wired_gpt(copy_layer=0, refine_layer=None, context_len=16, d_in=2), leak_task)
     assert s["claim_1"]["verdict"] == "holds"
-    assert s["claim_1"]["copy_minus_answer"]["mean"] == pytest.approx(1, abs=1e-3)
+    assert s["claim_1"]["copy_dominance"]["mean"] == pytest.approx(1, abs=1e-3)
     assert set(s["claim_1"]["sweep"].values()) == {"holds"}  # far from every criterion in the sweep
     # on a ramp the answer is exactly 2 y_t - y_{t-1}: copying and predicting cannot be told apart
     assert spec(wired_gpt(), RampTask())["claim_1"]["verdict"] == "inconclusive"

@@ -47,23 +47,28 @@ def query_positions(task, batch) -> list[int]:
 
 
 def pair_design(x: torch.Tensor, queries: list[int]):
-    """``(pairs, design [B, M, K], names, row_of [M])`` for every (query, key <= query) pair, centred within
-    each query's row. Columns: similarity, x_k (each dimension), |x_k|², then the position indicators (one
-    per pair except each row's current-token pair, which the row's centring makes redundant)."""
+    """``(pairs, design [B, M, K], names, row_of [M])`` for every (query, key <= query) pair. Columns:
+    similarity, x_k (each dimension), |x_k|². Centred two ways (:func:`two_way_center`), which is exactly
+    what one indicator per query row of each sequence and one per (query, key) position pair would remove."""
     x = x.double()
     pairs = [(q, k) for q in queries for k in range(q + 1)]
     qi = torch.tensor([p[0] for p in pairs])
     ki = torch.tensor([p[1] for p in pairs])
     xq, xk = x[:, qi], x[:, ki]  # [B, M, d]
-    cols = [(xq * xk).sum(-1, keepdim=True), xk, xk.pow(2).sum(-1, keepdim=True)]
+    design = torch.cat([(xq * xk).sum(-1, keepdim=True), xk, xk.pow(2).sum(-1, keepdim=True)], -1)
     names = ["similarity"] + [f"x_k[{i}]" for i in range(x.shape[-1])] + ["|x_k|^2"]
-    position = [i for i, (q, k) in enumerate(pairs) if k != q]
-    indicators = torch.zeros(len(pairs), len(position), dtype=x.dtype)
-    indicators[position, torch.arange(len(position))] = 1
-    cols.append(indicators.expand(x.shape[0], -1, -1))
-    design = torch.cat(cols, -1)
     row_of = torch.tensor([queries.index(q) for q, _ in pairs])
-    return pairs, center_rows(design, row_of, len(queries)), names, row_of
+    return pairs, two_way_center(design, row_of, len(queries)), names, row_of
+
+
+def two_way_center(values: torch.Tensor, row_of: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Remove each query row's mean (softmax ignores what is common to a row) and then each (query, key)
+    pair's mean over sequences (the position effects). Within one query the layout is balanced (every
+    sequence has every key), so this double centring equals least squares with both sets of indicators
+    (Frisch–Waugh–Lovell). The bootstrap keeps the pair means of the full sample: with hundreds of sequences
+    per pair that understates the spread by O(pairs / sequences)."""
+    centred = center_rows(values, row_of, n_rows)
+    return centred - centred.mean(0, keepdim=True)
 
 
 def center_rows(values: torch.Tensor, row_of: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -132,10 +137,10 @@ def similarity_heads(model, task, batch, generator, weights=None, layers=None) -
     weights = resample_weights(len(batch), generator) if weights is None else weights
     n_tests = len(layers) * model.n_heads
     level = 1 - (1 - CONFIDENCE) / n_tests
-    sim_sd = float(design[..., 0].std())
+    sim_sd = float(design[..., 0].std())  # within-row, within-pair spread of the similarity
     heads, coefs = {}, {}
     for l in layers:
-        responses = center_rows(S[:, l][:, :, qi, ki].transpose(1, 2), row_of, len(queries))  # [B, M, H]
+        responses = two_way_center(S[:, l][:, :, qi, ki].transpose(1, 2), row_of, len(queries))  # [B, M, H]
         point, samples = fit_heads(design, responses, weights)
         for h in range(model.n_heads):
             beta, boot = float(point[h, 0]), samples[:, h, 0]
@@ -149,8 +154,8 @@ def similarity_heads(model, task, batch, generator, weights=None, layers=None) -
                 # the verdict "negative similarity" at stricter criteria on the effect (nats per sd)
                 "negative_sweep": sweep(effect_ci, [-c for c in EFFECT_SWEEP], above=False),
             }
-            coefs[(l, h)] = point[h, : 2 + batch.inputs.shape[-1]]  # similarity, x_k, |x_k|^2
-    return {"heads": heads, "queries": queries, "confidence": level, "names": names[:3], "_coefs": coefs}
+            coefs[(l, h)] = point[h]  # similarity, x_k, |x_k|^2
+    return {"heads": heads, "queries": queries, "confidence": level, "names": names, "_coefs": coefs}
 
 
 @torch.no_grad()
@@ -209,7 +214,7 @@ class SimilarityHeads(Probe):
     name = "similarity"
     description = ("per head: dependence of pre-softmax attention on query-key value similarity, position "
                    "controlled, with intervals; causal check by swapping a key's value")
-    n_sequences = 256
+    n_sequences = 1024
 
     def applies_to(self, task, model):
         return has_heads(model) and "blocks.0.attn.hook_attn_scores" in model.hook_points()

@@ -18,9 +18,9 @@ Per layer (every task):
 
 The seed paper's claims (Bhargav & Gu 2024):
 
-1. ``claim_1``, layer 0 copies: in layer 0's write the copy coefficient exceeds the answer's
-   (``copy − answer`` > ``COPY_MARGIN``) and is positive. Needs ``copy_last`` (a task whose output is its
-   next input); ``n/a`` elsewhere.
+1. ``claim_1``, layer 0 copies: in layer 0's write the copy coefficient dominates — it exceeds the
+   magnitude of both the previous value's and the answer's coefficient (``copy_dominance`` >
+   ``COPY_MARGIN``). Needs ``copy_last`` (a task whose output is its next input); ``n/a`` elsewhere.
 2. ``claim_2``, the last layer refines through negative-similarity heads: the layer refines (relative gain
    > ``REFINE_MARGIN``), holds a negative-similarity head (:mod:`.similarity`, position controlled), whose
    dependence is confirmed causally (swapping a key's value moves the score as fitted), and mean-ablating the
@@ -49,7 +49,7 @@ from .similarity import causal_slopes, similarity_heads
 from .stats import (FAILS, HOLDS, INCONCLUSIVE, NA, any_of, combine, estimate, regression_with_ci,
                     resample_weights, sweep, verdict)
 
-#: claim 1: the copy coefficient must exceed the answer's by this much in layer 0's write
+#: claim 1: the copy coefficient must exceed the other signals' (in magnitude) by this much in layer 0's write
 COPY_MARGIN = 0.0
 COPY_SWEEP = (-0.5, -0.25, 0.0, 0.25, 0.5)
 #: claim 2: mean-ablating the negative-similarity heads must raise the model's error by this fraction
@@ -87,12 +87,18 @@ def copy_regression(response, signals, positions, generator, weights, subset=Non
                              weights)
     samples, point = fit.pop("_samples"), fit.pop("_point")
     fit["copy_minus_answer"] = estimate(float(point[1] - point[3]), samples[:, 1] - samples[:, 3])
+
+    def dominance(b):  # the copy coefficient over the largest other signal's, in magnitude
+        return b[..., 1] - torch.maximum(b[..., 2].abs(), b[..., 3].abs())
+
+    fit["copy_dominance"] = estimate(float(dominance(point)), dominance(samples))
     return fit
 
 
 def copies(fit: dict, margin: float = COPY_MARGIN) -> str:
-    """The copy coefficient exceeds the answer's by ``margin`` and is itself positive."""
-    return combine(verdict(fit["copy_minus_answer"]["ci"], margin), verdict(fit["copy"]["ci"], 0.0))
+    """The copy coefficient dominates: it exceeds the magnitude of both the previous value's and the answer's
+    by ``margin`` (so it is positive)."""
+    return verdict(fit["copy_dominance"]["ci"], margin)
 
 
 @torch.no_grad()
@@ -121,7 +127,7 @@ def _head(name: str) -> tuple[int, int]:
     return int(name[1:name.index("H")]), int(name[name.index("H") + 1:])
 
 
-def layer_roles(model, task, generator, device, n: int = 256) -> dict:
+def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
     """The per-layer measurements, the claims and their criteria sweeps (see the module docstring)."""
     fit, test = probe_batch(task, n, generator, device), probe_batch(task, n, generator, device)
     scored = scored_positions(task, test).to(test.inputs.device)
@@ -180,8 +186,8 @@ def layer_roles(model, task, generator, device, n: int = 256) -> dict:
         "ladder": lad["ladder"],
         "refines_with_depth": lad["refinement"],
         "claim_1": {"verdict": claim1, "criterion": COPY_MARGIN} | (
-            {"copy_minus_answer": c0["copy_minus_answer"],
-             "where_they_disagree": layers[0]["copy_where_they_disagree"]["copy_minus_answer"],
+            {"copy_dominance": c0["copy_dominance"], "copy_minus_answer": c0["copy_minus_answer"],
+             "where_they_disagree": layers[0]["copy_where_they_disagree"]["copy_dominance"],
              "lens_after_layer0": lens_fit,
              "sweep": {f"{m:g}": copies(c0, m) for m in COPY_SWEEP}} if signals is not None else {}),
         "claim_2": {"verdict": claim2[-1] if claim2 else NA,
@@ -225,7 +231,7 @@ class Specialization(Probe):
     name = "specialization"
     description = ("per layer: nearest algorithm, refinement, copy test; the seed paper's claims as holds / fails / "
                    "inconclusive from intervals")
-    n_sequences = 256
+    n_sequences = 1024
 
     def applies_to(self, task, model):
         return "blocks.0.hook_attn_out" in model.hook_points() and "blocks.0.hook_resid_pre" in model.hook_points()
@@ -240,9 +246,9 @@ class Specialization(Probe):
             if "copy" in e:
                 row.update({"copy_coef": e["copy"]["copy"]["mean"], "answer_coef": e["copy"]["answer"]["mean"],
                             "previous_coef": e["copy"]["previous"]["mean"],
-                            "copy_minus_answer": e["copy"]["copy_minus_answer"]["mean"],
-                            "copy_minus_answer_lo": e["copy"]["copy_minus_answer"]["ci"][0],
-                            "copy_minus_answer_hi": e["copy"]["copy_minus_answer"]["ci"][1], "copies": e["copies"]})
+                            "copy_dominance": e["copy"]["copy_dominance"]["mean"],
+                            "copy_dominance_lo": e["copy"]["copy_dominance"]["ci"][0],
+                            "copy_dominance_hi": e["copy"]["copy_dominance"]["ci"][1], "copies": e["copies"]})
             row["negative_heads"] = " ".join(e.get("negative_heads", []))
             row["claim_2"] = e.get("claim_2", NA)
             rows.append(row)
@@ -272,8 +278,8 @@ class Specialization(Probe):
             row["paper's pattern"] = across_seeds([combine(s["claim_1"]["verdict"], s["claim_2"]["verdict"])
                                                    for s in summaries])
             row["refines with depth"] = across_seeds([s["refines_with_depth"]["verdict"] for s in summaries])
-            copy = [s["claim_1"]["copy_minus_answer"]["mean"] for s in summaries if "copy_minus_answer" in s["claim_1"]]
-            row["L0 copy − answer"] = seed_interval(copy, COPY_MARGIN)
+            copy = [s["claim_1"]["copy_dominance"]["mean"] for s in summaries if "copy_dominance" in s["claim_1"]]
+            row["L0 copy dominance"] = seed_interval(copy, COPY_MARGIN)
             row["refinement first→last"] = seed_interval(
                 [s["refines_with_depth"]["relative_gain"]["mean"] for s in summaries], REFINE_MARGIN)
             row["model error"] = seed_interval([s["model_error"]["mean"] for s in summaries], None, digits=4)
