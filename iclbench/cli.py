@@ -32,6 +32,10 @@ def _add_run(sub):
                    "(complete or interrupted); without it a complete run is not retrained")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (train.compile)")
     p.add_argument("--no-probes", action="store_true", help="skip the probes after evaluation (eval.probes)")
+    p.add_argument("--log", action="append", default=[], metavar="LOGGER[=TARGET]",
+                   help="also log the run to an experiment tracker (repeatable): mlflow (store: "
+                   "OUT/mlruns, or mlflow=TRACKING_URI), tensorboard (RUN_DIR/tensorboard, or tensorboard=DIR); "
+                   "needs pip install 'iclbench[mlflow]' / 'iclbench[tensorboard]'")
 
 
 def cmd_run(args) -> int:
@@ -44,7 +48,7 @@ def cmd_run(args) -> int:
     result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,
                  resume=args.resume, force=args.force,
                  device=args.device, out=args.out, quiet=args.quiet,
-                 overrides=args.overrides + (["eval.probes=false"] if args.no_probes else []))
+                 overrides=_run_overrides(args))
     if args.quiet:
         print(result.run_dir)
         return 0
@@ -66,6 +70,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _run_overrides(args) -> list:
+    """--set items, plus --no-probes and --log (a list, passed as a Python value)."""
+    return (args.overrides + (["eval.probes=false"] if args.no_probes else [])
+            + ([("log", list(args.log))] if args.log else []))
+
+
 def run_many_seeds(args) -> int:
     from .seeds import parse_seeds, run_seeds
 
@@ -74,7 +84,7 @@ def run_many_seeds(args) -> int:
     seeds = parse_seeds(args.seeds)
     results = run_seeds(seeds, jobs=args.jobs, task=args.task, model=args.model, config=args.config,
                         steps=args.steps, resume=args.resume, force=args.force, device=args.device, out=args.out,
-                        overrides=args.overrides + (["eval.probes=false"] if args.no_probes else []))
+                        overrides=_run_overrides(args))
     for seed, (run_dir, outcome, m) in zip(seeds, results):
         print(run_dir if args.quiet else f"seed {seed}: {outcome}, model {m['summary']['model']['mean']:.4f}, "
               f"{m['train']['tokens_per_s']:,.0f} tokens/s: {run_dir}")

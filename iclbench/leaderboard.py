@@ -22,12 +22,14 @@ FORMATS = ("github", "plain", "csv", "json", "latex")
 
 
 def find_runs(results: Path) -> list[Path]:
-    """Run directories under ``results``: any directory holding config.yaml, metrics.json or status.json."""
+    """Run directories under ``results``: any directory holding config.yaml, metrics.json or status.json, outside
+    hidden directories and the MLflow store (``mlruns``, whose artifacts are copies of run directories)."""
     results = Path(results)
     if not results.is_dir():
         return []
     dirs = {p.parent for pattern in ("config.yaml", METRICS, "status.json") for p in results.rglob(pattern)}
-    return sorted(d for d in dirs if not any(part.startswith(".") for part in d.relative_to(results).parts))
+    return sorted(d for d in dirs if not any(part.startswith(".") or part == "mlruns"
+                                             for part in d.relative_to(results).parts))
 
 
 METRIC_HELP = {
