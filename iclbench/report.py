@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,20 +28,117 @@ def _pyplot():
     return plt
 
 
+#: resolution figures are saved at (sharp on high-density screens); the page shows them at
+#: ``FIGURE_SCALE`` CSS px per inch of the figure, a little above print size so that 8-point text reads easily
+FIGURE_DPI = 150
+FIGURE_SCALE = 115
+#: the main column's width in CSS px; a wider figure scrolls in its own box instead of shrinking
+PAGE_WIDTH = 1060
+
+STYLE = """
+:root{--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--head:#f6f8fa;--accent:#0969da;--hover:#fff8c5}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;color:var(--fg);background:#fff;font:16px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,
+ "Helvetica Neue",Arial,sans-serif}
+main{max-width:1100px;margin:0 auto;padding:1.5em 1.25em 4em}
+h1{font-size:1.9em;margin:.2em 0 .6em;border-bottom:1px solid var(--line);padding-bottom:.3em}
+h2{font-size:1.4em;margin:2.2em 0 .6em;border-bottom:1px solid var(--line);padding-bottom:.25em}
+h3{font-size:1.15em;margin:1.6em 0 .5em}
+h2[id],h3[id]{scroll-margin-top:.75em}
+:target{background:var(--hover)}
+p{margin:.6em 0;overflow-wrap:anywhere;max-width:80ch}
+a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+code{font:.9em ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:var(--head);padding:.1em .3em;
+ border-radius:4px}
+.summary{background:var(--head);border:1px solid var(--line);border-radius:8px;padding:.6em 1.2em;margin:1em 0}
+.summary li{margin:.25em 0}
+.table-box{max-width:100%;max-height:75vh;overflow:auto;margin:1em 0;border:1px solid var(--line);
+ border-radius:6px}
+table{border-collapse:separate;border-spacing:0;font-size:.875em;min-width:100%}
+th,td{padding:.35em .75em;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+td{max-width:30em;overflow-wrap:break-word}
+th{position:sticky;top:0;z-index:1;background:var(--head);font-weight:600;white-space:nowrap;
+ border-bottom:2px solid var(--line)}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tbody tr:nth-child(even) td{background:#fafbfc}
+tbody tr:hover td{background:var(--hover)}
+figure{margin:1.5em 0}
+.figure-box{max-width:100%;overflow-x:auto}
+.figure-box img{display:block;max-width:100%;height:auto}
+figure.wide .figure-box img{max-width:none}
+figcaption{font-size:.9em;color:var(--muted);margin-top:.4em;max-width:80ch}
+@media print{.table-box{max-height:none;overflow:visible}th{position:static}}
+"""
+
+_NUMBER = re.compile(r"^[-+−]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?( |$|%)")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with the little Markdown the report's prose uses: **bold** and `code`."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
+def _cell(value, floatfmt: str) -> tuple[str, bool]:
+    """A cell's text and whether it is a number (right-aligned)."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or value is None:
+        return ("—" if value is None else str(value)), False
+    if isinstance(value, numbers.Integral):
+        return str(value), True
+    if isinstance(value, numbers.Real):
+        return ("—" if math.isnan(value) else format(value, floatfmt)), True
+    text = str(value)
+    return text, bool(_NUMBER.match(text))
+
+
+def _html_table(df: pd.DataFrame, floatfmt: str, links: dict) -> str:
+    """A table in its own scrolling box: sticky header row, numbers right-aligned, every name escaped;
+    ``links[(row, column)]`` makes that cell a link to ``#anchor``."""
+    columns = list(df.columns)
+    rows = [[_cell(v, floatfmt) for v in row] for row in df.itertuples(index=False, name=None)]
+    numeric = [bool(rows) and all(r[j][1] or r[j][0] == "—" for r in rows) for j in range(len(columns))]
+    head = "".join(f'<th scope="col"{" class=num" if numeric[j] else ""}>{html.escape(str(c))}</th>'
+                   for j, c in enumerate(columns))
+    body = []
+    for i, row in enumerate(rows):
+        cells = []
+        for j, (text, is_num) in enumerate(row):
+            inner = html.escape(text)
+            anchor = links.get((i, columns[j]))
+            if anchor:
+                inner = f'<a href="#{html.escape(anchor, quote=True)}">{inner}</a>'
+            cells.append(f"<td{' class=num' if is_num else ''}>{inner}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<div class="table-box"><table><thead><tr>{head}</tr></thead><tbody>' + "".join(body)
+            + "</tbody></table></div>")
+
+
 @dataclass
 class Document:
     out: Path
     title: str
     blocks: list[tuple[str, object]] = field(default_factory=list)
+    #: resolved run directory -> the HTML id of its section
+    run_anchors: dict[str, str] = field(default_factory=dict)
 
-    def heading(self, text: str, level: int = 2):
-        self.blocks.append(("heading", (level, text)))
+    def bullets(self, items: list[str]):
+        self.blocks.append(("bullets", list(items)))
+
+    def heading(self, text: str, level: int = 2, anchor: str | None = None):
+        """``anchor``: the HTML id table cells link to (``#anchor``)."""
+        self.blocks.append(("heading", (level, text, anchor)))
 
     def text(self, text: str):
         self.blocks.append(("text", text))
 
-    def table(self, df: pd.DataFrame, floatfmt: str = ".4f"):
-        self.blocks.append(("table", (df, floatfmt)))
+    def table(self, df: pd.DataFrame, floatfmt: str = ".4f", links: dict | None = None):
+        """``links``: ``{(row position, column): anchor}``, cells that link to a heading's anchor in HTML."""
+        self.blocks.append(("table", (df, floatfmt, links or {})))
 
     def figure(self, fig, name: str, caption: str):
         """Save ``fig`` as figures/<name>.png (atomically) and reference it."""
@@ -48,11 +146,13 @@ class Document:
 
         plt = _pyplot()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
         plt.close(fig)
         rel = f"figures/{name}.png"
-        store.write_atomic(self.out / rel, buf.getvalue())
-        self.blocks.append(("figure", (rel, caption)))
+        data = buf.getvalue()
+        store.write_atomic(self.out / rel, data)
+        size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))  # PNG IHDR: width, height
+        self.blocks.append(("figure", (rel, caption, size)))
 
     def markdown(self) -> str:
         from tabulate import tabulate
@@ -60,42 +160,55 @@ class Document:
         lines = [f"# {self.title}", ""]
         for kind, value in self.blocks:
             if kind == "heading":
-                level, text = value
+                level, text = value[:2]
                 lines += ["#" * level + " " + text, ""]
             elif kind == "text":
                 lines += [value, ""]
+            elif kind == "bullets":
+                lines += [f"- {item}" for item in value] + [""]
             elif kind == "table":
-                df, floatfmt = value
+                df, floatfmt = value[:2]
                 lines += [tabulate(df, headers="keys", tablefmt="github", showindex=False, floatfmt=floatfmt), ""]
             elif kind == "figure":
-                rel, caption = value
+                rel, caption = value[:2]
                 lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
         return "\n".join(lines)
 
     def html(self) -> str:
+        anchors = {v[2] for k, v in self.blocks if k == "heading" and len(v) > 2 and v[2]}
         body = [f"<h1>{html.escape(self.title)}</h1>"]
         for kind, value in self.blocks:
             if kind == "heading":
-                level, text = value
-                body.append(f"<h{level}>{html.escape(text)}</h{level}>")
+                level, text = value[:2]
+                anchor = value[2] if len(value) > 2 else None
+                ident = f' id="{html.escape(anchor, quote=True)}"' if anchor else ""
+                body.append(f"<h{level}{ident}>{html.escape(text)}</h{level}>")
             elif kind == "text":
-                body.append(f"<p>{html.escape(value)}</p>")
+                body.append(f"<p>{_inline(value)}</p>")
+            elif kind == "bullets":
+                body.append('<ul class="summary">' + "".join(f"<li>{_inline(i)}</li>" for i in value) + "</ul>")
             elif kind == "table":
-                df, floatfmt = value
-                body.append(df.to_html(index=False, float_format=lambda v: format(v, floatfmt), border=0,
-                                       escape=True))
+                df, floatfmt = value[:2]
+                links = {k: a for k, a in (value[2] if len(value) > 2 else {}).items() if a in anchors}
+                body.append(_html_table(df, floatfmt, links))
             elif kind == "figure":
                 from urllib.parse import quote
 
-                rel, caption = value  # a run directory's name is in the file name: quote it, then escape it
-                body.append(f'<figure><img src="{html.escape(quote(rel), quote=True)}" '
-                            f'alt="{html.escape(caption, quote=True)}">'
-                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse;margin:1em 0}td,th{padding:3px 8px;border-bottom:1px solid #ddd;"
-                 "text-align:right}img{max-width:100%}figcaption{font-style:italic;color:#555}")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+                rel, caption = value[:2]  # a run directory's name is in the file name: quote it, then escape it
+                src = html.escape(quote(rel), quote=True)
+                width, height = value[2] if len(value) > 2 else (0, 0)
+                # shown at its drawn size (FIGURE_SCALE CSS px per inch) when that fits the page, else in
+                # its own scrolling box at that size, so no figure's text shrinks below what it was drawn at
+                css_w, css_h = round(width * FIGURE_SCALE / FIGURE_DPI), round(height * FIGURE_SCALE / FIGURE_DPI)
+                size = f' width="{css_w}" height="{css_h}"' if width and height else ""
+                wide = " wide" if css_w > PAGE_WIDTH else ""
+                body.append(f'<figure class="figure{wide}"><div class="figure-box"><a href="{src}">'
+                            f'<img src="{src}"{size} alt="{html.escape(caption, quote=True)}" loading="eager">'
+                            f"</a></div><figcaption>{html.escape(caption)}</figcaption></figure>")
+        return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+                f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+                f"<title>{html.escape(self.title)}</title><style>{STYLE}</style></head><body><main>\n"
+                + "\n".join(body) + "\n</main></body></html>\n")
 
     def write(self) -> tuple[Path, Path]:
         md, page = self.out / "report.md", self.out / "report.html"
@@ -259,7 +372,7 @@ def specialization_figure(table: pd.DataFrame):
     table = table.assign(model=[" ".join(t for t in m.split() if not t.startswith("train.")) for m in table.model])
     tasks, models = sorted(table.task.unique()), sorted(table.model.unique())
     layer_cols = [c for c in table.columns if c.startswith("layer ")]
-    fig, ax = plt.subplots(figsize=(1.9 * len(tasks) + 1.5, 0.26 * (len(layer_cols) + 2) * len(models) + 1.2))
+    fig, ax = plt.subplots(figsize=(2.6 * len(tasks) + 1.5, 0.34 * (len(layer_cols) + 2) * len(models) + 1.2))
     for i, model in enumerate(models):
         for j, task in enumerate(tasks):
             row = table[(table.model == model) & (table.task == task)]
@@ -273,15 +386,15 @@ def specialization_figure(table: pd.DataFrame):
                 deciding = pattern if pattern != "n/a" else refines
                 colour = PATTERN_COLOURS.get(deciding.split()[0], "#dddddd")
             ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour, edgecolor="white", lw=2))
-            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=7)
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=9)
     ax.set_xlim(0, len(tasks))
     ax.set_ylim(len(models), 0)
     ax.set_xticks([j + 0.5 for j in range(len(tasks))], tasks, rotation=20)
     ax.set_yticks([i + 0.5 for i in range(len(models))], models)
     ax.set_xlabel("task")
     ax.set_ylabel("model")
-    ax.set_title("Nearest algorithm per layer across tasks × models; colour: the seed paper's pattern (else "
-                 "refinement with depth) holds / inconclusive / fails in most seeds", fontsize=9)
+    ax.set_title("Nearest algorithm per layer across tasks × models;\ncolour: the seed paper's pattern (else "
+                 "refinement with depth)\nholds / inconclusive / fails in most seeds", fontsize=9)
     return fig
 
 
@@ -402,7 +515,8 @@ def probe_section(doc: Document, run_dir: Path, metrics: dict):
 def run_section(doc: Document, run_dir: Path):
     metrics = store.read_run(run_dir)
     slug = run_dir.name
-    doc.heading(f"{metrics['task']} × {metrics['model']}, seed {metrics['seed']} ({slug})")
+    doc.heading(f"{metrics['task']} × {metrics['model']}, seed {metrics['seed']} ({slug})",
+                anchor=doc.run_anchors.get(str(Path(run_dir).resolve())))
     t = metrics["train"]
     doc.text(f"{t['steps']} training steps on {metrics['provenance']['device']} in {t['train_time_s']:.1f} s "
              f"({t['tokens_per_s']:,.0f} tokens/s). Headline: mean normalized error over positions "
@@ -447,6 +561,7 @@ def specialization_section(doc: Document, roots: list[Path]):
              "95% bootstrap interval over seeds, labelled against the probe's criterion.")
     doc.figure(specialization_figure(table), "specialization", "Specialization matrix across tasks × models.")
     doc.table(table)
+    return table
 
 
 def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -> tuple[Path, Path]:
@@ -460,20 +575,25 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
         from .errors import ICLBenchError
 
         raise ICLBenchError(f"report output {str(out)!r}: {str(blocker)!r} exists and is not a directory")
-    doc = Document(out, "iclbench report")
+    doc = Document(out, "iclbench report", run_anchors=run_anchors(run_dirs))
     roots = [results] if results is not None else sorted({Path(d).parent for d in run_dirs})
     frames = [collect(r) for r in roots]
-    board = aggregate(pd.concat(frames)) if frames else pd.DataFrame()
+    tidy = pd.concat(frames) if frames else pd.DataFrame()
+    board = aggregate(tidy) if frames else pd.DataFrame()
     if not board.empty:
-        doc.heading("Leaderboard")
+        doc.heading("Leaderboard", anchor="leaderboard")
         doc.text("Normalized squared error averaged over positions t ≥ each task's score_from (1.0 = predicting "
-                 "the prior mean); mean ± sd over seeds, n = seeds.")
+                 "the prior mean); mean ± sd over seeds, n = seeds. Each cell links to its run's section.")
         table = wide(board).reset_index().rename(columns={"row": "model"})
-        doc.table(table)
+        doc.table(table, links=leaderboard_links(table, tidy, doc.run_anchors))
+    spec = None
     try:
-        specialization_section(doc, roots)
+        spec = specialization_section(doc, roots)
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
         warn(f"skipping the specialization section: damaged probe summaries ({type(exc).__name__}: {exc})")
+    spec_runs = _link_specialization(doc, spec, roots)
+    doc.blocks[0:0] = [("heading", (2, "Summary", "summary")),
+                       ("bullets", summary_lines(board, spec, spec_runs, tidy))]
     for run_dir in run_dirs:
         kept = len(doc.blocks)
         try:
@@ -485,3 +605,131 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
     doc.text("Generated by `iclbench report`; the numbers come from each run's metrics.json "
              + json.dumps(sorted(str(d) for d in run_dirs)))
     return doc.write()
+
+
+# --- the summary at the top and the links from tables to run sections ---------------------------------------
+
+def run_anchors(run_dirs) -> dict[str, str]:
+    """Resolved run directory -> a unique HTML id (``run-<directory name>``, other characters as ``-``)."""
+    out, used = {}, set()
+    for d in run_dirs:
+        base = "run-" + re.sub(r"[^A-Za-z0-9_.-]", "-", Path(d).name)
+        anchor, k = base, 2
+        while anchor in used:
+            anchor, k = f"{base}-{k}", k + 1
+        used.add(anchor)
+        out[str(Path(d).resolve())] = anchor
+    return out
+
+
+def _first_anchor(runs: pd.DataFrame, anchors: dict[str, str]) -> str | None:
+    for run in runs.sort_values("seed")["run"] if not runs.empty else ():
+        anchor = anchors.get(str(Path(run).resolve()))
+        if anchor:
+            return anchor
+    return None
+
+
+def leaderboard_links(table: pd.DataFrame, tidy: pd.DataFrame, anchors: dict[str, str]) -> dict:
+    """Each leaderboard cell -> the section of its (lowest-seed) run; a model's name -> its first run."""
+    links = {}
+    if tidy.empty:
+        return links
+    tasks = [c for c in table.columns if c != "model"]
+    for i, row in enumerate(table["model"]):
+        if str(row).startswith("baseline: "):
+            mine = tidy[(tidy.kind == "baseline") & (tidy.name == str(row)[len("baseline: "):])]
+        else:
+            mine = tidy[(tidy.kind == "model") & ((tidy.name == row) | (tidy.name + "@" + tidy.config == row))]
+        links[(i, "model")] = _first_anchor(mine, anchors)
+        for task in tasks:
+            cell = mine[(mine.task == task) | (mine.task + "@" + mine.task_config == task)]
+            links[(i, task)] = _first_anchor(cell, anchors)
+    return {k: v for k, v in links.items() if v}
+
+
+def _link_specialization(doc: Document, spec: pd.DataFrame | None, roots) -> pd.DataFrame:
+    """Link the specialization table's task and model cells to the run sections; returns the probe's runs
+    (run, task, model, seed) behind the table."""
+    if spec is None or spec.empty:
+        return pd.DataFrame()
+    from .probing import collect_probe
+
+    runs = pd.concat([collect_probe(r, "specialization", warn=lambda m: None) for r in roots])
+    if runs.empty:
+        return runs
+    links = {}
+    for i, (task, model) in enumerate(zip(spec["task"], spec["model"])):
+        anchor = _first_anchor(runs[(runs.task == task) & (runs.model == model)], doc.run_anchors)
+        if anchor:
+            links[(i, "task")] = links[(i, "model")] = anchor
+    for k, (kind, value) in enumerate(doc.blocks):
+        if kind == "table" and value[0] is spec:
+            doc.blocks[k] = ("table", (value[0], value[1], links))
+    return runs
+
+
+PATTERN = "paper's pattern"  # the specialization table's column for both claims together
+
+
+def _label(cell) -> str:
+    """'holds 3/4 (fails 1)' -> 'holds'."""
+    return str(cell).split()[0] if isinstance(cell, str) and cell.strip() else "n/a"
+
+
+def summary_lines(board: pd.DataFrame, spec: pd.DataFrame | None, spec_runs: pd.DataFrame,
+                  tidy: pd.DataFrame) -> list[str]:
+    """A few lines a reader needs first: the specialization answer (read from learned cells only where the
+    runs say which learned), each task's leaderboard headline, and what was not learned."""
+    from .leaderboard import is_oracle
+
+    lines = []
+    learned_runs = {}
+    if not tidy.empty and "learned" in tidy:
+        models = tidy[tidy.kind == "model"]
+        learned_runs = {str(Path(r).resolve()): v for r, v in zip(models.run, models.learned)}
+    if spec is not None and not spec.empty and PATTERN in spec:
+        def counts(labels):
+            c = pd.Series([_label(v) for v in labels]).value_counts()
+            return ", ".join(f"{k} in {v}" for k, v in c.items())
+
+        lines.append(f"**The answer** (specialization probe, most common label over seeds, {len(spec)} task × "
+                     f"model cells): the seed paper's early-copy / late-refine pattern {counts(spec[PATTERN])}; "
+                     f"refinement with depth {counts(spec['refines with depth'])}.")
+        if learned_runs and not spec_runs.empty:
+            keep = []
+            for task, model in zip(spec["task"], spec["model"]):
+                runs = spec_runs[(spec_runs.task == task) & (spec_runs.model == model)].run
+                keep.append(bool(len(runs)) and all(learned_runs.get(str(Path(r).resolve())) == "learned"
+                                                    for r in runs))
+            learned_spec = spec[keep]
+            lines.append(f"Only learned cells are evidence: {len(learned_spec)} of {len(spec)} cells have every "
+                         "seed learned" + (f"; among them the pattern {counts(learned_spec[PATTERN])}."
+                                           if len(learned_spec) else "; none says how a model solves its task."))
+    if not board.empty:
+        for task in sorted(board.task.unique()):
+            rows = board[board.task == task]
+            models = rows[rows.kind == "model"].sort_values("mean")
+            if models.empty:
+                continue
+            best = models.iloc[0]
+            label = f" ({best['learned']})" if best.get("learned") else ""
+            text = f"**{task}**: best model {best['row']} {best['mean']:.4f}{label}"
+            base = rows[rows.kind == "baseline"]
+            bayes = base[base.row == "baseline: bayes"]
+            if not bayes.empty:
+                text += f"; Bayes limit {bayes.iloc[0]['mean']:.4f}"
+            others = base[[r != "baseline: bayes" and not is_oracle(r[len("baseline: "):]) for r in base.row]]
+            if not others.empty:
+                b = others.sort_values("mean").iloc[0]
+                text += f"; best baseline {b['row'][len('baseline: '):]} {b['mean']:.4f}"
+            lines.append(text + ".")
+        models = board[board.kind == "model"]
+        if "learned" in models and models.learned.astype(bool).any():
+            missed = models[models.learned.astype(str).str.contains("not learned|partly|inconclusive")]
+            lines.append("**Not learned** (or only partly): " + ", ".join(
+                f"{r['row']} on {r['task']} ({r['learned']})" for _, r in missed.iterrows()) + "."
+                if not missed.empty else "Every model learned its task (relative excess over Bayes below 0.1).")
+        else:
+            lines.append("Whether the models learned their tasks is not recorded (no Bayes baseline in these runs).")
+    return lines or ["No complete runs to summarize."]

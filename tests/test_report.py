@@ -1,6 +1,7 @@
 """Reports render every figure from a small real run; the Markdown tables say what metrics.json says."""
 
 import json
+import os
 import re
 
 import pytest
@@ -51,3 +52,59 @@ def test_markdown_tables_match_the_metrics(report):
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     out = cli("report", str(tmp_path), "--out", str(tmp_path / "r"))
     assert out.returncode == 2 and "is not a complete run directory" in out.stderr
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+#: appended to a copy of report.html: on load, what a reader would see wrong, as JSON in a <pre>
+PAGE_CHECK = """<script>window.addEventListener('load', function () {
+  var imgs = Array.from(document.images);
+  var r = {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth, images: imgs.length,
+           broken: imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; })
+                       .map(function (i) { return i.getAttribute('src'); }),
+           links: Array.from(document.querySelectorAll('a[href^="#"]')).filter(function (a) {
+                    return !document.getElementById(decodeURIComponent(a.getAttribute('href').slice(1))); })
+                    .map(function (a) { return a.getAttribute('href'); }),
+           sticky: getComputedStyle(document.querySelector('th')).position,
+           numeric: getComputedStyle(document.querySelector('td.num')).textAlign};
+  var pre = document.createElement('pre'); pre.id = 'iclbench-check'; pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+});</script>"""
+
+
+def test_report_reads_well_in_headless_chromium(report, tmp_path):
+    """Rendered by a real browser: every image loads, every in-page link has its target, the page is no
+    wider than the window (wide tables and figures scroll in their own boxes), even at 700 px; a
+    screenshot is saved beside the report (report-1280.png) to look at."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium not found (Debian: apt-get install chromium; .ci/run installs it)")
+    _, out = report
+    page = out / "report.html"
+    probe = out / ".browser-check.html"  # beside report.html, so the figures resolve as they do for a reader
+    probe.write_text(page.read_text().replace("</body>", PAGE_CHECK + "</body>"))
+
+    def chromium_run(width, height, *args):
+        profile = tmp_path / f"profile-{width}-{len(args)}"  # a fresh profile each time
+        return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                               f"--window-size={width},{height}", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    for width in (1280, 700):
+        done = chromium_run(width, 900, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+        found = re.search(r'<pre id="iclbench-check">(.*?)</pre>', done.stdout, re.S)
+        assert found, f"chromium printed no check result: {done.stderr[-1000:]}"
+        seen = json.loads(found.group(1))
+        assert seen["images"] >= 6 and seen["broken"] == [], seen
+        assert seen["links"] == [], seen
+        assert seen["scrollWidth"] <= seen["innerWidth"] == width, seen
+        assert seen["sticky"] == "sticky" and seen["numeric"] == "right", seen
+    shot = out / "report-1280.png"
+    done = chromium_run(1280, 2400, f"--screenshot={shot}", page.as_uri())
+    assert shot.exists() and shot.stat().st_size > 10_000, done.stderr[-1000:]
+    probe.unlink()
+    if os.environ.get("ICLBENCH_SCREENSHOT_DIR"):  # to look at it after the run
+        shutil.copy(shot, os.environ["ICLBENCH_SCREENSHOT_DIR"])
