@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,7 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
             raw[key] = value
     if isinstance(overrides, dict):
         overrides = list(overrides.items())  # Python values, taken as they are
+    recorded_log = raw.get("log")  # from a file or a recorded config: a logger since uninstalled is skipped
     for item in overrides:
         if isinstance(item, tuple):
             key, value = item
@@ -266,13 +268,15 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
         seed=seed_value,
         device=device_value,
         out=out_value,
-        log=_log_targets(registry, raw.get("log"), where),
+        log=_log_targets(registry, raw.get("log"), where, strict=raw.get("log") is not recorded_log),
     )
 
 
-def _log_targets(registry: Registry, value, where: str) -> list[str]:
+def _log_targets(registry: Registry, value, where: str, strict: bool = True) -> list[str]:
     """``log``: a list of ``NAME`` or ``NAME=TARGET`` (a comma-separated string too); each NAME a registered
-    plugin that implements a lifecycle hook (``mlflow``, ``tensorboard``, a third party's logger)."""
+    plugin that implements a lifecycle hook (``mlflow``, ``tensorboard``, a third party's logger). An unknown
+    name is an error when the user just gave it (``strict``: ``--log``, ``--set``), else (a config file, a run's
+    recorded config) a warning, and that logger is left out."""
     if value is None or value == []:
         return []
     items = value.split(",") if isinstance(value, str) else value
@@ -286,7 +290,11 @@ def _log_targets(registry: Registry, value, where: str) -> list[str]:
     for item in items:
         name = item.strip().partition("=")[0].strip()
         if name not in loggers:
-            raise ICLBenchError(f"unknown logger '{name}' in log" + did_you_mean(name, loggers)
-                                + f" (loggers: {', '.join(loggers) or 'none'})")
+            message = (f"unknown logger '{name}' in log" + did_you_mean(name, loggers)
+                       + f" (loggers: {', '.join(loggers) or 'none'})")
+            if strict:
+                raise ICLBenchError(message)
+            print(f"iclbench: warning: {message} in {where}; not logging to it", file=sys.stderr)
+            continue
         out.append(item.strip())
     return out

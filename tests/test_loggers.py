@@ -164,3 +164,10 @@ def test_log_is_validated_and_left_out_of_the_hash():
     assert "log" not in plain.to_dict() and logged.to_dict()["log"] == ["mlflow", "tensorboard"]
     with pytest.raises(ICLBenchError, match="unknown logger 'mlfow'.*mlflow"):
         resolve(registry, task="affine", model="gpt3l", overrides=[("log", ["mlfow"])])
+
+
+def test_a_recorded_logger_since_uninstalled_is_skipped(capsys):
+    """Rebuilding a run (probe, rescore) from a config.yaml that names a logger no longer installed works."""
+    cfg = resolve(get_registry(), config={"task": "affine", "model": "gpt3l", "log": ["gone", "tensorboard"]})
+    assert cfg.log == ["tensorboard"]
+    assert "unknown logger 'gone'" in capsys.readouterr().err
