@@ -693,9 +693,10 @@ def summary_lines(board: pd.DataFrame, spec: pd.DataFrame | None, spec_runs: pd.
             c = pd.Series([_label(v) for v in labels]).value_counts()
             return ", ".join(f"{k} in {v}" for k, v in c.items())
 
-        lines.append(f"**The answer** (specialization probe, most common label over seeds, {len(spec)} task × "
-                     f"model cells): the seed paper's early-copy / late-refine pattern {counts(spec[PATTERN])}; "
-                     f"refinement with depth {counts(spec['refines with depth'])}.")
+        cells = f"{len(spec)} task × model cell" + ("s" if len(spec) != 1 else "")
+        lines.append(f"**The answer** (specialization probe, most common label over seeds, {cells}): the seed "
+                     f"paper's early-copy / late-refine pattern {counts(spec[PATTERN])}; refinement with depth "
+                     f"{counts(spec['refines with depth'])}.")
         if learned_runs and not spec_runs.empty:
             keep = []
             for task, model in zip(spec["task"], spec["model"]):
@@ -703,8 +704,8 @@ def summary_lines(board: pd.DataFrame, spec: pd.DataFrame | None, spec_runs: pd.
                 keep.append(bool(len(runs)) and all(learned_runs.get(str(Path(r).resolve())) == "learned"
                                                     for r in runs))
             learned_spec = spec[keep]
-            lines.append(f"Only learned cells are evidence: {len(learned_spec)} of {len(spec)} cells have every "
-                         "seed learned" + (f"; among them the pattern {counts(learned_spec[PATTERN])}."
+            lines.append(f"Only learned cells are evidence: {len(learned_spec)} of {cells} had every seed "
+                         "learn its task" + (f"; among them the pattern {counts(learned_spec[PATTERN])}."
                                            if len(learned_spec) else "; none says how a model solves its task."))
     if not board.empty:
         for task in sorted(board.task.unique()):
