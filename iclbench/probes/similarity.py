@@ -214,7 +214,7 @@ class SimilarityHeads(Probe):
     name = "similarity"
     description = ("per head: dependence of pre-softmax attention on query-key value similarity, position "
                    "controlled, with intervals; causal check by swapping a key's value")
-    n_sequences = 1024
+    n_sequences = 4096
 
     def applies_to(self, task, model):
         return has_heads(model) and "blocks.0.attn.hook_attn_scores" in model.hook_points()

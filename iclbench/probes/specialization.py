@@ -56,6 +56,9 @@ COPY_SWEEP = (-0.5, -0.25, 0.0, 0.25, 0.5)
 ABLATION_MARGIN = 0.25
 ABLATION_SWEEP = (0.0, 0.1, 0.25, 1.0, 4.0)
 
+#: the similarity regression's sample, as a multiple of the probe's sequences
+SIMILARITY_SEQUENCES = 4
+
 CRITERIA = {"copy_margin": COPY_MARGIN, "refine_margin": REFINE_MARGIN, "ablation_margin": ABLATION_MARGIN}
 
 
@@ -152,10 +155,14 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
         disagree = gap >= gap[:, scored].median()
 
     heads_ok = has_heads(model) and "blocks.0.attn.hook_attn_scores" in model.hook_points() and L > 1
-    sim = similarity_heads(model, task, test, generator, weights, layers=list(range(1, L))) if heads_ok \
-        else {"heads": {}}
-    negative = [_head(h) for h, e in sim["heads"].items() if e["label"] == "negative"]
-    causal = causal_slopes(model, task, test, sim, negative, generator, weights) if negative else {}
+    sim, causal = {"heads": {}}, {}
+    if heads_ok:
+        # the similarity fit is cheap per sequence and its heads' effects are small: it gets its own, larger
+        # sample (SIMILARITY_SEQUENCES x n), so a head's label does not hinge on the probe draw
+        wide = probe_batch(task, SIMILARITY_SEQUENCES * n, generator, device)
+        sim = similarity_heads(model, task, wide, generator, layers=list(range(1, L)))
+        negative = [_head(h) for h, e in sim["heads"].items() if e["label"] == "negative"]
+        causal = causal_slopes(model, task, wide, sim, negative, generator) if negative else {}
 
     layers = []
     for l in range(L):
