@@ -75,6 +75,7 @@ class AffineVecTask(Task):
     description = "vector affine recurrences x_{t+1} = A x_t + b, |A|_2 < 1 (higher-dimensional recurrences)"
     Options = AffineVecOptions
     score_from = 3
+    rule_latents = ("A", "b")
 
     @property
     def d_in(self):
@@ -112,6 +113,9 @@ class AffineVecTask(Task):
         }
         out["bayes"] = recurrence_bayes(self, out["least_squares"], self.options.d + 1, what="(A, b)")
         return out
+
+    def rule_features(self, batch):
+        return torch.cat([batch.inputs, torch.ones_like(batch.inputs[..., :1])], -1), batch.mask
 
     def ood_variants(self):
         o = self.options
@@ -159,6 +163,10 @@ class LinRecTask(Recurrence):
     name = "linrec"
     description = "order-p linear recurrences x_{t+1} = sum_i a_i x_{t+1-i} + c, |a|_1 < 1"
     Options = LinRecOptions
+    rule_latents = ("a", "c")
+
+    def rule_features(self, batch):
+        return lagged(batch.inputs[..., 0], self.options.order), self.rule_positions(batch.inputs.device)
 
     def sample(self, n, generator, device="cpu"):
         o = self.options
@@ -239,6 +247,8 @@ class QuadraticTask(Recurrence):
     name = "quadratic"
     description = "quadratic recurrences x_{t+1} = a x_t^2 + b x_t + c, kept in [-1, 1]"
     Options = QuadraticOptions
+    rule_latents = ("a", "b", "c")
+    transition_features = staticmethod(_quadratic_features)
 
     def sample(self, n, generator, device="cpu"):
         o = self.options
@@ -310,6 +320,8 @@ class LogisticTask(Recurrence):
     name = "logistic"
     description = "logistic map x_{t+1} = r x_t (1 - x_t), r in periodic and chaotic regimes"
     Options = LogisticOptions
+    rule_latents = ("r",)
+    transition_features = staticmethod(_logistic_features)
 
     def sample(self, n, generator, device="cpu"):
         o = self.options
@@ -376,6 +388,12 @@ class PolyTask(Recurrence):
     name = "poly"
     description = "polynomial sequences x_t = p(t), random polynomials of degree <= 3"
     Options = PolyOptions
+    rule_latents = ("c",)
+
+    def rule_features(self, batch):
+        """Position t predicts the point at time t + 1 from the monomials of that time."""
+        B, T = batch.inputs.shape[:2]
+        return self.monomials(batch.inputs.device)[None, 1:T + 1].expand(B, -1, -1).float(), batch.mask
 
     def times(self, device="cpu") -> torch.Tensor:
         """``s_t`` for t = 0..context_len, float64."""
