@@ -45,9 +45,9 @@ from iclbench import Probe, ProbeResult
 from .attribution import contributions
 from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
 from .ladder import REFINE_MARGIN, REFINE_SWEEP, ladder
-from .similarity import causal_slopes, similarity_heads
-from .stats import (FAILS, HOLDS, INCONCLUSIVE, NA, any_of, combine, estimate, regression_with_ci,
-                    resample_weights, sweep, verdict)
+from .similarity import MIN_EFFECT, causal_slopes, similarity_heads
+from .stats import (HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights, sweep,
+                    verdict)
 
 #: claim 1: the copy coefficient must exceed the other signals' (in magnitude) by this much in layer 0's write
 COPY_MARGIN = 0.0
@@ -210,14 +210,11 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
 def negative_similarity(model, task, test, layer, sim, causal, model_err, boot, refines) -> dict:
     """Claim 2 at one layer: its negative-similarity heads, their causal check, the cost of ablating them."""
     heads = {h: e for h, e in sim["heads"].items() if h.startswith(f"L{layer}H")}
-    labels = [e["label"] for e in heads.values()]
-    neg = [h for h, e in heads.items() if e["label"] == "negative"]
-    if neg:
-        found = HOLDS
-    elif all(label in ("none", "positive") for label in labels):
-        found = FAILS
-    else:
-        found = INCONCLUSIVE
+    # per head: is it negative-similarity (effect below -MIN_EFFECT)? A head that is clearly not (its interval
+    # above -MIN_EFFECT, e.g. a positive one that straddles +MIN_EFFECT) answers "no", not "inconclusive"
+    is_negative = {h: verdict(e["effect"]["ci"], -MIN_EFFECT, above=False) for h, e in heads.items()}
+    neg = [h for h, v in is_negative.items() if v == HOLDS]
+    found = any_of(list(is_negative.values()))
     out = {"similarity_heads": {h: {"label": e["label"], "effect": e["effect"]} for h, e in heads.items()},
            "negative_heads": neg}
     if not neg:
