@@ -9,9 +9,8 @@ out=results/reference
 iclbench sweep experiments/leaderboard.yaml --jobs 2 --quiet
 # the specialization probe on every run (a few seconds each; skipped where already stored by this code), every
 # probe on the runs the report shows
-for run in "$runs"/*/; do
-    grep -q '"specialization"' "$run/probes.json" 2>/dev/null || iclbench probe "$run" --probe specialization > /dev/null
-done
+ls -d "$runs"/*/ | xargs -P 2 -I{} sh -c \
+    'grep -q "\"specialization\"" {}/probes.json 2>/dev/null || iclbench probe {} --probe specialization > /dev/null' 
 for run in "$runs"/affine-gpt3l-*-s[012]; do
     grep -q '"ladder"' "$run/probes.json" 2>/dev/null || iclbench probe "$run" > /dev/null
 done
