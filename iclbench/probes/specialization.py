@@ -284,8 +284,9 @@ class Specialization(Probe):
             row["refines with depth"] = across_seeds([s["refines_with_depth"]["verdict"] for s in summaries])
             copy = [s["claim_1"]["copy_dominance"]["mean"] for s in summaries if "copy_dominance" in s["claim_1"]]
             row["L0 copy dominance"] = seed_interval(copy, COPY_MARGIN)
-            row["refinement first→last"] = seed_interval(
-                [s["refines_with_depth"]["relative_gain"]["mean"] for s in summaries], REFINE_MARGIN)
+            row["refinement first→last"] = seed_interval(  # n/a with one block: nothing to compare
+                [s["refines_with_depth"]["relative_gain"]["mean"] for s in summaries
+                 if s["refines_with_depth"]["verdict"] != NA], REFINE_MARGIN)
             row["model error"] = seed_interval([s["model_error"]["mean"] for s in summaries], None, digits=4)
             rows.append(row)
         return pd.DataFrame(rows)
