@@ -264,13 +264,14 @@ class Specialization(Probe):
         seeds with a 95% bootstrap interval over seeds, labelled against the probe's own criteria (so the
         row's verdict is about the population of trained models, not one seed)."""
         rows = []
+        usable = [s for s in runs["summary"] if isinstance(s, dict) and "claim_1" in s]
+        depth = max((len(s["roles"]) for s in usable), default=0)  # one column per layer of the deepest model
         for (task, model), group in runs.groupby(["task", "model"], sort=True):
             summaries = [s for s in group["summary"] if isinstance(s, dict) and "claim_1" in s]
             if not summaries:
                 continue
             n = len(summaries)
             row = {"task": task, "model": model, "seeds": n}
-            depth = max(len(s["roles"]) for s in summaries)
             for l in range(depth):
                 roles = pd.Series([s["roles"][l] for s in summaries if l < len(s["roles"])]).value_counts()
                 row[f"layer {l}"] = f"{roles.index[0]} {roles.iloc[0]}/{n}" if len(roles) else "—"
