@@ -139,9 +139,7 @@ class AlgorithmLadder(Probe):
     name = "ladder"
     description = "each layer's tuned-lens read-out against a ladder of algorithms (copy, GD-k, least squares, Bayes)"
     n_sequences = 512
-
-    def applies_to(self, task, model):
-        return "blocks.0.hook_resid_pre" in model.hook_points()
+    requires_hooks = ("blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post")
 
     def run(self, model, task, generator, device):
         fit = probe_batch(task, self.n_sequences, generator, device)

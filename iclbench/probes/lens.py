@@ -14,7 +14,7 @@ import torch
 
 from iclbench import Probe, ProbeResult
 
-from .common import (baselines, clean, probe_batch, residual_sites, ridge_fit, ridge_predict, scored_positions,
+from .common import (baselines, probe_batch, residual_sites, ridge_fit, ridge_predict, scored_positions,
                      sq_error)
 from .stats import mean_with_ci, resample_weights
 

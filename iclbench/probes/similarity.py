@@ -215,9 +215,8 @@ class SimilarityHeads(Probe):
     description = ("per head: dependence of pre-softmax attention on query-key value similarity, position "
                    "controlled, with intervals; causal check by swapping a key's value")
     n_sequences = 4096
-
-    def applies_to(self, task, model):
-        return has_heads(model) and "blocks.0.attn.hook_attn_scores" in model.hook_points()
+    requires_hooks = ("blocks.{layer}.attn.hook_attn_scores", "blocks.{layer}.attn.hook_z")
+    requires_attributes = ("n_heads",)
 
     def run(self, model, task, generator, device):
         batch = probe_batch(task, self.n_sequences, generator, device)

@@ -44,7 +44,7 @@ from iclbench import Probe, ProbeResult
 
 from .attribution import contributions
 from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
-from .ladder import REFINE_MARGIN, REFINE_SWEEP, ladder
+from .ladder import REFINE_MARGIN, ladder
 from .similarity import MIN_EFFECT, causal_slopes, similarity_heads
 from .stats import (HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights, sweep,
                     verdict)
@@ -236,9 +236,9 @@ class Specialization(Probe):
     description = ("per layer: nearest algorithm, refinement, copy test; the seed paper's claims as holds / fails / "
                    "inconclusive from intervals")
     n_sequences = 1024
-
-    def applies_to(self, task, model):
-        return "blocks.0.hook_attn_out" in model.hook_points() and "blocks.0.hook_resid_pre" in model.hook_points()
+    requires_hooks = ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post",
+                      "blocks.{layer}.hook_attn_out")
+    requires_attributes = ("readout", "direct_readout")
 
     def run(self, model, task, generator, device):
         summary = layer_roles(model, task, generator, device, self.n_sequences)
