@@ -230,6 +230,34 @@ class Logger:
         self.finish(state, "KILLED")
 
 
+def forwarding_hooks(logger: Logger):
+    """The five lifecycle hookimpls a logger module exposes, each handing its call to ``logger``; a module
+    binds them to the hook names: ``iclbench_run_started, ... = forwarding_hooks(LOGGER)``."""
+    from ..hookspecs import hookimpl
+
+    @hookimpl
+    def run_started(run_dir, config):
+        logger.run_started(run_dir, config)
+
+    @hookimpl
+    def train_log(run_dir, step, metrics):
+        logger.train_log(run_dir, step, metrics)
+
+    @hookimpl
+    def eval_finished(run_dir, metrics):
+        logger.eval_finished(run_dir, metrics)
+
+    @hookimpl
+    def run_finished(run_dir, metrics):
+        logger.run_finished(run_dir, metrics)
+
+    @hookimpl
+    def run_failed(run_dir, status, error, plugin):
+        logger.run_failed(run_dir, status, error, plugin)
+
+    return run_started, train_log, eval_finished, run_finished, run_failed
+
+
 def describe(labels_: dict[str, str], metrics: dict | None = None) -> str:
     """A few Markdown lines for a tracker's text panel: the labels and the model's headline."""
     lines = []

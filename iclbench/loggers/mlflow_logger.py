@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hookspecs import hookimpl
 from . import common
 
 #: a results directory's MLflow store, beside the run directories (skipped when scanning for runs)
@@ -148,26 +147,6 @@ class MLflowLogger(common.Logger):
 LOGGER = MLflowLogger()
 
 
-@hookimpl
-def iclbench_run_started(run_dir, config):
-    LOGGER.run_started(run_dir, config)
-
-
-@hookimpl
-def iclbench_train_log(run_dir, step, metrics):
-    LOGGER.train_log(run_dir, step, metrics)
-
-
-@hookimpl
-def iclbench_eval_finished(run_dir, metrics):
-    LOGGER.eval_finished(run_dir, metrics)
-
-
-@hookimpl
-def iclbench_run_finished(run_dir, metrics):
-    LOGGER.run_finished(run_dir, metrics)
-
-
-@hookimpl
-def iclbench_run_failed(run_dir, status, error, plugin):
-    LOGGER.run_failed(run_dir, status, error, plugin)
+# the lifecycle hooks, each handed to LOGGER (pluggy finds them by these names)
+(iclbench_run_started, iclbench_train_log, iclbench_eval_finished, iclbench_run_finished,
+ iclbench_run_failed) = common.forwarding_hooks(LOGGER)

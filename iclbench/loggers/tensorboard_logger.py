@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hookspecs import hookimpl
 from . import common
 
 
@@ -80,26 +79,6 @@ class TensorBoardLogger(common.Logger):
 LOGGER = TensorBoardLogger()
 
 
-@hookimpl
-def iclbench_run_started(run_dir, config):
-    LOGGER.run_started(run_dir, config)
-
-
-@hookimpl
-def iclbench_train_log(run_dir, step, metrics):
-    LOGGER.train_log(run_dir, step, metrics)
-
-
-@hookimpl
-def iclbench_eval_finished(run_dir, metrics):
-    LOGGER.eval_finished(run_dir, metrics)
-
-
-@hookimpl
-def iclbench_run_finished(run_dir, metrics):
-    LOGGER.run_finished(run_dir, metrics)
-
-
-@hookimpl
-def iclbench_run_failed(run_dir, status, error, plugin):
-    LOGGER.run_failed(run_dir, status, error, plugin)
+# the lifecycle hooks, each handed to LOGGER (pluggy finds them by these names)
+(iclbench_run_started, iclbench_train_log, iclbench_eval_finished, iclbench_run_finished,
+ iclbench_run_failed) = common.forwarding_hooks(LOGGER)
