@@ -80,6 +80,13 @@ def gd_rungs(task, fit, test, positions_fit) -> dict[str, torch.Tensor]:
     return out
 
 
+def relative_drop(before: torch.Tensor, after: torch.Tensor, boot) -> dict:
+    """How much a per-sequence error falls from ``before`` to ``after``, relative to ``before`` (ratio of
+    means), with the interval of ``boot`` (a resampling of sequences applied to both alike)."""
+    drop = before - after
+    return estimate(float(drop.mean() / before.mean().clamp_min(1e-12)), boot(drop) / boot(before).clamp_min(1e-12))
+
+
 @torch.no_grad()
 def ladder(model, task, fit, test, generator, weights=None) -> dict:
     """The per-layer comparison described in the module docstring. ``weights``: bootstrap resampling counts
@@ -117,10 +124,7 @@ def ladder(model, task, fit, test, generator, weights=None) -> dict:
         })
     blocks = [l for l in lens if l >= 0]
     first, last = blocks[0], blocks[-1]
-    gain = (errors[first] - errors[last])
-    rel_point = float(gain.mean() / errors[first].mean().clamp_min(1e-12))
-    rel = boot(gain) / boot(errors[first]).clamp_min(1e-12)
-    rel_est = estimate(rel_point, rel)
+    rel_est = relative_drop(errors[first], errors[last], boot)
     return {
         "_errors": errors, "_lens": lens, "_baselines": found,
         "ladder": [{"name": n, "error": estimate(float(own[n].mean()), boot(own[n]))} for n in order],

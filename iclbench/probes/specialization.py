@@ -44,7 +44,7 @@ from iclbench import Probe, ProbeResult
 
 from .attribution import contributions
 from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
-from .ladder import REFINE_MARGIN, ladder
+from .ladder import REFINE_MARGIN, ladder, relative_drop
 from .similarity import MIN_EFFECT, causal_slopes, similarity_heads
 from .stats import (HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights, sweep,
                     verdict)
@@ -140,15 +140,10 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
 
     lad = ladder(model, task, fit, test, generator, weights)
     errors = lad["_errors"]  # per-sequence tuned-lens error after each layer (-1: embedding)
+
+    parts, _, pred = contributions(model, test)  # the prediction comes with the parts: no second forward pass
     norm = task.normalizer(test.inputs.device)
-    model_err = sq_error(model(test.inputs), test.targets, norm)[:, scored].mean(1).double().cpu()
-
-    def gain(l):
-        g = errors[l - 1] - errors[l]
-        return estimate(float(g.mean() / errors[l - 1].mean().clamp_min(1e-12)),
-                        boot(g) / boot(errors[l - 1]).clamp_min(1e-12))
-
-    parts = contributions(model, test)[0]
+    model_err = sq_error(pred, test.targets, norm)[:, scored].mean(1).double().cpu()
     signals = copy_signals(task, test, lad["_baselines"])
     if signals is not None:
         gap = (signals["answer"] - signals["copy"]).abs()
@@ -170,7 +165,7 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
         entry = {"layer": l, "role": lad["layers"][l + 1]["nearest"],
                  "indistinguishable": lad["layers"][l + 1]["indistinguishable"],
                  "lens_error": lad["layers"][l + 1]["error"],
-                 "refinement": gain(l),
+                 "refinement": relative_drop(errors[l - 1], errors[l], boot),
                  "direct_rms": clean(float(write[:, scored].pow(2).mean().sqrt()))}
         entry["refines"] = verdict(entry["refinement"]["ci"], REFINE_MARGIN)
         if signals is not None:
