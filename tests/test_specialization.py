@@ -200,3 +200,12 @@ def test_na_claims_never_count_as_failures_across_seeds():
     row = Specialization.cross_run_table(runs).iloc[0]
     assert row["claim 1: layer 0 copies"] == "n/a" and row["claim 2 (any later layer)"] == "holds 3/3"
     assert row["refinement first→last"].endswith("holds") and math.isfinite(float(row["model error"].split()[0]))
+
+
+def test_a_model_whose_first_layer_already_answers_does_not_read_as_refining_with_depth():
+    """The fooling case for "refines with depth": layer 0 writes the exact answer (2 y_t - y_{t-1} on a ramp)
+    and the later layers add nothing, so there is no refinement to find although the model is right."""
+    s = run_probes(wired_gpt(predict_layer=0, refine_layer=None), RampTask(), ["ladder"], seed=0,
+                   device="cpu")["ladder"]["summary"]
+    assert s["refinement"]["verdict"] == "fails"
+    assert {e["layer"]: e["nearest"] for e in s["layers"]}[0] == "extrapolate"
