@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .contracts import is_oracle  # by name here: runs record the others in metrics["oracles"]
 from .errors import ICLBenchError
 from .store import METRICS, DamagedRun, read_run, unstable_reason
 
@@ -58,11 +59,6 @@ def _mean_from(predictor: dict, positions: list[int], start: int | None) -> floa
     if not values:
         raise PastContext(f"its last scored position is {max(positions, default=-1)}, before --from {start}")
     return sum(values) / len(values)
-
-
-def is_oracle(name: str) -> bool:
-    """Baselines that read the latent parameters are references, not competitors."""
-    return name.startswith("oracle")
 
 
 def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric: str = "error",

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from iclbench.contracts import is_oracle
 from iclbench.registry import get_registry
 from iclbench.task import Batch
 
@@ -33,8 +34,7 @@ def baselines(task, batch: Batch) -> dict[str, torch.Tensor]:
     starting with ``oracle``, or ``fn.oracle``): they see the latents, so agreeing with them is just being
     right."""
     entries = get_registry().task_baselines(task)
-    return {name: e.obj(batch).float() for name, e in entries.items()
-            if not name.startswith("oracle") and not getattr(e.obj, "oracle", False)}
+    return {name: e.obj(batch).float() for name, e in entries.items() if not is_oracle(name, e.obj)}
 
 
 def sq_error(pred: torch.Tensor, ref: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
