@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -156,10 +157,16 @@ class RunBusy(Exception):
 
 
 def _lock_holder(fd: int) -> str:
-    try:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip()
-    except OSError:
-        return ""
+    """The holder's "pid N on HOST" line; it writes that just after taking the lock, so wait briefly for it."""
+    for _ in range(20):
+        try:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        if holder:
+            return holder
+        time.sleep(0.01)
+    return ""
 
 
 @contextlib.contextmanager
