@@ -21,6 +21,9 @@ def _add_run(sub):
     p.add_argument("--seeds", help="several seeds of this config, e.g. 0-9 or 0,3,7: one run directory each; "
                    "on a CPU as parallel 1-thread processes (--jobs)")
     p.add_argument("--jobs", type=int, help="processes for --seeds on a CPU (default: one per core)")
+    p.add_argument("--stack", choices=("auto", "yes", "no"), default="auto",
+                   help="--seeds trained together as one stacked model: auto (on a GPU or MPS; on a CPU separate "
+                   "processes are as fast), yes, no")
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", help="results directory (default: results)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,7 +85,8 @@ def run_many_seeds(args) -> int:
     if args.seed is not None:
         raise ICLBenchError("give --seed or --seeds, not both")
     seeds = parse_seeds(args.seeds)
-    results = run_seeds(seeds, jobs=args.jobs, task=args.task, model=args.model, config=args.config,
+    stack = {"auto": None, "yes": True, "no": False}[args.stack]
+    results = run_seeds(seeds, jobs=args.jobs, stack=stack, task=args.task, model=args.model, config=args.config,
                         steps=args.steps, resume=args.resume, force=args.force, device=args.device, out=args.out,
                         overrides=_run_overrides(args))
     for seed, (run_dir, outcome, m) in zip(seeds, results):

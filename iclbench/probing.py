@@ -162,7 +162,9 @@ def _defaults(registry: Registry, table: str, name: str) -> dict:
 def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
                   registry: Registry | None = None) -> pd.DataFrame:
     """One row per run under ``results`` that stored ``probe``: run, task, model (labelled by the options
-    that differ from the defaults), seed, summary."""
+    that differ from the defaults), seed, summary, and whether the run learned its task (``learned``: the
+    Bayes-excess label of :func:`iclbench.evaluate.learned_label`; ``excess_bayes``: its mean; None where the
+    task has no Bayes baseline)."""
     from .leaderboard import find_runs
 
     registry = registry or get_registry()
@@ -180,12 +182,14 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
             metrics = store.read_run(run_dir)
             cfg = metrics["config"]
             task, model = cfg["task"]["name"], cfg["model"]["name"]
+            excess = ((metrics.get("curves") or {}).get("predictors", {}).get("model") or {}).get("excess_bayes") or {}
             rows.append({"run": str(run_dir), "seed": metrics["seed"], "summary": entry["summary"],
+                         "learned": excess.get("learned"), "excess_bayes": excess.get("mean"),
                          "task": _label(task, cfg["task"], _defaults(registry, "tasks", task)),
                          "model": _label(model, cfg["model"], _defaults(registry, "models", model), cfg["train"])})
         except (store.DamagedRun, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             warn(f"iclbench: warning: skipping run directory {run_dir}: {exc}")
-    return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary"])
+    return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes"])
 
 
 def cross_run(results, probe: str = "specialization", fmt: str = "github",

@@ -2,6 +2,8 @@
 
 import copy
 
+import pytest
+
 import torch
 
 from iclbench.config import TrainOptions
@@ -65,3 +67,70 @@ def test_run_seeds_in_processes_writes_ordinary_runs_equal_to_one_seed_alone(tmp
     assert alone.returncode == 0, alone.stderr
     single = json.loads((tmp_path / "alone" / alone.stdout.split()[0].split("/")[-1] / "metrics.json").read_text())
     assert together["summary"] == single["summary"]  # a worker computes what a 1-thread run does
+
+
+TINY = {"model.d_model": 32, "model.d_mlp": 64, "eval.n_sequences": 256, "eval.bootstrap": 50, "eval.ood": False,
+        "eval.probes": False, "train.log_every": 10, "train.checkpoint_every": 20}
+
+
+def _seeds(tmp_path, stack, seeds=(0, 1, 2), steps=40, **kw):
+    from iclbench.seeds import run_seeds
+
+    return run_seeds(list(seeds), jobs=1, stack=stack, task="linrec", model="gpt2l", steps=steps, device="cpu",
+                     out=str(tmp_path), overrides=dict(TINY), **kw)
+
+
+def test_stacked_runs_write_ordinary_run_directories_matching_separate_runs(tmp_path):
+    """``run --seeds --stack yes``: one stacked model, N run directories whose metrics match separate runs
+    within float rounding; each a complete ordinary run (a rerun returns it as recorded)."""
+    import json
+
+    from iclbench import store
+
+    together = _seeds(tmp_path / "stacked", True)
+    alone = _seeds(tmp_path / "separate", False)
+    assert [o for _, o, _ in together] == ["trained (stacked with 3)"] * 3
+    assert [o for _, o, _ in alone] == ["trained"] * 3
+    for (d1, _, m1), (d2, _, m2) in zip(together, alone):
+        assert d1.name == d2.name  # the same config, the same run name
+        for name, s in m2["summary"].items():
+            assert abs(m1["summary"][name]["mean"] - s["mean"]) <= 1e-3 * abs(s["mean"]) + 1e-6, name
+        assert m1["train"]["stacked_with"] == 3 and m1["provenance"]["train_segments"][0]["stacked_with"] == 3
+        log = [json.loads(line) for line in (d1 / store.LOG).read_text().splitlines()]
+        assert [e["step"] for e in log if "loss" in e] == [10, 20, 30, 40]
+        assert [e["event"] for e in log if "event" in e] == ["start", "trained"]
+        losses = [e["loss"] for e in log if "loss" in e]
+        single = [json.loads(line)["loss"] for line in (d2 / store.LOG).read_text().splitlines()
+                  if '"loss"' in line]
+        assert losses == pytest.approx(single, rel=1e-3)
+        assert not (d1 / store.TRAIN_STATE).exists() and store.read_json(d1 / store.STATUS)["status"] == "complete"
+    again = _seeds(tmp_path / "stacked", True)
+    assert [o for _, o, _ in again] == ["complete"] * 3
+
+
+def test_a_killed_stacked_job_resumes_seed_by_seed(tmp_path, monkeypatch):
+    """Killed after its checkpoint at step 20: each seed holds an ordinary checkpoint, and a rerun continues
+    each seed from it (not stacked again) to metrics that match the uninterrupted stacked job."""
+    from iclbench import stacked, store
+
+    reference = _seeds(tmp_path / "whole", True, seeds=(0, 1))
+    real = stacked.StackedSeeds.step
+    calls = {"n": 0}
+
+    def dies_at_step_25(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(stacked.StackedSeeds, "step", dies_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        _seeds(tmp_path / "killed", True, seeds=(0, 1))
+    monkeypatch.setattr(stacked.StackedSeeds, "step", real)
+    dirs = sorted((tmp_path / "killed").iterdir())
+    assert [store.read_json(d / store.STATUS)["status"] for d in dirs] == ["interrupted"] * 2
+    assert all(store.load_training_state(d / store.TRAIN_STATE)["step"] == 20 for d in dirs)
+    resumed = _seeds(tmp_path / "killed", True, seeds=(0, 1))
+    assert [o for _, o, _ in resumed] == ["resumed"] * 2
+    for (_, _, m1), (_, _, m2) in zip(resumed, reference):
+        assert m1["summary"]["model"]["mean"] == pytest.approx(m2["summary"]["model"]["mean"], rel=1e-3)

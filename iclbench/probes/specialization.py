@@ -257,33 +257,41 @@ class Specialization(Probe):
     def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame:
         """One row per (task, model): each claim's labels over seeds, and the key numbers as the mean over
         seeds with a 95% bootstrap interval over seeds, labelled against the probe's own criteria (so the
-        row's verdict is about the population of trained models, not one seed)."""
+        row's verdict is about the population of trained models, not one seed). Only runs that learned their
+        task count as evidence for or against a claim: a cell whose every run is "not learned" (by the
+        Bayes-excess rule, :func:`iclbench.evaluate.learned_label`) says so instead of a verdict."""
         rows = []
-        usable = [s for s in runs["summary"] if isinstance(s, dict) and "claim_1" in s]
-        depth = max((len(s["roles"]) for s in usable), default=0)  # one column per layer of the deepest model
+        runs = runs[runs["summary"].map(lambda s: isinstance(s, dict) and "claim_1" in s)]
+        if "learned" not in runs:  # a caller without the Bayes labels: every run counts
+            runs = runs.assign(learned=None, excess_bayes=None)
+        depth = max((len(s["roles"]) for s in runs["summary"]), default=0)  # a column per layer of the deepest
         for (task, model), group in runs.groupby(["task", "model"], sort=True):
-            summaries = [s for s in group["summary"] if isinstance(s, dict) and "claim_1" in s]
-            if not summaries:
-                continue
+            every = list(group["summary"])
+            # the evidence: runs that learned their task (or partly, or a task without a Bayes baseline);
+            # a model that did not learn it says nothing about how a trained model solves it
+            learned = [label if isinstance(label, str) else NA for label in group["learned"]]
+            summaries = [s for s, label in zip(every, learned) if label != "not learned"]
             n = len(summaries)
-            row = {"task": task, "model": model, "seeds": n}
+            row = {"task": task, "model": model, "seeds": len(every), "learned": across_seeds(learned)}
             for l in range(depth):
-                roles = pd.Series([s["roles"][l] for s in summaries if l < len(s["roles"])]).value_counts()
-                row[f"layer {l}"] = f"{roles.index[0]} {roles.iloc[0]}/{n}" if len(roles) else "—"
-            for key, label in (("claim_1", "claim 1: layer 0 copies"), ("claim_2", "claim 2: last layer refines "
-                                                                                    "via neg.-similarity heads")):
-                seed_labels = [s[key]["verdict"] for s in summaries]
-                row[label] = across_seeds(seed_labels)
-            row["claim 2 (any later layer)"] = across_seeds([s["claim_2"]["any_later_layer"] for s in summaries])
-            row["paper's pattern"] = across_seeds([combine(s["claim_1"]["verdict"], s["claim_2"]["verdict"])
-                                                   for s in summaries])
-            row["refines with depth"] = across_seeds([s["refines_with_depth"]["verdict"] for s in summaries])
+                roles = pd.Series([s["roles"][l] for s in every if l < len(s["roles"])]).value_counts()
+                row[f"layer {l}"] = f"{roles.index[0]} {roles.iloc[0]}/{len(every)}" if len(roles) else "—"
+            claims = {
+                "claim 1: layer 0 copies": [s["claim_1"]["verdict"] for s in summaries],
+                "claim 2: last layer refines via neg.-similarity heads": [s["claim_2"]["verdict"] for s in summaries],
+                "claim 2 (any later layer)": [s["claim_2"]["any_later_layer"] for s in summaries],
+                "paper's pattern": [combine(s["claim_1"]["verdict"], s["claim_2"]["verdict"]) for s in summaries],
+                "refines with depth": [s["refines_with_depth"]["verdict"] for s in summaries]}
+            for label, seed_labels in claims.items():
+                row[label] = across_seeds(seed_labels) if n else "not learned"
             copy = [s["claim_1"]["copy_dominance"]["mean"] for s in summaries if "copy_dominance" in s["claim_1"]]
             row["L0 copy dominance"] = seed_interval(copy, COPY_MARGIN)
             row["refinement first→last"] = seed_interval(  # n/a with one block: nothing to compare
                 [s["refines_with_depth"]["relative_gain"]["mean"] for s in summaries
                  if s["refines_with_depth"]["verdict"] != NA], REFINE_MARGIN)
-            row["model error"] = seed_interval([s["model_error"]["mean"] for s in summaries], None, digits=4)
+            row["model error"] = seed_interval([s["model_error"]["mean"] for s in every], None, digits=4)
+            row["excess over Bayes"] = seed_interval(
+                [v for v in group["excess_bayes"] if isinstance(v, (int, float)) and v == v], None, digits=4)
             rows.append(row)
         return pd.DataFrame(rows)
 

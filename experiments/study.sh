@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The reference study (issue 15): does "an early layer makes a rough estimate, later layers refine it" generalize
+# across tasks and depths? Regenerates results/reference/ from scratch, or continues where it stopped:
+#   bash experiments/study.sh            # every part, in priority order
+#   bash experiments/study.sh seeds      # one part: seeds | priors | steps | depths | probes | tables
+# Every part is resumable: a sweep skips runs that are complete, and a run killed mid-training continues from
+# its last checkpoint; probes are skipped where already stored. Each sweep runs two 1-thread processes (a small
+# model's step is GEMM-bound on one core, so this is the CPU's many-seeds engine; see BENCHMARKS.md).
+# CPU time on a 2-core machine, measured in the session that produced results/reference/ (see README):
+# seeds ~45 min, priors ~15 min, steps ~25 min, depths ~80 min, probes ~40 min, tables ~1 min.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=${JOBS:-2}
+export OMP_NUM_THREADS=1   # probes run in parallel processes of one thread each
+sweep() { iclbench sweep "experiments/study/$1.yaml" --jobs "$jobs" --cpus-per-run 1 --quiet; }
+probe_all() {  # the specialization probe on every complete run under $1 not yet probed by this code
+    ls -d "$1"/*/ 2>/dev/null | xargs -r -P "$jobs" -I{} sh -c \
+        'test -f {}/metrics.json || exit 0; grep -q "\"specialization\"" {}/probes.json 2>/dev/null ||
+         iclbench probe {} --probe specialization > /dev/null'
+}
+part() {
+    case "$1" in
+        seeds|priors|steps|depths) sweep "$1" ;;
+        probes)
+            probe_all results/reference-runs; probe_all results/study-priors-runs; probe_all results/study-steps-runs
+            for run in results/reference-runs/affine-gpt3l-*-s[012]; do  # every probe, for the report
+                grep -q '"ladder"' "$run/probes.json" 2>/dev/null || iclbench probe "$run" > /dev/null
+            done ;;
+        tables) python experiments/study_tables.py ;;
+        *) echo "study.sh: unknown part '$1' (seeds, priors, steps, depths, probes, tables)" >&2; exit 2 ;;
+    esac
+}
+if [ $# -gt 0 ]; then for p in "$@"; do part "$p"; done; exit 0; fi
+for p in seeds priors steps depths probes tables; do
+    start=$(date +%s); part "$p"; echo "study: part $p took $(( $(date +%s) - start )) s"
+done

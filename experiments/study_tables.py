@@ -1,0 +1,249 @@
+"""The reference study's tables and figures (issue 15), from the runs that experiments/study.sh trained and probed.
+
+    python experiments/study_tables.py        # writes results/reference/
+
+Reads results/reference-runs (every task x depth x seed at 1500 steps), results/study-priors-runs (gpt3l on
+affine under other priors) and results/study-steps-runs (gpt3l trained 3x longer). Every verdict here is a
+count of per-seed verdicts (each itself from a confidence interval) or an interval over seeds; nothing is a
+point estimate against a cut. Runs that did not learn their task (Bayes-excess rule) are not evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from iclbench import store  # noqa: E402
+from iclbench.leaderboard import find_runs  # noqa: E402
+from iclbench.probes.stats import combine  # noqa: E402
+from iclbench.probing import collect_probe, cross_run  # noqa: E402
+from iclbench.registry import get_registry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS, PRIORS, STEPS = (ROOT / "results" / d for d in ("reference-runs", "study-priors-runs", "study-steps-runs"))
+OUT = ROOT / "results" / "reference"
+TASKS = ["affine", "affine-vec", "linrec", "quadratic", "logistic", "poly", "linreg", "sparse-linreg", "relu-nn"]
+FAMILIES = {"recurrences": TASKS[:6], "regression": TASKS[6:]}
+DEPTHS = ["gpt1l", "gpt2l", "gpt3l", "gpt6l"]
+#: the per-seed verdicts summarised; "paper's pattern" is claim 1 and claim 2 together
+CLAIMS = {"claim 1: layer 0 copies": lambda s: s["claim_1"]["verdict"],
+          "claim 2 (any later layer)": lambda s: s["claim_2"]["any_later_layer"],
+          "paper's pattern": lambda s: combine(s["claim_1"]["verdict"], s["claim_2"]["verdict"]),
+          "refines with depth": lambda s: s["refines_with_depth"]["verdict"]}
+#: the share of learned models in which a claim holds is judged against these (the headline uses 0.5)
+SHARES = (0.25, 0.5, 0.75)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (n independently trained models)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def share_verdict(k: int, n: int, share: float) -> str:
+    """Does the claim hold in more than ``share`` of the trained models? From the Wilson interval of k/n."""
+    if n == 0:
+        return "not learned"
+    lo, hi = wilson(k, n)
+    return "holds" if lo > share else "fails" if hi < share else "inconclusive"
+
+
+def seeds_table(results: Path) -> pd.DataFrame:
+    """One row per run with its per-seed claim verdicts (n/a where the model cannot be tested) and its
+    learned label."""
+    runs = collect_probe(results, "specialization", registry=get_registry())
+    rows = []
+    for r in runs.itertuples():
+        s = r.summary
+        if not (isinstance(s, dict) and "claim_1" in s):
+            continue
+        row = {"task": r.task.split()[0], "variant": r.task, "model": r.model.split()[0], "seed": r.seed,
+               "learned": r.learned}
+        row.update({c: f(s) for c, f in CLAIMS.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def aggregate(seeds: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Per group: how many learned models were tested for each claim, in how many it holds, the Wilson
+    interval of that share, and the verdict on "it holds in most models" (share > 0.5) with how it moves at
+    the other criteria."""
+    rows = []
+    for key, g in seeds.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        learned = g[g["learned"] != "not learned"]
+        row = dict(zip(by, key)) | {"models": len(g), "learned": len(learned)}
+        for claim in CLAIMS:
+            tested = learned[learned[claim] != "n/a"]
+            k, n = int((tested[claim] == "holds").sum()), len(tested)
+            lo, hi = wilson(k, n)
+            row[claim] = ("not learned" if len(learned) == 0 else "n/a" if n == 0 else
+                          f"{k}/{n} [{lo:.2f}, {hi:.2f}] " + " / ".join(share_verdict(k, n, c) for c in SHARES))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def order(df: pd.DataFrame) -> pd.DataFrame:
+    keys = {"task": TASKS, "model": DEPTHS, "family": list(FAMILIES)}
+    for col in [c for c in ("family", "task", "model") if c in df]:
+        df = df[df[col].isin(keys[col])].assign(**{col: pd.Categorical(df[col], keys[col], ordered=True)})
+    return df.sort_values([c for c in ("family", "task", "model", "seed") if c in df]).astype({
+        c: str for c in ("family", "task", "model") if c in df})
+
+
+def heatmap(seeds: pd.DataFrame, path: Path):
+    """Task x depth, one panel per claim: the share of learned models in which it holds (k/n in the cell;
+    grey where no model learned the task)."""
+    fig, axes = plt.subplots(1, len(CLAIMS), figsize=(4.2 * len(CLAIMS), 4.6), sharey=True)
+    for ax, claim in zip(axes, CLAIMS):
+        grid = [[float("nan")] * len(DEPTHS) for _ in TASKS]
+        for i, t in enumerate(TASKS):
+            for j, m in enumerate(DEPTHS):
+                g = seeds[(seeds.task == t) & (seeds.model == m)]
+                learned = g[g.learned != "not learned"]
+                tested = learned[learned[claim] != "n/a"]
+                if len(g) == 0:
+                    text = ""
+                elif len(learned) == 0:
+                    text = "not\nlearned"
+                elif len(tested) == 0:
+                    text = "n/a"
+                else:
+                    k = int((tested[claim] == "holds").sum())
+                    grid[i][j] = k / len(tested)
+                    text = f"{k}/{len(tested)}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(DEPTHS)), DEPTHS)
+        ax.set_yticks(range(len(TASKS)), TASKS)
+        ax.set_title(claim, fontsize=10)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="share of learned models in which it holds")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    out = []
+    for line in (run_dir / store.LOG).read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in e and "step" in e:
+            out.append((e["step"], e["loss"]))
+    return out
+
+
+def curves_figure(path: Path):
+    """Training loss against step per task: every depth at 1500 steps (mean over seeds, min-max band) and
+    gpt3l trained to 4500 steps (dashed), so one can see whether 1500 steps has flattened."""
+    fig, axes = plt.subplots(3, 3, figsize=(13, 10))
+    for ax, task in zip(axes.flat, TASKS):
+        for model, colour in zip(DEPTHS, ("C0", "C1", "C2", "C3")):
+            curves = [dict(losses(d)) for d in find_runs(RUNS) if d.name.startswith(f"{task}-{model}-")]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            ys = [[c[s] for c in curves] for s in steps]
+            ax.plot(steps, [sum(y) / len(y) for y in ys], color=colour, label=f"{model} (n={len(curves)})")
+            ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.15)
+        for d in find_runs(STEPS) if STEPS.exists() else []:
+            if d.name.startswith(f"{task}-gpt3l-"):
+                steps, ys = zip(*losses(d))
+                ax.plot(steps, ys, color="C2", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss (normalized MSE, all positions)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def convergence() -> pd.DataFrame:
+    """gpt3l at 1500 vs 4500 steps, same seeds: excess over Bayes and the learned label at each."""
+    def excess(run_dir: Path):
+        m = store.read_run(run_dir)
+        e = m["curves"]["predictors"]["model"].get("excess_bayes") or {}
+        return m["seed"], e.get("mean"), e.get("relative"), e.get("learned")
+
+    long = {(d.name.split("-gpt3l-")[0], excess(d)[0]): excess(d) for d in find_runs(STEPS)} if STEPS.exists() \
+        else {}
+    rows = []
+    for d in find_runs(RUNS):
+        task = d.name.split("-gpt3l-")[0] if "-gpt3l-" in d.name else None
+        if task is None:
+            continue
+        seed, ex, rel, label = excess(d)
+        if (task, seed) not in long:
+            continue
+        _, ex3, rel3, label3 = long[(task, seed)]
+        rows.append({"task": task, "seed": seed, "excess over Bayes @1500": f"{ex:.4f}",
+                     "@4500": f"{ex3:.4f}", "change": f"{(ex3 - ex) / abs(ex):+.0%}" if ex else "—",
+                     "relative excess @1500": f"{rel:.3f} {label}", "@4500 ": f"{rel3:.3f} {label3}"})
+    return order(pd.DataFrame(rows)) if rows else pd.DataFrame()
+
+
+def md(df: pd.DataFrame) -> str:
+    return tabulate(df, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    seeds = order(seeds_table(RUNS))
+    seeds.to_csv(OUT / "specialization-seeds.csv", index=False)
+    (OUT / "specialization.md").write_text(cross_run(RUNS) + "\n")
+    (OUT / "specialization.csv").write_text(cross_run(RUNS, fmt="csv"))
+    family = {t: f for f, ts in FAMILIES.items() for t in ts}
+    seeds["family"] = seeds.task.map(family)
+    per_depth = order(aggregate(seeds, ["model"]))
+    per_family = order(aggregate(seeds, ["family", "model"]))
+    per_task = order(aggregate(seeds, ["task"]))
+    heatmap(seeds, OUT / "study-claims.png")
+    curves_figure(OUT / "study-curves.png")
+    parts = [
+        "# The reference study: answer tables",
+        "",
+        "Generated by `python experiments/study_tables.py` from the runs of `bash experiments/study.sh`.",
+        "Each claim cell: in k of n learned models (training seeds) the claim holds by its own per-model interval "
+        "test; [95% Wilson interval of the share]; then the verdict on \"it holds in more than 25% / 50% / 75% "
+        "of trained models\" (holds when the interval is above the share, fails when below, else inconclusive). "
+        "Models that did not learn their task (Bayes-excess rule) are left out; n/a where the claim cannot be "
+        "tested (one block has no later layer).",
+        "",
+        "## Per depth (all tasks)", "", md(per_depth), "",
+        "## Per task family and depth", "", md(per_family), "",
+        "## Per task (all depths)", "", md(per_task), "",
+        "![claims by task and depth](study-claims.png)", "",
+    ]
+    if PRIORS.exists():
+        default = seeds[(seeds.task == "affine") & (seeds.model == "gpt3l")].assign(
+            prior="default: |a| <= 1, |b| <= 0.25, no noise")
+        table = aggregate(pd.concat([default, seeds_table(PRIORS).assign(prior=lambda d: d.variant)]), ["prior"])
+        parts += ["## Robustness: gpt3l on affine under other priors", "", md(table), "",
+                  "Per-cell detail: [specialization-priors.md](specialization-priors.md).", ""]
+        (OUT / "specialization-priors.md").write_text(cross_run(PRIORS) + "\n")
+    conv = convergence()
+    if not conv.empty:
+        parts += ["## Is 1500 steps enough? gpt3l at 1500 vs 4500 steps (same seeds)", "", md(conv), "",
+                  "![learning curves](study-curves.png)", ""]
+    (OUT / "study.md").write_text("\n".join(parts))
+    print(f"wrote {OUT}/study.md and figures")
+
+
+if __name__ == "__main__":
+    main()
