@@ -11,7 +11,6 @@ point estimate against a cut. Runs that did not learn their task (Bayes-excess r
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +22,7 @@ from tabulate import tabulate  # noqa: E402
 
 from iclbench import store  # noqa: E402
 from iclbench.leaderboard import find_runs  # noqa: E402
-from iclbench.probes.stats import combine  # noqa: E402
+from iclbench.probes.stats import combine, share_ci, sweep  # noqa: E402
 from iclbench.probing import collect_probe, cross_run  # noqa: E402
 from iclbench.registry import get_registry  # noqa: E402
 
@@ -42,22 +41,11 @@ CLAIMS = {"claim 1: layer 0 copies": lambda s: s["claim_1"]["verdict"],
 SHARES = (0.25, 0.5, 0.75)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (n independently trained models)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def share_verdict(k: int, n: int, share: float) -> str:
-    """Does the claim hold in more than ``share`` of the trained models? From the Wilson interval of k/n."""
-    if n == 0:
-        return "not learned"
-    lo, hi = wilson(k, n)
-    return "holds" if lo > share else "fails" if hi < share else "inconclusive"
+def share_verdicts(k: int, n: int) -> str:
+    """'k/n [lo, hi] v25 / v50 / v75': the Wilson interval of the share of models in which a claim holds, and
+    the verdict on "it holds in more than 25% / 50% / 75% of trained models" from that interval."""
+    ci = share_ci(k, n)
+    return f"{k}/{n} [{ci[0]:.2f}, {ci[1]:.2f}] " + " / ".join(sweep(ci, SHARES).values())
 
 
 def seeds_table(results: Path) -> pd.DataFrame:
@@ -88,9 +76,7 @@ def aggregate(seeds: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         for claim in CLAIMS:
             tested = learned[learned[claim] != "n/a"]
             k, n = int((tested[claim] == "holds").sum()), len(tested)
-            lo, hi = wilson(k, n)
-            row[claim] = ("not learned" if len(learned) == 0 else "n/a" if n == 0 else
-                          f"{k}/{n} [{lo:.2f}, {hi:.2f}] " + " / ".join(share_verdict(k, n, c) for c in SHARES))
+            row[claim] = "not learned" if len(learned) == 0 else "n/a" if n == 0 else share_verdicts(k, n)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -209,3 +209,45 @@ def test_a_model_whose_first_layer_already_answers_does_not_read_as_refining_wit
                    device="cpu")["ladder"]["summary"]
     assert s["refinement"]["verdict"] == "fails"
     assert {e["layer"]: e["nearest"] for e in s["layers"]}[0] == "extrapolate"
+
+
+def test_runs_that_did_not_learn_their_task_are_not_evidence():
+    """Issue 15: a cell whose models did not learn (Bayes-excess rule) must read "not learned", not "fails";
+    in a mixed cell only the learned seeds are counted."""
+    est = {"mean": 0.5, "ci": [0.4, 0.6]}
+
+    def summary(verdict):
+        return {"roles": ["copy_last", "bayes"], "claim_1": {"verdict": verdict},
+                "claim_2": {"verdict": verdict, "any_later_layer": verdict},
+                "refines_with_depth": {"verdict": verdict, "relative_gain": est}, "model_error": est}
+
+    runs = pd.DataFrame(
+        [{"task": "dead", "model": "m", "seed": s, "summary": summary("fails"), "learned": "not learned",
+          "excess_bayes": 0.9} for s in range(3)]
+        + [{"task": "mixed", "model": "m", "seed": s, "summary": summary("holds" if s < 2 else "fails"),
+            "learned": "learned" if s < 2 else "not learned", "excess_bayes": 0.01 if s < 2 else 0.9}
+           for s in range(3)])
+    table = Specialization.cross_run_table(runs).set_index("task")
+    assert table.loc["dead", "learned"] == "not learned 3/3"
+    assert table.loc["dead", "paper's pattern"] == "not learned" == table.loc["dead", "refines with depth"]
+    assert table.loc["dead", "L0 copy dominance"] == "—"
+    assert table.loc["mixed", "claim 1: layer 0 copies"] == "holds 2/2"  # the unlearned seed is not counted
+    assert table.loc["mixed", "learned"] == "learned 2/3 (not learned 1)"
+    assert table.loc["mixed", "excess over Bayes"].startswith("0.3")
+
+
+def test_share_interval_is_wilson_and_covers():
+    """The interval behind "the claim holds in most trained models": Wilson's closed form, checked by hand at
+    one point and by Monte Carlo coverage at small n, where a normal interval would fail at k = 0."""
+    from iclbench.probes.stats import share_ci
+
+    lo, hi = share_ci(5, 10)
+    z = 1.959964
+    half = z * math.sqrt(0.025 + z * z / 400) / (1 + z * z / 10)
+    assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-6)
+    assert share_ci(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and share_ci(0, 10)[1] > 0.2 and share_ci(3, 0) is None
+    gen = torch.Generator().manual_seed(0)
+    for p, n in ((0.1, 10), (0.5, 12), (0.8, 20)):
+        ks = torch.binomial(torch.full((2000,), float(n)), torch.full((2000,), p), generator=gen).int().tolist()
+        covered = sum(lo <= p <= hi for lo, hi in (share_ci(k, n) for k in ks)) / len(ks)
+        assert covered > 0.92, (p, n, covered)

@@ -13,6 +13,7 @@ A verdict is read from an interval and a criterion, never from a point estimate 
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -96,6 +97,19 @@ def verdict(ci, criterion: float = 0.0, above: bool = True) -> str:
     if hi < criterion:
         return FAILS
     return INCONCLUSIVE
+
+
+def share_ci(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion ``k / n`` (e.g. the share of independently trained models in
+    which a claim holds); ``None`` when ``n == 0``. Unlike the bootstrap it stays honest at k = 0 or k = n
+    and for small n, where the share of seeds is decided."""
+    if n <= 0:
+        return None
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def sweep(ci, criteria, above: bool = True) -> dict[str, str]:
