@@ -67,9 +67,13 @@ run 90 $PY -m iclbench.cli bench --task affine --model gpt12l --device cuda --no
 part "CUDA-graph capture: --compile (reduce-overhead on cuda)"
 run 150 $PY -m iclbench.cli bench --task affine --model gpt3l --device cuda --no-tl --rounds 5 --steps 20 --compile
 
-part "seeds: run --seeds 0-3 on cuda (one after another in one process), 500 steps"
-run 120 $PY -m iclbench.cli run --task affine --model gpt1l --device cuda --out "$OUT/seeds" --no-probes \
-  --steps 500 --seeds 0-3
+part "seeds: run --seeds 0-7 on cuda, 1000 steps: stacked into one model (the GPU default) vs one after another"
+for stack in yes no; do
+  t0=$(date +%s)
+  run 150 $PY -m iclbench.cli run --task affine --model gpt3l --device cuda --out "$OUT/seeds-$stack" --no-probes \
+    --steps 1000 --seeds 0-7 --stack $stack | tail -3
+  echo "--stack $stack: $(( $(date +%s) - t0 )) s wall for 8 seeds (training and evaluation)"
+done
 
 part "short sweep: 2 depths x 2 seeds, 300 steps, on cuda"
 cat > "$OUT/sweep.yaml" <<YAML

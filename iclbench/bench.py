@@ -173,12 +173,48 @@ def stacked_seeds(cfg, device: torch.device, n: int, rounds: int, reps: int) -> 
     return interleaved({"separate": one_by_one, "stacked": stacked}, rounds, reps, device)
 
 
+def hf_gpt2_twin(model, task, cfg):
+    """Garg et al. (2022)'s in-context-learning model: Hugging Face ``GPT2Model`` between a linear read-in and
+    read-out, of the same width, depth, heads, MLP size and context as ``model`` (its own random weights:
+    only speed is compared), dropout off and exact GELU as ours; its unused token embedding has one row.
+    ``None`` when ``transformers`` is absent."""
+    try:
+        from transformers import GPT2Config, GPT2Model
+    except ImportError:
+        return None
+    if getattr(cfg.model_options, "attn_only", False):
+        return None
+    o = cfg.model_options
+
+    class Garg(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            conf = GPT2Config(vocab_size=1, bos_token_id=None, eos_token_id=None,  # inputs_embeds: no vocabulary
+                              n_positions=task.context_len, n_embd=o.d_model, n_layer=o.n_layers, n_head=o.n_heads,
+                              n_inner=o.d_mlp, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
+                              attn_pdrop=0.0, use_cache=False)
+            conf._attn_implementation = "sdpa"
+            self.read_in = torch.nn.Linear(task.d_in, o.d_model)
+            self.backbone = GPT2Model(conf)
+            self.read_out = torch.nn.Linear(o.d_model, task.d_out)
+
+        def forward(self, x):
+            return self.read_out(self.backbone(inputs_embeds=self.read_in(x)).last_hidden_state)
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Garg().to(device)
+
+
 def mib(n: int | None) -> str:
     return "" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def compare(cfg, device: torch.device, rounds: int, reps: int, compile: bool, with_tl: bool) -> dict:
-    """Throughput and memory of ``cfg.model`` (and its TransformerLens twin) on ``cfg.task``."""
+def compare(cfg, device: torch.device, rounds: int, reps: int, compile: bool, with_tl: bool,
+            with_hf: bool = True) -> dict:
+    """Throughput and memory of ``cfg.model``, its TransformerLens twin and the Hugging Face GPT2Model of
+    Garg et al. (where installed) on ``cfg.task``."""
     task, model = build(get_registry(), cfg, device)
     models, note = {"iclbench": model}, None
     if with_tl:
@@ -186,14 +222,19 @@ def compare(cfg, device: torch.device, rounds: int, reps: int, compile: bool, wi
             models["TransformerLens"] = model.to_transformer_lens()
         except ICLBenchError as exc:
             note = str(exc)
+    if with_hf:
+        twin = hf_gpt2_twin(model, task, cfg)
+        if twin is not None:
+            models["HF GPT2Model"] = twin
     batches = fixed_batches(task, cfg.train.batch_size, device)
     tokens = batches[0].inputs.shape[0] * batches[0].inputs.shape[1]
-    names = list(model.hook_points())  # the same activations cached in both models
+    names = list(model.hook_points())  # the same activations cached in every model that has hooks
     steps = {name: training_step(m, task, cfg, batches, compile) for name, m in models.items()}
+    hooked = {n: m for n, m in models.items() if hasattr(m, "run_with_cache")}
     out = {"models": list(models), "note": note, "tokens_per_batch": tokens,
-           "params": sum(p.numel() for p in model.parameters()),
+           "params": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
            "train": interleaved(steps, rounds, reps, device),
-           "forward_cache": interleaved({n: forward_with_cache(m, batches, names) for n, m in models.items()},
+           "forward_cache": interleaved({n: forward_with_cache(m, batches, names) for n, m in hooked.items()},
                                         rounds, reps, device),
            "saved_activations": {n: saved_activation_bytes(m, steps[n]) for n, m in models.items()},
            "weights_grads_adam": {n: 4 * sum(p.numel() * p.element_size() for p in m.parameters())
@@ -212,25 +253,28 @@ def ratio_text(ours: list[float], theirs: list[float]) -> str:
 def format_compare(r: dict, fmt: str) -> str:
     from tabulate import tabulate
 
-    names = r["models"]
-    headers = ["", *names] + (["TL time / iclbench time (median, range)"] if len(names) == 2 else [])
+    names, ours = r["models"], r["models"][0]
+    others = names[1:]
+    headers = ["", *names] + [f"{n} time / iclbench time (median, range)" for n in others]
+    blank = [""] * len(others)
     rows = []
     for key, label in (("train", "training tokens/s"), ("forward_cache", "forward + cache tokens/s")):
-        row = [label] + [f"{r['tokens_per_batch'] / statistics.median(r[key][n]):,.0f}" for n in names]
-        if len(names) == 2:
-            row.append(ratio_text(r[key][names[0]], r[key][names[1]]))
+        row = [label] + [f"{r['tokens_per_batch'] / statistics.median(r[key][n]):,.0f}" if n in r[key] else "—"
+                         for n in names]
+        row += [ratio_text(r[key][ours], r[key][n]) if n in r[key] else "— (no hooks)" for n in others]
         rows.append(row)
+    rows.append(["parameters"] + [f"{r['params'][n]:,}" for n in names] + blank)
     if r.get("peak_flops"):
         rows.append(["training GFLOP/step (GEMMs + attention)"] + [f"{r['flops'][n] / 1e9:.2f}" for n in names]
-                    + ([""] if len(names) == 2 else []))
+                    + blank)
         rows.append(["FLOP floor ÷ step time (share of peak GEMM speed)"]
                     + [f"{r['flops'][n] / r['peak_flops'] / statistics.median(r['train'][n]):.0%}" for n in names]
-                    + ([""] if len(names) == 2 else []))
+                    + blank)
     for key, label in (("saved_activations", "activations kept for backward"),
                        ("weights_grads_adam", "weights + grads + AdamW state"),
                        ("peak_step", "peak allocated in a training step")):
         if any(v is not None for v in r[key].values()):
-            rows.append([label] + [mib(r[key][n]) for n in names] + ([""] if len(names) == 2 else []))
+            rows.append([label] + [mib(r[key][n]) for n in names] + blank)
     return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
@@ -286,13 +330,19 @@ def main(args) -> int:
             tl_version = f", TransformerLens {metadata.version('transformer-lens')}"
         except metadata.PackageNotFoundError:
             tl_version = ", TransformerLens not installed (pip install 'iclbench[tl]')"
+    if not getattr(args, "no_hf", False):
+        try:
+            tl_version += f", transformers {metadata.version('transformers')}"
+        except metadata.PackageNotFoundError:
+            tl_version += ", transformers not installed (pip install 'iclbench[hf]')"
     T = cfg.task_options.context_len if hasattr(cfg.task_options, "context_len") else "?"
     precision = cfg.train.precision if cfg.train.precision != "auto" else (
         "bf16 autocast" if device.type == "cuda" else "fp32")
     print(f"bench {cfg.task} × {cfg.model}: batch {cfg.train.batch_size} × {T} positions, {precision}"
           f"{', compiled' if args.compile else ''}; {args.rounds} rounds × {args.steps} steps")
     print(f"on {describe_machine(device)}{tl_version}\n")
-    result = compare(cfg, device, args.rounds, args.steps, args.compile, not args.no_tl)
+    result = compare(cfg, device, args.rounds, args.steps, args.compile, not args.no_tl,
+                     not getattr(args, "no_hf", False))
     dtype = torch.bfloat16 if "bf16" in precision else torch.float32
     result["peak_flops"] = peak_gemm_flops(device, dtype)
     floor = statistics.median(f / result["peak_flops"] for f in result["flops"].values())

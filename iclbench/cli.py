@@ -261,6 +261,8 @@ def _add_bench(sub):
     p.add_argument("--steps", type=int, default=10, help="training steps (or forward passes) per round")
     p.add_argument("--compile", action="store_true", help="torch.compile the models before timing")
     p.add_argument("--no-tl", action="store_true", help="skip TransformerLens even when it is installed")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face GPT2Model (Garg et al.'s model) even "
+                   "when transformers is installed")
     p.add_argument("--seeds", type=int, default=0, help="also time N seeds one after another against the same "
                    "N stacked into one model")
     p.add_argument("--scaling", action="store_true", help="also the scaling table: training tokens/s by "

@@ -173,3 +173,25 @@ def test_the_training_step_never_waits_for_the_device():
             acc.add(train_step(model, opt, batch, norm, 1e-3, o, scored), step + 1)
     assert not ops.seen & {"_local_scalar_dense", "nonzero", "masked_select", "item", "equal", "is_nonzero"}
     assert "index_select" in ops.seen
+
+
+def test_hf_gpt2_contender_matches_our_model_size_and_trains():
+    """The bench's Garg et al. contender has our model's size (same layers, widths and positions; its unused
+    token embedding is one row of d_model) and trains through the trainer's own step."""
+    pytest.importorskip("transformers", reason="transformers not installed (pip install 'iclbench[hf]')")
+    from iclbench.bench import fixed_batches, hf_gpt2_twin, training_step
+    from iclbench.config import resolve
+    from iclbench.registry import get_registry
+    from iclbench.runner import build
+
+    cfg = resolve(get_registry(), task="affine", model="gpt2l", device="cpu",
+                  overrides=["model.d_model=32", "model.d_mlp=64", "train.batch_size=8"])
+    task, model = build(get_registry(), cfg, torch.device("cpu"))
+    twin = hf_gpt2_twin(model, task, cfg)
+    ours = sum(p.numel() for p in model.parameters())
+    assert 0 <= sum(p.numel() for p in twin.parameters()) - ours <= cfg.model_options.d_model
+    batches = fixed_batches(task, 8, torch.device("cpu"))
+    assert twin(batches[0].inputs).shape == batches[0].targets.shape
+    before = [p.detach().clone() for p in twin.parameters()]
+    training_step(twin, task, cfg, batches)()
+    assert any(not torch.equal(a, b) for a, b in zip(before, twin.parameters()))
