@@ -2,7 +2,7 @@
 # The reference study (issue 15): does "an early layer makes a rough estimate, later layers refine it" generalize
 # across tasks and depths? Regenerates results/reference/ from scratch, or continues where it stopped:
 #   bash experiments/study.sh            # every part, in priority order
-#   bash experiments/study.sh seeds      # one part: seeds | priors | steps | depths | probes | tables
+#   bash experiments/study.sh seeds      # one part: seeds | priors | attn | steps | depths | probes | tables
 # Every part is resumable: a sweep skips runs that are complete, and a run killed mid-training continues from
 # its last checkpoint; probes are skipped where already stored. Each sweep runs two 1-thread processes (a small
 # model's step is GEMM-bound on one core, so this is the CPU's many-seeds engine; see BENCHMARKS.md).
@@ -20,17 +20,26 @@ probe_all() {  # the specialization probe on every complete run under $1 not yet
 }
 part() {
     case "$1" in
-        seeds|priors|steps|depths) sweep "$1" ;;
+        seeds|priors|attn|steps|depths) sweep "$1" ;;
         probes)
             probe_all results/reference-runs; probe_all results/study-priors-runs; probe_all results/study-steps-runs
             for run in results/reference-runs/affine-gpt3l-*-s[012]; do  # every probe, for the report
                 grep -q '"ladder"' "$run/probes.json" 2>/dev/null || iclbench probe "$run" > /dev/null
             done ;;
-        tables) python experiments/study_tables.py ;;
-        *) echo "study.sh: unknown part '$1' (seeds, priors, steps, depths, probes, tables)" >&2; exit 2 ;;
+        tables)
+            runs=results/reference-runs out=results/reference
+            mkdir -p "$out"
+            iclbench leaderboard --results "$runs" > "$out/leaderboard.md"
+            iclbench leaderboard --results "$runs" --metric icl_score > "$out/leaderboard-icl-score.md"
+            iclbench leaderboard --results "$runs" --metric excess_bayes > "$out/leaderboard-excess-bayes.md"
+            iclbench leaderboard --results "$runs" --format csv > "$out/leaderboard.csv"
+            rm -rf "$out/report-gpt3l-affine"
+            iclbench report "$runs"/affine-gpt3l-*-s[012] --out "$out/report-gpt3l-affine" > /dev/null
+            python experiments/study_tables.py ;;   # specialization tables, study.md and its figures
+        *) echo "study.sh: unknown part '$1' (seeds, priors, attn, steps, depths, probes, tables)" >&2; exit 2 ;;
     esac
 }
 if [ $# -gt 0 ]; then for p in "$@"; do part "$p"; done; exit 0; fi
-for p in seeds priors steps depths probes tables; do
+for p in seeds priors attn steps depths probes tables; do
     start=$(date +%s); part "$p"; echo "study: part $p took $(( $(date +%s) - start )) s"
 done

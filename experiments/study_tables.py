@@ -216,6 +216,11 @@ def main():
         "## Per task (all depths)", "", md(per_task), "",
         "![claims by task and depth](study-claims.png)", "",
     ]
+    twins = seeds_table(RUNS)
+    twins = twins[(twins.task == "affine") & twins.model.isin(["gpt2l", "gpt2l-attn", "gpt3l", "gpt3l-attn"])]
+    if twins.model.str.endswith("-attn").any():
+        parts += ["## Without MLPs: affine, each depth beside its attention-only twin", "",
+                  md(aggregate(twins.sort_values(["model", "seed"]), ["model"])), ""]
     if PRIORS.exists():
         default = seeds[(seeds.task == "affine") & (seeds.model == "gpt3l")].assign(
             prior="default: |a| <= 1, |b| <= 0.25, no noise")
