@@ -251,3 +251,26 @@ def test_share_interval_is_wilson_and_covers():
         ks = torch.binomial(torch.full((2000,), float(n)), torch.full((2000,), p), generator=gen).int().tolist()
         covered = sum(lo <= p <= hi for lo, hi in (share_ci(k, n) for k in ks)) / len(ks)
         assert covered > 0.92, (p, n, covered)
+
+
+def test_study_tables_count_learned_models_and_judge_the_share_by_its_interval():
+    """experiments/study_tables.py's aggregation: unlearned models are left out, n/a is not a failure, and
+    the verdict on "holds in more than 25 / 50 / 75 % of models" comes from the Wilson interval."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "study_tables.py"
+    spec = importlib.util.spec_from_file_location("study_tables", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    claims = list(study.CLAIMS)
+    rows = [{"model": "m", "learned": "learned", **{c: "holds" for c in claims}} for _ in range(9)]
+    rows += [{"model": "m", "learned": "learned", **{c: "fails" for c in claims}}]
+    rows += [{"model": "m", "learned": "not learned", **{c: "fails" for c in claims}} for _ in range(5)]
+    rows += [{"model": "one", "learned": "learned", **{c: "n/a" for c in claims}}]
+    rows += [{"model": "dead", "learned": "not learned", **{c: "fails" for c in claims}}]
+    table = study.aggregate(pd.DataFrame(rows), ["model"]).set_index("model")
+    assert table.loc["m", "models"] == 15 and table.loc["m", "learned"] == 10
+    lo, hi = stats.share_ci(9, 10)
+    assert table.loc["m", claims[0]] == f"9/10 [{lo:.2f}, {hi:.2f}] holds / holds / inconclusive"
+    assert table.loc["one", claims[0]] == "n/a" and table.loc["dead", claims[0]] == "not learned"
