@@ -80,7 +80,9 @@ def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None =
                   model=kwargs.get("model"), device=kwargs.get("device"), overrides=kwargs.get("overrides", ()))
     dev = resolve_device(cfg.device)
     cpu = dev.type == "cpu"
-    if (not cpu if stack is None else stack) and len(seeds) > 1 and not kwargs.get("resume"):
+    if stack is None:  # torch.compile does not see through the stacked (vmapped) step: compiled runs go alone
+        stack = not cpu and not cfg.train.compile
+    if stack and len(seeds) > 1 and not kwargs.get("resume"):
         stacked = _train_together(seeds, dev, kwargs)
         after = {**kwargs, "force": False}  # the stacked seeds are trained; run() evaluates them
         results = []
