@@ -11,6 +11,7 @@ point estimate against a cut. Runs that did not learn their task (Bayes-excess r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -84,7 +85,8 @@ def aggregate(seeds: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 def order(df: pd.DataFrame) -> pd.DataFrame:
     keys = {"task": TASKS, "model": DEPTHS, "family": list(FAMILIES)}
     for col in [c for c in ("family", "task", "model") if c in df]:
-        df = df[df[col].isin(keys[col])].assign(**{col: pd.Categorical(df[col], keys[col], ordered=True)})
+        df = df[df[col].isin(keys[col])]
+        df = df.assign(**{col: pd.Categorical(df[col], keys[col], ordered=True)})
     return df.sort_values([c for c in ("family", "task", "model", "seed") if c in df]).astype({
         c: str for c in ("family", "task", "model") if c in df})
 
@@ -138,7 +140,8 @@ def curves_figure(path: Path):
     fig, axes = plt.subplots(3, 3, figsize=(13, 10))
     for ax, task in zip(axes.flat, TASKS):
         for model, colour in zip(DEPTHS, ("C0", "C1", "C2", "C3")):
-            curves = [dict(losses(d)) for d in find_runs(RUNS) if d.name.startswith(f"{task}-{model}-")]
+            curves = [dict(losses(d)) for d in find_runs(RUNS)
+                      if re.fullmatch(rf"{task}-{model}-[0-9a-f]+-s\d+", d.name)]
             curves = [c for c in curves if c]
             if not curves:
                 continue
@@ -147,7 +150,7 @@ def curves_figure(path: Path):
             ax.plot(steps, [sum(y) / len(y) for y in ys], color=colour, label=f"{model} (n={len(curves)})")
             ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.15)
         for d in find_runs(STEPS) if STEPS.exists() else []:
-            if d.name.startswith(f"{task}-gpt3l-"):
+            if re.fullmatch(rf"{task}-gpt3l-[0-9a-f]+-s\d+", d.name):
                 steps, ys = zip(*losses(d))
                 ax.plot(steps, ys, color="C2", ls="--", lw=0.8)
         ax.set_yscale("log")
@@ -161,26 +164,34 @@ def curves_figure(path: Path):
 
 
 def convergence() -> pd.DataFrame:
-    """gpt3l at 1500 vs 4500 steps, same seeds: excess over Bayes and the learned label at each."""
-    def excess(run_dir: Path):
-        m = store.read_run(run_dir)
+    """gpt3l at 1500 vs 4500 steps, same seed: excess over Bayes, the learned label and the per-model claim
+    verdicts at each, so one sees whether longer training moves the answer, not only the error."""
+    def record(run_dir: Path):
+        try:
+            m = store.read_run(run_dir)
+        except store.DamagedRun:  # still running, or failed
+            return None
+        if m["model"] != "gpt3l":
+            return None
         e = m["curves"]["predictors"]["model"].get("excess_bayes") or {}
-        return m["seed"], e.get("mean"), e.get("relative"), e.get("learned")
+        try:
+            s = store.read_json(run_dir / "probes.json")["probes"]["specialization"]["summary"]
+            claims = " / ".join(f(s) for f in CLAIMS.values())
+        except (store.DamagedRun, KeyError, TypeError):
+            claims = "not probed"
+        return (m["task"], m["seed"]), e.get("mean"), f"{e.get('relative', float('nan')):.3f} {e.get('learned')}", \
+            claims
 
-    long = {(d.name.split("-gpt3l-")[0], excess(d)[0]): excess(d) for d in find_runs(STEPS)} if STEPS.exists() \
-        else {}
+    long = {r[0]: r for r in map(record, find_runs(STEPS) if STEPS.exists() else []) if r}
     rows = []
-    for d in find_runs(RUNS):
-        task = d.name.split("-gpt3l-")[0] if "-gpt3l-" in d.name else None
-        if task is None:
+    for r in map(record, find_runs(RUNS)):
+        if r is None or r[0] not in long:
             continue
-        seed, ex, rel, label = excess(d)
-        if (task, seed) not in long:
-            continue
-        _, ex3, rel3, label3 = long[(task, seed)]
-        rows.append({"task": task, "seed": seed, "excess over Bayes @1500": f"{ex:.4f}",
-                     "@4500": f"{ex3:.4f}", "change": f"{(ex3 - ex) / abs(ex):+.0%}" if ex else "—",
-                     "relative excess @1500": f"{rel:.3f} {label}", "@4500 ": f"{rel3:.3f} {label3}"})
+        (task, seed), ex, rel, claims = r
+        _, ex3, rel3, claims3 = long[(task, seed)]
+        rows.append({"task": task, "seed": seed, "excess over Bayes @1500": f"{ex:.4f}", "@4500": f"{ex3:.4f}",
+                     "relative excess, label @1500": rel, "@4500 ": rel3,
+                     "claims @1500 (" + " / ".join(CLAIMS) + ")": claims, "@4500  ": claims3})
     return order(pd.DataFrame(rows)) if rows else pd.DataFrame()
 
 
