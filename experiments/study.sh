@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${JOBS:-2}
 export OMP_NUM_THREADS=1   # probes run in parallel processes of one thread each
+h8='[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]'  # a config hash, so gpt3l-attn is not gpt3l
 sweep() { iclbench sweep "experiments/study/$1.yaml" --jobs "$jobs" --cpus-per-run 1 --quiet; }
 probe_all() {  # the specialization probe on every complete run under $1 not yet probed by this code
     ls -d "$1"/*/ 2>/dev/null | xargs -r -P "$jobs" -I{} sh -c \
@@ -23,7 +24,7 @@ part() {
         seeds|priors|attn|steps|depths) sweep "$1" ;;
         probes)
             probe_all results/reference-runs; probe_all results/study-priors-runs; probe_all results/study-steps-runs
-            for run in results/reference-runs/affine-gpt3l-*-s[012]; do  # every probe, for the report
+            for run in results/reference-runs/affine-gpt3l-$h8-s[012]; do  # every probe, for the report
                 grep -q '"ladder"' "$run/probes.json" 2>/dev/null || iclbench probe "$run" > /dev/null
             done ;;
         tables)
@@ -34,7 +35,7 @@ part() {
             iclbench leaderboard --results "$runs" --metric excess_bayes > "$out/leaderboard-excess-bayes.md"
             iclbench leaderboard --results "$runs" --format csv > "$out/leaderboard.csv"
             rm -rf "$out/report-gpt3l-affine"
-            iclbench report "$runs"/affine-gpt3l-*-s[012] --out "$out/report-gpt3l-affine" > /dev/null
+            iclbench report "$runs"/affine-gpt3l-$h8-s[012] --out "$out/report-gpt3l-affine" > /dev/null
             python experiments/study_tables.py ;;   # specialization tables, study.md and its figures
         *) echo "study.sh: unknown part '$1' (seeds, priors, attn, steps, depths, probes, tables)" >&2; exit 2 ;;
     esac
