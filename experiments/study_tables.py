@@ -234,7 +234,7 @@ def main():
                   md(aggregate(twins.sort_values(["model", "seed"]), ["model"])), ""]
     if PRIORS.exists():
         default = seeds[(seeds.task == "affine") & (seeds.model == "gpt3l")].assign(
-            prior="default: |a| <= 1, |b| <= 0.25, no noise")
+            prior="affine (default: a in ±[0, 1], b in ±0.25, no noise)")
         table = aggregate(pd.concat([default, seeds_table(PRIORS).assign(prior=lambda d: d.variant)]), ["prior"])
         parts += ["## Robustness: gpt3l on affine under other priors", "", md(table), "",
                   "Per-cell detail: [specialization-priors.md](specialization-priors.md).", ""]
