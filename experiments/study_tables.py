@@ -23,7 +23,8 @@ from tabulate import tabulate  # noqa: E402
 
 from iclbench import store  # noqa: E402
 from iclbench.leaderboard import find_runs  # noqa: E402
-from iclbench.probes.stats import combine, share_ci, sweep  # noqa: E402
+from iclbench.probes.specialization import CLAIM_LABELS, claim_verdicts  # noqa: E402
+from iclbench.probes.stats import share_ci, sweep  # noqa: E402
 from iclbench.probing import collect_probe, cross_run  # noqa: E402
 from iclbench.registry import get_registry  # noqa: E402
 
@@ -33,11 +34,8 @@ OUT = ROOT / "results" / "reference"
 TASKS = ["affine", "affine-vec", "linrec", "quadratic", "logistic", "poly", "linreg", "sparse-linreg", "relu-nn"]
 FAMILIES = {"recurrences": TASKS[:6], "regression": TASKS[6:]}
 DEPTHS = ["gpt1l", "gpt2l", "gpt3l", "gpt6l"]
-#: the per-seed verdicts summarised; "paper's pattern" is claim 1 and claim 2 together
-CLAIMS = {"claim 1: layer 0 copies": lambda s: s["claim_1"]["verdict"],
-          "claim 2 (any later layer)": lambda s: s["claim_2"]["any_later_layer"],
-          "paper's pattern": lambda s: combine(s["claim_1"]["verdict"], s["claim_2"]["verdict"]),
-          "refines with depth": lambda s: s["refines_with_depth"]["verdict"]}
+#: the per-seed verdicts summarised (the last-layer-only claim 2 is in specialization.md)
+CLAIMS = [c for c in CLAIM_LABELS if not c.startswith("claim 2: last layer")]
 #: the share of learned models in which a claim holds is judged against these (the headline uses 0.5)
 SHARES = (0.25, 0.5, 0.75)
 
@@ -60,7 +58,8 @@ def seeds_table(results: Path) -> pd.DataFrame:
             continue
         row = {"task": r.task.split()[0], "variant": r.task, "model": r.model.split()[0], "seed": r.seed,
                "learned": r.learned}
-        row.update({c: f(s) for c, f in CLAIMS.items()})
+        verdicts = claim_verdicts(s)
+        row.update({c: verdicts[c] for c in CLAIMS})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -137,10 +136,12 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 def curves_figure(path: Path):
     """Training loss against step per task: every depth at 1500 steps (mean over seeds, min-max band) and
     gpt3l trained to 4500 steps (dashed), so one can see whether 1500 steps has flattened."""
+    runs = find_runs(RUNS)  # scanned once, not once per panel and depth
+    long = find_runs(STEPS) if STEPS.exists() else []
     fig, axes = plt.subplots(3, 3, figsize=(13, 10))
     for ax, task in zip(axes.flat, TASKS):
         for model, colour in zip(DEPTHS, ("C0", "C1", "C2", "C3")):
-            curves = [dict(losses(d)) for d in find_runs(RUNS)
+            curves = [dict(losses(d)) for d in runs
                       if re.fullmatch(rf"{task}-{model}-[0-9a-f]+-s\d+", d.name)]
             curves = [c for c in curves if c]
             if not curves:
@@ -149,7 +150,7 @@ def curves_figure(path: Path):
             ys = [[c[s] for c in curves] for s in steps]
             ax.plot(steps, [sum(y) / len(y) for y in ys], color=colour, label=f"{model} (n={len(curves)})")
             ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.15)
-        for d in find_runs(STEPS) if STEPS.exists() else []:
+        for d in long:
             if re.fullmatch(rf"{task}-gpt3l-[0-9a-f]+-s\d+", d.name):
                 steps, ys = zip(*losses(d))
                 ax.plot(steps, ys, color="C2", ls="--", lw=0.8)
@@ -176,7 +177,8 @@ def convergence() -> pd.DataFrame:
         e = m["curves"]["predictors"]["model"].get("excess_bayes") or {}
         try:
             s = store.read_json(run_dir / "probes.json")["probes"]["specialization"]["summary"]
-            claims = " / ".join(f(s) for f in CLAIMS.values())
+            verdicts = claim_verdicts(s)
+            claims = " / ".join(verdicts[c] for c in CLAIMS)
         except (store.DamagedRun, KeyError, TypeError):
             claims = "not probed"
         return (m["task"], m["seed"]), e.get("mean"), f"{e.get('relative', float('nan')):.3f} {e.get('learned')}", \

@@ -276,14 +276,9 @@ class Specialization(Probe):
             for l in range(depth):
                 roles = pd.Series([s["roles"][l] for s in every if l < len(s["roles"])]).value_counts()
                 row[f"layer {l}"] = f"{roles.index[0]} {roles.iloc[0]}/{len(every)}" if len(roles) else "—"
-            claims = {
-                "claim 1: layer 0 copies": [s["claim_1"]["verdict"] for s in summaries],
-                "claim 2: last layer refines via neg.-similarity heads": [s["claim_2"]["verdict"] for s in summaries],
-                "claim 2 (any later layer)": [s["claim_2"]["any_later_layer"] for s in summaries],
-                "paper's pattern": [combine(s["claim_1"]["verdict"], s["claim_2"]["verdict"]) for s in summaries],
-                "refines with depth": [s["refines_with_depth"]["verdict"] for s in summaries]}
-            for label, seed_labels in claims.items():
-                row[label] = across_seeds(seed_labels) if n else "not learned"
+            per_seed = [claim_verdicts(s) for s in summaries]
+            for label in CLAIM_LABELS:
+                row[label] = across_seeds([v[label] for v in per_seed]) if n else "not learned"
             copy = [s["claim_1"]["copy_dominance"]["mean"] for s in summaries if "copy_dominance" in s["claim_1"]]
             row["L0 copy dominance"] = seed_interval(copy, COPY_MARGIN)
             row["refinement first→last"] = seed_interval(  # n/a with one block: nothing to compare
@@ -294,6 +289,19 @@ class Specialization(Probe):
                 [v for v in group["excess_bayes"] if isinstance(v, (int, float)) and v == v], None, digits=4)
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+#: the claims judged for each trained model, in table order
+CLAIM_LABELS = ("claim 1: layer 0 copies", "claim 2: last layer refines via neg.-similarity heads",
+                "claim 2 (any later layer)", "paper's pattern", "refines with depth")
+
+
+def claim_verdicts(summary: dict) -> dict[str, str]:
+    """One model's verdict on each claim (:data:`CLAIM_LABELS`) from its specialization summary; the paper's
+    pattern is claims 1 and 2 together."""
+    c1, c2 = summary["claim_1"]["verdict"], summary["claim_2"]["verdict"]
+    return dict(zip(CLAIM_LABELS, (c1, c2, summary["claim_2"]["any_later_layer"], combine(c1, c2),
+                                   summary["refines_with_depth"]["verdict"])))
 
 
 def across_seeds(labels: list[str]) -> str:
