@@ -4,6 +4,7 @@
 # the reference study's gpt12l cells (issue 15: affine x 10 seeds stacked, 1500 steps, specialization probe),
 # the benchmark (bf16 with 8 seeds stacked vs separate, fp32), run --seeds stacked vs one after another,
 # CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep.
+# PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep.
 # Every part has its own timeout, is skipped once the deadline (DEADLINE seconds, default 480) has passed, and a
 # failing part does not stop the rest.
 #   bash benchmarks/device_check.sh            (from the repository root)
@@ -19,14 +20,19 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 START=$(date +%s)
 DEADLINE=${DEADLINE:-480}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
-part() { echo; echo "=== $1 ($(( $(date +%s) - START ))s elapsed)"; [ "$(left)" -gt 10 ] || { echo "skipped: past the deadline"; return 1; }; }
+PARTS=" ${PARTS:-test default sync study bench seeds compile bench12 more sweep} "
+part() {  # part KEY TITLE: false when KEY is not in PARTS or the deadline has passed
+    case "$PARTS" in *" $1 "*) ;; *) return 1 ;; esac
+    echo; echo "=== $2 ($(( $(date +%s) - START ))s elapsed)"
+    [ "$(left)" -gt 10 ] || { echo "skipped: past the deadline"; return 1; }
+}
 run() {  # run TIMEOUT CMD...: at most TIMEOUT s, and never past the deadline
     local t=$1; shift; local l; l=$(left); [ "$l" -lt "$t" ] && t=$l
     [ "$t" -gt 5 ] || { echo "skipped: past the deadline: $*"; return 0; }
     timeout "$t" "$@" || echo "!!! exit $? (timeout $t s): $*"
 }
 study_cells() {  # study_cells TASK: gpt12l x TASK x 10 seeds stacked, as experiments/study/depths.yaml, + probe
-    run 150 $PY -m iclbench.cli run --task "$1" --model gpt12l --device cuda --out "$RUNS" --no-probes \
+    run 200 $PY -m iclbench.cli run --task "$1" --model gpt12l --device cuda --out "$RUNS" --no-probes \
         --steps 1500 --seeds 0-9 --stack yes --quiet | tail -2
     ls -d "$RUNS/$1"-gpt12l-*-s* | run 80 xargs -P 10 -I{} sh -c "test -f {}/metrics.json || exit 0;
         OMP_NUM_THREADS=1 $PY -m iclbench.cli probe {} --probe specialization --device cuda > /dev/null"
@@ -43,20 +49,22 @@ for d in sorted(pathlib.Path(sys.argv[1]).glob(f"{sys.argv[2]}-gpt12l-*-s*")):
 PY
 }
 
-part "install"
+echo "=== install"
 $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
-part "default job on cuda: affine x gpt3l, 3000 steps (bf16 autocast, the CUDA default)" &&
+part test "the CUDA tests (tests/test_cuda.py)" && run 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+
+part default "default job on cuda: affine x gpt3l, 3000 steps (bf16 autocast, the CUDA default)" &&
 run 120 $PY -m iclbench.cli run --task affine --model gpt3l --device cuda --out "$WORK/runs" --no-probes \
   | grep -E "mean t>=|on cuda|tokens/s|run directory|Error|error"
 
-part "fp32 vs bf16: accuracy (same seed, 3000 steps) - the faster accurate one should be the CUDA default" &&
+part default "fp32 vs bf16: accuracy (same seed, 3000 steps) - the faster accurate one should be the CUDA default" &&
 run 120 $PY -m iclbench.cli run --task affine --model gpt3l --device cuda --out "$WORK/runs" --no-probes \
   --set train.precision=fp32 | grep -E "mean t>=|on cuda|tokens/s|Error|error"
 
-part "no host sync in the training step (torch.cuda.set_sync_debug_mode('error'))" &&
+part sync "no host sync in the training step (torch.cuda.set_sync_debug_mode('error'))" &&
 run 90 $PY - <<'PY'
 import torch, time
 from iclbench.config import resolve
@@ -85,36 +93,36 @@ print(f"200 steps (sampling included) with no sync: OK; host queued them in {que
       f"GPU finished after {total*1e3:.0f} ms ({total/200*1e3:.2f} ms/step)")
 PY
 
-part "reference study: gpt12l x affine x 10 seeds, stacked, 1500 steps, specialization probe" && study_cells affine
+part study "reference study: gpt12l x affine x 10 seeds, stacked, 1500 steps, specialization probe" && study_cells affine
 
-part "benchmark: gpt3l, bf16 (default) with 8 seeds stacked vs separate" &&
+part bench "benchmark: gpt3l, bf16 (default) with 8 seeds stacked vs separate" &&
 run 90 $PY -m iclbench.cli bench --task affine --model gpt3l --device cuda --no-tl --rounds 5 --steps 20 --seeds 8
-part "benchmark: gpt3l, fp32 (TF32 off)" &&
+part bench "benchmark: gpt3l, fp32 (TF32 off)" &&
 run 60 $PY -m iclbench.cli bench --task affine --model gpt3l --device cuda --no-tl --rounds 5 --steps 20 \
   --set train.precision=fp32
 
-part "seeds: run --seeds 0-7 on cuda, 1000 steps: stacked into one model (the GPU default) vs one after another" &&
+part seeds "seeds: run --seeds 0-3 on cuda, 1000 steps: stacked into one model (the GPU default) vs one after another" &&
 for stack in yes no; do
   t0=$(date +%s)
   run 90 $PY -m iclbench.cli run --task affine --model gpt3l --device cuda --out "$WORK/seeds-$stack" --no-probes \
-    --steps 1000 --seeds 0-7 --stack $stack --quiet | tail -1
-  echo "--stack $stack: $(( $(date +%s) - t0 )) s wall for 8 seeds (training and evaluation)"
+    --steps 1000 --seeds 0-3 --stack $stack --quiet | tail -1
+  echo "--stack $stack: $(( $(date +%s) - t0 )) s wall for 4 seeds (training and evaluation)"
 done
 
-part "CUDA-graph capture: --compile (reduce-overhead on cuda)" &&
+part compile "CUDA-graph capture: --compile (reduce-overhead on cuda)" &&
 run 120 $PY -m iclbench.cli bench --task affine --model gpt3l --device cuda --no-tl --rounds 5 --steps 20 --compile
 
-part "benchmark: gpt12l, bf16, batch 64; batch 512 with 4 seeds stacked" &&
+part bench12 "benchmark: gpt12l, bf16, batch 64; batch 512 with 4 seeds stacked" &&
 run 60 $PY -m iclbench.cli bench --task affine --model gpt12l --device cuda --no-tl --rounds 3 --steps 10 &&
 run 60 $PY -m iclbench.cli bench --task affine --model gpt12l --device cuda --no-tl --rounds 3 --steps 10 \
   --set train.batch_size=512 --seeds 4
 
 for t in linrec affine-vec poly quadratic logistic; do  # more gpt12l study cells, while time is left
-  [ "$(left)" -gt 120 ] || break
-  part "reference study: gpt12l x $t x 10 seeds" && study_cells "$t"
+  [ "$(left)" -gt 150 ] || break
+  part more "reference study: gpt12l x $t x 10 seeds" && study_cells "$t"
 done
 
-part "short sweep: 2 depths x 2 seeds, 300 steps, on cuda" && {
+part sweep "short sweep: 2 depths x 2 seeds, 300 steps, on cuda" && {
 cat > "$WORK/sweep.yaml" <<YAML
 name: device-check
 base: {task: affine, device: cuda, train: {steps: 300}, out: $WORK/sweep, eval: {probes: false}}

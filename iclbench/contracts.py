@@ -84,7 +84,7 @@ def check_task(task, owner: str, device="cpu") -> None:
             raise PluginError(f"{owner}: {attr} is not implemented; expected a positive int") from None
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PluginError(f"{owner}: {attr} is {value!r}; expected a positive int")
-    generator = torch.Generator("cpu").manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)  # training samples on the device, with its generator
     try:
         batch = task.sample(CHECK_SEQUENCES, generator, device)
     except ICLBenchError:
