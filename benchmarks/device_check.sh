@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device check for a machine with a GPU (python3 with CUDA torch and iclbench's dependencies installed).
-# Parts, most valuable first: the default job on cuda (bf16, then fp32), the no-sync check of the training step,
+# Parts, most valuable first: the CUDA tests, the default job on cuda (fp32, then bf16), the no-sync check of the training step,
 # the reference study's gpt12l cells (issue 15: affine x 10 seeds stacked, 1500 steps, specialization probe),
-# the benchmark (bf16 with 8 seeds stacked vs separate, fp32), run --seeds stacked vs one after another,
+# the benchmark (fp32 with 8 seeds stacked vs separate, bf16), run --seeds stacked vs one after another,
 # CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep.
 # PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep.
 # Every part has its own timeout, is skipped once the deadline (DEADLINE seconds, default 480) has passed, and a
@@ -56,13 +56,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 part test "the CUDA tests (tests/test_cuda.py)" && run 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-part default "default job on cuda: affine x gpt3l, 3000 steps (bf16 autocast, the CUDA default)" &&
+part default "default job on cuda: affine x gpt3l, 3000 steps (fp32, the default)" &&
 run 120 $PY -m iclbench.cli run --task affine --model gpt3l --device cuda --out "$WORK/runs" --no-probes \
   | grep -E "mean t>=|on cuda|tokens/s|run directory|Error|error"
 
-part default "fp32 vs bf16: accuracy (same seed, 3000 steps) - the faster accurate one should be the CUDA default" &&
+part default "bf16 autocast vs fp32: speed and accuracy (same seed, 3000 steps)" &&
 run 120 $PY -m iclbench.cli run --task affine --model gpt3l --device cuda --out "$WORK/runs" --no-probes \
-  --set train.precision=fp32 | grep -E "mean t>=|on cuda|tokens/s|Error|error"
+  --set train.precision=bf16 | grep -E "mean t>=|on cuda|tokens/s|Error|error"
 
 part sync "no host sync in the training step (torch.cuda.set_sync_debug_mode('error'))" &&
 run 90 $PY - <<'PY'
@@ -95,11 +95,11 @@ PY
 
 part study "reference study: gpt12l x affine x 10 seeds, stacked, 1500 steps, specialization probe" && study_cells affine
 
-part bench "benchmark: gpt3l, bf16 (default) with 8 seeds stacked vs separate" &&
+part bench "benchmark: gpt3l, fp32 (the default) with 8 seeds stacked vs separate" &&
 run 90 $PY -m iclbench.cli bench --task affine --model gpt3l --device cuda --no-tl --rounds 5 --steps 20 --seeds 8
-part bench "benchmark: gpt3l, fp32 (TF32 off)" &&
+part bench "benchmark: gpt3l, bf16 autocast" &&
 run 60 $PY -m iclbench.cli bench --task affine --model gpt3l --device cuda --no-tl --rounds 5 --steps 20 \
-  --set train.precision=fp32
+  --set train.precision=bf16
 
 part seeds "seeds: run --seeds 0-3 on cuda, 1000 steps: stacked into one model (the GPU default) vs one after another" &&
 for stack in yes no; do
@@ -112,10 +112,12 @@ done
 part compile "CUDA-graph capture: --compile (reduce-overhead on cuda)" &&
 run 120 $PY -m iclbench.cli bench --task affine --model gpt3l --device cuda --no-tl --rounds 5 --steps 20 --compile
 
-part bench12 "benchmark: gpt12l, bf16, batch 64; batch 512 with 4 seeds stacked" &&
-run 60 $PY -m iclbench.cli bench --task affine --model gpt12l --device cuda --no-tl --rounds 3 --steps 10 &&
-run 60 $PY -m iclbench.cli bench --task affine --model gpt12l --device cuda --no-tl --rounds 3 --steps 10 \
-  --set train.batch_size=512 --seeds 4
+part bench12 "benchmark: gpt12l, fp32 and bf16 at batch 512 (4 seeds stacked); fp32 at batch 64" && {
+  for prec in fp32 bf16; do
+    run 60 $PY -m iclbench.cli bench --task affine --model gpt12l --device cuda --no-tl --rounds 3 --steps 10 \
+      --set train.batch_size=512 --set train.precision=$prec --seeds 4
+  done
+  run 60 $PY -m iclbench.cli bench --task affine --model gpt12l --device cuda --no-tl --rounds 3 --steps 10; }
 
 for t in linrec affine-vec poly quadratic logistic; do  # more gpt12l study cells, while time is left
   [ "$(left)" -gt 150 ] || break

@@ -336,14 +336,13 @@ def main(args) -> int:
         except metadata.PackageNotFoundError:
             tl_version += ", transformers not installed (pip install 'iclbench[hf]')"
     T = cfg.task_options.context_len if hasattr(cfg.task_options, "context_len") else "?"
-    precision = cfg.train.precision if cfg.train.precision != "auto" else (
-        "bf16 autocast" if device.type == "cuda" else "fp32")
+    precision = "bf16 autocast" if cfg.train.precision == "bf16" else "fp32"
     print(f"bench {cfg.task} × {cfg.model}: batch {cfg.train.batch_size} × {T} positions, {precision}"
           f"{', compiled' if args.compile else ''}; {args.rounds} rounds × {args.steps} steps")
     print(f"on {describe_machine(device)}{tl_version}\n")
     result = compare(cfg, device, args.rounds, args.steps, args.compile, not args.no_tl,
                      not getattr(args, "no_hf", False))
-    dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     result["peak_flops"] = peak_gemm_flops(device, dtype)
     floor = statistics.median(f / result["peak_flops"] for f in result["flops"].values())
     print(f"peak GEMM throughput measured here: {result['peak_flops'] / 1e9:,.0f} GFLOP/s ({dtype}); "

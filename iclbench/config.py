@@ -38,7 +38,7 @@ class TrainOptions:
     warmup: int = 200
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; or fp32 / bf16
+    precision: str = "auto"  # auto (= fp32 on every device, the faster one measured on CUDA), fp32, or bf16 autocast
     log_every: int = 100
     checkpoint_every: int = 500  # save the whole training state every N steps (0: never), for --resume
     compile: bool = False  # torch.compile the model for training (--compile)

@@ -84,7 +84,8 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
     d = gram.shape[-1]
     scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
     eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    w = torch.linalg.solve(gram + ridge * scale * eye, xc.transpose(-1, -2) @ yc)
+    # a batch of d×d systems: solved on the CPU, as the tasks' baselines are (tasks/_fit.py, on_host)
+    w = torch.linalg.solve((gram + ridge * scale * eye).cpu(), (xc.transpose(-1, -2) @ yc).cpu()).to(x.device)
     return w, my - mx @ w
 
 
