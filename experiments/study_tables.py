@@ -33,7 +33,8 @@ RUNS, PRIORS, STEPS = (ROOT / "results" / d for d in ("reference-runs", "study-p
 OUT = ROOT / "results" / "reference"
 TASKS = ["affine", "affine-vec", "linrec", "quadratic", "logistic", "poly", "linreg", "sparse-linreg", "relu-nn"]
 FAMILIES = {"recurrences": TASKS[:6], "regression": TASKS[6:]}
-DEPTHS = ["gpt1l", "gpt2l", "gpt3l", "gpt6l"]
+# gpt12l cells are trained on a GPU (benchmarks/device_check.sh, parts study and more) and join when present
+DEPTHS = ["gpt1l", "gpt2l", "gpt3l", "gpt6l"] + (["gpt12l"] if any(RUNS.glob("*-gpt12l-*-s*")) else [])
 #: the per-seed verdicts summarised (the last-layer-only claim 2 is in specialization.md)
 CLAIMS = [c for c in CLAIM_LABELS if not c.startswith("claim 2: last layer")]
 #: the share of learned models in which a claim holds is judged against these (the headline uses 0.5)
@@ -140,7 +141,7 @@ def curves_figure(path: Path):
     long = find_runs(STEPS) if STEPS.exists() else []
     fig, axes = plt.subplots(3, 3, figsize=(13, 10))
     for ax, task in zip(axes.flat, TASKS):
-        for model, colour in zip(DEPTHS, ("C0", "C1", "C2", "C3")):
+        for model, colour in zip(DEPTHS, ("C0", "C1", "C2", "C3", "C4")):
             curves = [dict(losses(d)) for d in runs
                       if re.fullmatch(rf"{task}-{model}-[0-9a-f]+-s\d+", d.name)]
             curves = [c for c in curves if c]
