@@ -235,7 +235,7 @@ def sparse_linreg_mixture(x, y, nonzero: int, w_scale: float, noise: float, jitt
     c = corr[:, :, supports]  # [B, N, M, s]
     A = G / var + torch.eye(nonzero, dtype=G.dtype, device=G.device) / w_scale ** 2
     L = on_host(torch.linalg.cholesky, A)  # [B, N, M] factorisations of s×s: CPU (see _fit.on_host)
-    mean = on_host(lambda b, f: torch.cholesky_solve(b, f), c[..., None] / var, L)[..., 0]  # [B, N, M, s]
+    mean = on_host(torch.cholesky_solve, c[..., None] / var, L)[..., 0]  # [B, N, M, s]
     log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1) + nonzero * math.log(w_scale ** 2)
     log_evidence = 0.5 * (c * mean).sum(-1) / var - 0.5 * log_det
     weight = torch.softmax(log_evidence, -1)  # [B, N, M]
