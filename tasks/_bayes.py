@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ._fit import on_host
+from iclbench.task import on_host
 
 #: prior draws behind a Monte-Carlo prior covariance (relative error of each entry ~ sqrt(2 / 2**18) = 0.3 %)
 MC_SEQUENCES = 1 << 18
@@ -116,7 +116,7 @@ def gp_prefix_mean(K: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         e = torch.linalg.solve_triangular(L, y[..., None], upper=False)[..., 0]
         return (L.tril(-1) * e[:, None, :]).sum(-1)
 
-    return on_host(predict, K, y)  # one small factorisation per sequence: CPU (see _fit.on_host)
+    return on_host(predict, K, y)  # one small factorisation per sequence: CPU (see iclbench.task.on_host)
 
 
 def arccos_relu_kernel(x: torch.Tensor, variance_per_dim: float) -> torch.Tensor:
@@ -234,9 +234,12 @@ def sparse_linreg_mixture(x, y, nonzero: int, w_scale: float, noise: float, jitt
     G = gram[:, :, supports[:, :, None], supports[:, None, :]]  # [B, N, M, s, s]
     c = corr[:, :, supports]  # [B, N, M, s]
     A = G / var + torch.eye(nonzero, dtype=G.dtype, device=G.device) / w_scale ** 2
-    L = on_host(torch.linalg.cholesky, A)  # [B, N, M] factorisations of s×s: CPU (see _fit.on_host)
-    mean = on_host(torch.cholesky_solve, c[..., None] / var, L)[..., 0]  # [B, N, M, s]
-    log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1) + nonzero * math.log(w_scale ** 2)
+    def posterior(A, b):  # [B, N, M] factorisations of s×s: on the CPU (see iclbench.task.on_host)
+        L = torch.linalg.cholesky(A)
+        return torch.cat([torch.cholesky_solve(b, L), torch.diagonal(L, dim1=-2, dim2=-1)[..., None]], -1)
+
+    mean, diag = on_host(posterior, A, c[..., None] / var).unbind(-1)  # [B, N, M, s] each
+    log_det = 2 * torch.log(diag).sum(-1) + nonzero * math.log(w_scale ** 2)
     log_evidence = 0.5 * (c * mean).sum(-1) / var - 0.5 * log_det
     weight = torch.softmax(log_evidence, -1)  # [B, N, M]
     pred = (mean * x64[:, :, supports]).sum(-1)  # [B, N, M]

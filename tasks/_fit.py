@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from iclbench.task import on_host
+
 
 def prefix_least_squares(features: torch.Tensor, targets: torch.Tensor, ridge: float = 0.0,
                          weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,20 +32,6 @@ def prefix_least_squares(features: torch.Tensor, targets: torch.Tensor, ridge: f
     if ridge:
         xtx = xtx + ridge * torch.eye(phi.shape[-1], dtype=phi.dtype, device=phi.device)
     return on_host(lambda a, b: torch.linalg.pinv(a, hermitian=True) @ b, xtx, xtz)
-
-
-def on_host(fn: Callable, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn(*tensors)`` computed on the CPU, the result returned on the inputs' device.
-
-    The baselines' batched decompositions are of k×k matrices with k of a few units, one per sequence and
-    prefix. On CUDA they go to cuSOLVER's batched routines, and ``pinv(hermitian=True)`` (batched eigh) fails
-    with CUSOLVER_STATUS_INTERNAL_ERROR past about 32k matrices: an evaluation batch of 4096 affine sequences
-    holds 65,536 (seen on an H200 with torch 2.11, 2026-11-28; the same limit is reported in mujocolab/mjlab#732).
-    Matrices this small gain nothing from a GPU, so they are always solved where CI tests them."""
-    device = tensors[0].device
-    if device.type == "cpu":
-        return fn(*tensors)
-    return fn(*(t.cpu() for t in tensors)).to(device)
 
 
 def least_squares_recurrence(y: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor],

@@ -14,7 +14,7 @@ import torch
 
 from iclbench.contracts import is_oracle
 from iclbench.registry import get_registry
-from iclbench.task import Batch
+from iclbench.task import Batch, on_host
 
 
 def probe_batch(task, n: int, generator: torch.Generator, device) -> Batch:
@@ -84,8 +84,7 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
     d = gram.shape[-1]
     scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
     eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    # a batch of d×d systems: solved on the CPU, as the tasks' baselines are (tasks/_fit.py, on_host)
-    w = torch.linalg.solve((gram + ridge * scale * eye).cpu(), (xc.transpose(-1, -2) @ yc).cpu()).to(x.device)
+    w = on_host(torch.linalg.solve, gram + ridge * scale * eye, xc.transpose(-1, -2) @ yc)
     return w, my - mx @ w
 
 
