@@ -122,6 +122,12 @@ def heatmap(seeds: pd.DataFrame, path: Path):
     plt.close(fig)
 
 
+def task_model(run_dir: Path) -> tuple[str, str] | None:
+    """(task, model) from a run directory's name, ``<task>-<model>-<8-hex hash>-s<seed>``."""
+    m = re.fullmatch(r"(.+)-(gpt\d+l(?:-attn)?)-[0-9a-f]{8}-s\d+", run_dir.name)
+    return m.groups() if m else None
+
+
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     out = []
     for line in (run_dir / store.LOG).read_text().splitlines():
@@ -142,8 +148,7 @@ def curves_figure(path: Path):
     fig, axes = plt.subplots(3, 3, figsize=(13, 10))
     for ax, task in zip(axes.flat, TASKS):
         for model, colour in zip(DEPTHS, ("C0", "C1", "C2", "C3", "C4")):
-            curves = [dict(losses(d)) for d in runs
-                      if re.fullmatch(rf"{task}-{model}-[0-9a-f]+-s\d+", d.name)]
+            curves = [dict(losses(d)) for d in runs if task_model(d) == (task, model)]
             curves = [c for c in curves if c]
             if not curves:
                 continue
@@ -152,7 +157,7 @@ def curves_figure(path: Path):
             ax.plot(steps, [sum(y) / len(y) for y in ys], color=colour, label=f"{model} (n={len(curves)})")
             ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.15)
         for d in long:
-            if re.fullmatch(rf"{task}-gpt3l-[0-9a-f]+-s\d+", d.name):
+            if task_model(d) == (task, "gpt3l"):
                 steps, ys = zip(*losses(d))
                 ax.plot(steps, ys, color="C2", ls="--", lw=0.8)
         ax.set_yscale("log")
@@ -169,11 +174,11 @@ def convergence() -> pd.DataFrame:
     """gpt3l at 1500 vs 4500 steps, same seed: excess over Bayes, the learned label and the per-model claim
     verdicts at each, so one sees whether longer training moves the answer, not only the error."""
     def record(run_dir: Path):
+        if (task_model(run_dir) or ("", ""))[1] != "gpt3l":  # by name, before reading its metrics
+            return None
         try:
             m = store.read_run(run_dir)
         except store.DamagedRun:  # still running, or failed
-            return None
-        if m["model"] != "gpt3l":
             return None
         e = m["curves"]["predictors"]["model"].get("excess_bayes") or {}
         try:
