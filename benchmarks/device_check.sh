@@ -36,17 +36,7 @@ study_cells() {  # study_cells TASK: gpt12l x TASK x 10 seeds stacked, as experi
         --steps 1500 --seeds 0-9 --stack yes --quiet | tail -2
     ls -d "$RUNS/$1"-gpt12l-*-s* | run 80 xargs -P 10 -I{} sh -c "test -f {}/metrics.json || exit 0;
         OMP_NUM_THREADS=1 $PY -m iclbench.cli probe {} --probe specialization --device cuda > /dev/null"
-    $PY - "$RUNS" "$1" <<'PY'
-import json, sys, pathlib
-for d in sorted(pathlib.Path(sys.argv[1]).glob(f"{sys.argv[2]}-gpt12l-*-s*")):
-    if not (d / "metrics.json").exists():
-        print(d.name, "not complete"); continue
-    m = json.loads((d / "metrics.json").read_text())["summary"]
-    p = json.loads((d / "probes.json").read_text()) if (d / "probes.json").exists() else {}
-    s = p.get("probes", {}).get("specialization", {}).get("summary", {})
-    verdicts = {k: (v.get("verdict") if isinstance(v, dict) else v) for k, v in s.items() if k != "ladder"}
-    print(d.name, "model", round(m["model"]["mean"], 6), "bayes", round(m["bayes"]["mean"], 6), verdicts)
-PY
+    $PY -m iclbench.cli specialization --results "$RUNS"  # learned label, claims and errors per cell
 }
 
 echo "=== install"
@@ -133,4 +123,4 @@ YAML
 run 60 $PY -m iclbench.cli sweep "$WORK/sweep.yaml" --jobs 2 | tail -8; }
 
 echo; echo "=== done in $(( $(date +%s) - START ))s; outputs under $WORK"
-if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpt12l-runs.tgz" --exclude=model.safetensors --exclude="checkpoint*" -C "$RUNS" . && ls -la "$OUT"; fi
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpt12l-runs.tgz" --exclude=model.safetensors --exclude=train_state.pt -C "$RUNS" . && ls -la "$OUT"; fi
