@@ -93,6 +93,77 @@ def _wire_similarity_head(block, head, strength):
     qkv[k.start + row, 0], qkv[k.start + row, 1] = sign * g * s / 2, -sign * g * s / 2  # k = ±g x
 
 
+@dataclass
+class OppositeOptions:
+    context_len: int = 8
+    noise: float = 0.0
+
+
+class OppositeTask(Task):
+    """i.i.d. values x_t ~ U(-1, 1); the target is the earlier value most *opposite* to the current one,
+    x_k with k = argmin_{k <= t} x_t·x_k (plus observation noise, sd ``noise``). A head attending by negative
+    similarity, softmax(-c·x_q·x_k), computes it: the positive control for claim 2. ``bayes`` is the exact
+    answer (the noise is unpredictable)."""
+
+    name = "opposite"
+    description = "retrieve the context value most opposite to the current one (test task)"
+    Options = OppositeOptions
+    score_from = 3
+    d_in = d_out = 1
+
+    @property
+    def context_len(self):
+        return self.options.context_len
+
+    def sample(self, n, generator, device="cpu"):
+        T = self.options.context_len
+        x = uniform((n, T), -1, 1, generator, device)
+        answer = self.answer(x[..., None])
+        noise = self.options.noise * torch.randn(answer.shape, generator=generator, device=device)
+        return Batch(x[..., None], answer + noise, torch.ones(T, dtype=torch.bool, device=device), {"x": x})
+
+    @staticmethod
+    def answer(inputs):
+        x = inputs[..., 0]
+        T = x.shape[1]
+        sim = x[:, :, None] * x[:, None, :]  # [B, q, k]
+        sim = sim.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("inf"))
+        return x.gather(1, sim.argmin(-1))[..., None]
+
+    def normalizer(self, device="cpu"):
+        return torch.tensor(1 / 3 + self.options.noise ** 2, device=device)  # E[y^2]: the prior mean is 0
+
+    def baselines(self):
+        return {"bayes": lambda batch: self.answer(batch.inputs)}
+
+
+def _wire_value_head(block, head, write):
+    """Head ``head`` writes ``write * x_k`` of the keys it attends to (its scores set elsewhere)."""
+    s = _sigma()
+    qkv, out = block.attn.qkv.weight, block.attn.out.weight
+    v = 2 * D + head * D_HEAD
+    qkv[v, 0], qkv[v, 1] = s / 2, -s / 2
+    out[8, head * D_HEAD], out[9, head * D_HEAD] = write, -write
+
+
+@torch.no_grad()
+def opposite_gpt(strength=-200.0, layer=2, cancel=False, context_len=8) -> GPT:
+    """The claim-2 positive control on :class:`OppositeTask`: layer 0 copies x_t, layer ``layer`` takes it
+    back (a current-token head) and writes the value its *pure* negative-similarity head L{layer}H1
+    (scores ``strength · x_q·x_k``, no positional pattern) retrieves. ``cancel=True`` (the fooling twin):
+    layer 1 also holds two negative-similarity heads with one pattern and opposite writes, which cancel."""
+    model = wired_gpt(refine_layer=None, context_len=context_len)
+    block = model.blocks[layer]
+    _wire_head(block, 0, attend="current", write=-1.0)
+    _wire_similarity_head(block, 1, strength)
+    _wire_value_head(block, 1, 1.0)
+    if cancel:
+        for h, sign in ((0, 1.0), (1, -1.0)):
+            _wire_similarity_head(model.blocks[1], h, strength)
+            _wire_value_head(model.blocks[1], h, sign)
+    return model.eval()
+
+
 class LeakTask(Task):
     """Affine recurrences (the seed task's rule) whose input at t also carries the answer y_{t+1} in a
     second channel, so a hand-wired layer can write the answer without computing it. Its answer correlates

@@ -8,6 +8,7 @@ same scale as the leaderboard.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -35,6 +36,45 @@ def baselines(task, batch: Batch) -> dict[str, torch.Tensor]:
     right."""
     entries = get_registry().task_baselines(task)
     return {name: e.obj(batch).float() for name, e in entries.items() if not is_oracle(name, e.obj)}
+
+
+def reference_error(task, batch: Batch, found: dict | None = None) -> tuple[torch.Tensor, str]:
+    """``([B, T] error, name)``: the normalized error of the best predictor the task offers, the floor every
+    ratio of errors is taken above. The Bayes posterior mean where the task has one, else an oracle (it sees
+    the rule, so its error is the irreducible noise), else zero (``"none"``)."""
+    norm = task.normalizer(batch.inputs.device)
+    found = baselines(task, batch) if found is None else found
+    if "bayes" in found and found["bayes"].shape == batch.targets.shape:
+        return sq_error(found["bayes"], batch.targets, norm), "bayes"
+    for name, e in get_registry().task_baselines(task).items():
+        if is_oracle(name, e.obj):
+            pred = e.obj(batch).float()
+            if pred.shape == batch.targets.shape:
+                return sq_error(pred, batch.targets, norm), name
+    return torch.zeros(batch.targets.shape[:2], device=batch.targets.device), "none"
+
+
+#: controls a lens or probe statement must beat: the model's own parameters, each tensor's entries shuffled
+N_CONTROLS = 2
+CONTROL_SEED = 1000
+
+
+@torch.no_grad()
+def controls(model, n: int = N_CONTROLS) -> list:
+    """Untrained controls of ``model``: copies whose every parameter tensor has its entries permuted (the same
+    architecture and weight statistics, no learned structure). Seeded apart from the probe's generator, so a
+    probe's own draws do not move when controls are added. A fitted read-out (tuned lens, linear probe) finds
+    structure in a random network's residual stream too; a statement about a trained model counts only where
+    it beats these."""
+    out = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(CONTROL_SEED + i)
+        control = copy.deepcopy(model)
+        for p in control.parameters():
+            flat = p.detach().reshape(-1)
+            p.copy_(flat[torch.randperm(flat.numel(), generator=gen).to(flat.device)].view_as(p))
+        out.append(control.eval())
+    return out
 
 
 def sq_error(pred: torch.Tensor, ref: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:

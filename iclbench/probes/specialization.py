@@ -8,31 +8,40 @@ when the task or model cannot test it (never a failure). Each verdict is also sh
 Per layer (every task):
 
 * ``role``: the algorithm its tuned-lens read-out is nearest to on the ladder (:mod:`.ladder`: copy-last,
-  GD-k, least squares, Bayes, ...), with the read-out's error and the relative refinement across the layer
-  (drop of the lens error from before to after it).
+  GD-k, least squares, Bayes, ...), only where that read-out beats the same lens on untrained controls by an
+  interval (else ``none``), with the read-out's error, the model's own read-out's (nothing fitted) and the
+  refinement across the layer (drop of the lens's reducible error from before to after it).
 * ``copy``: the layer's direct write (all heads and MLP through the read-out) regressed jointly on
   ``y_t`` (copy-last), ``y_{t-1}`` and the Bayes prediction (the target where the task has none), with
   intervals; also on the positions where copying and the answer disagree most (upper half of
-  |answer - y_t|). A layer that writes the answer correlates with copy-last (the target itself does, ≈ 0.87
-  on affine), but its copy coefficient does not dominate.
+  |answer - y_t|); and the write's size, its variance as a share of the prediction's.
 
-The seed paper's claims (Bhargav & Gu 2024):
+The seed paper's claims (Bhargav & Gu 2024: "an initial estimate ... using a copying mechanism in the zeroth
+layer, which is subsequently refined through negative similarity heads in the second layer"):
 
-1. ``claim_1``, layer 0 copies: in layer 0's write the copy coefficient dominates — it exceeds the
-   magnitude of both the previous value's and the answer's coefficient (``copy_dominance`` >
-   ``COPY_MARGIN``). Needs ``copy_last`` (a task whose output is its next input); ``n/a`` elsewhere.
-2. ``claim_2``, the last layer refines through negative-similarity heads: the layer refines (relative gain
-   > ``REFINE_MARGIN``), holds a negative-similarity head (:mod:`.similarity`, position controlled), whose
-   dependence is confirmed causally (swapping a key's value moves the score as fitted), and mean-ablating the
-   layer's negative-similarity heads together raises the model's error by more than ``ABLATION_MARGIN``
-   (relative). ``claim_2_any_later_layer`` asks the same of any layer after 0.
+1. ``claim_1``, layer 0's write is a copy of ``y_t``: in *form* (the copy coefficient's interval within
+   ``COPY_TOLERANCE`` of 1, the previous value's and the answer's within it of 0) and in *size* (the write's
+   variance share clears ``SIZE_MARGIN``). An extrapolation 2·y_t − y_{t−1}, a damped difference or a
+   negligible write fails. A layer 0 that writes nothing material fails too, also when the embedding itself
+   carries y_t to the read-out: the claim is about layer 0 (``embedding_copy`` reports the embedding's own
+   write). Needs ``copy_last`` (a task whose output is its next input); ``n/a`` elsewhere.
+2. ``claim_2``, the refinement goes through negative-similarity attention, at layer 2 (the paper's "second
+   layer", counted from the zeroth; ``n/a`` below three layers) and, as ``any_later_layer``, at any layer
+   after 0. At a layer it needs all of: the layer refines (its read-out's reducible error drops by
+   ``REFINE_MARGIN``, and the read-out is selective); a negative-similarity head (:mod:`.similarity`,
+   position controlled) whose fitted dependence is causal (swapping a key's value moves the score as fitted);
+   removing the *similarity dependence* from those heads' scores (their logits minus the fitted similarity
+   term, positions untouched) moves their attention *probabilities* (mean total variation clearing
+   ``PATTERN_MARGIN``) and raises the model's *excess over the Bayes limit* by ``ABLATION_MARGIN`` of that
+   excess (floored at ``EXCESS_FLOOR``, so vanishing errors cannot make large ratios). Whole-head
+   mean-ablation and mean-pattern ablation costs are reported beside it, not judged.
 
-``refines_with_depth`` (every task, from the ladder) is the generalized pattern: the read-out after the
-first block is worse than after the last one.
+``refines_with_depth`` (every task, from the ladder) is the generalized pattern: the selective read-out after
+the last block has less reducible error than after the first.
 
 ``iclbench specialization`` combines these over runs (:meth:`Specialization.cross_run_table`): per
-(task, model) the labels per seed, and each key number's mean with an interval over training seeds, read
-against the same criteria.
+(task, model) the labels per seed, and each key number's mean with a Student-t interval over training seeds
+(:func:`.stats.seed_ci`, coverage checked by simulation), read against the same criteria.
 """
 
 from __future__ import annotations
@@ -44,22 +53,30 @@ from iclbench import Probe, ProbeResult
 
 from .attribution import contributions
 from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
-from .ladder import REFINE_MARGIN, ladder, relative_drop
+from .ladder import EXCESS_FLOOR, REFINE_MARGIN, ladder, ratio, relative_drop
 from .similarity import MIN_EFFECT, causal_slopes, similarity_heads
-from .stats import (HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights, sweep,
-                    verdict)
+from .stats import (FAILS, HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights,
+                    seed_ci, sweep, verdict, within)
 
-#: claim 1: the copy coefficient must exceed the other signals' (in magnitude) by this much in layer 0's write
-COPY_MARGIN = 0.0
-COPY_SWEEP = (-0.5, -0.25, 0.0, 0.25, 0.5)
-#: claim 2: mean-ablating the negative-similarity heads must raise the model's error by this fraction
+#: claim 1, form: the copy coefficient within this of 1, the previous value's and the answer's within it of 0
+COPY_TOLERANCE = 0.25
+COPY_SWEEP = (0.1, 0.25, 0.5, 1.0)
+#: claim 1, size: layer 0's write must carry at least this share of the prediction's variance
+SIZE_MARGIN = 0.25
+SIZE_SWEEP = (0.05, 0.1, 0.25, 0.5)
+#: claim 2: removing the similarity dependence must move the heads' attention by this mean total variation
+PATTERN_MARGIN = 0.05
+#: claim 2: ... and raise the model's excess over the Bayes limit by this fraction of it (floored)
 ABLATION_MARGIN = 0.25
 ABLATION_SWEEP = (0.0, 0.1, 0.25, 1.0, 4.0)
+#: the paper's "second layer", counted from the zeroth
+PAPER_LAYER = 2
 
 #: the similarity regression's sample, as a multiple of the probe's sequences
 SIMILARITY_SEQUENCES = 4
 
-CRITERIA = {"copy_margin": COPY_MARGIN, "refine_margin": REFINE_MARGIN, "ablation_margin": ABLATION_MARGIN}
+CRITERIA = {"copy_tolerance": COPY_TOLERANCE, "size_margin": SIZE_MARGIN, "refine_margin": REFINE_MARGIN,
+            "pattern_margin": PATTERN_MARGIN, "ablation_margin": ABLATION_MARGIN, "excess_floor": EXCESS_FLOOR}
 
 
 def copy_signals(task, batch, found=None):
@@ -90,30 +107,44 @@ def copy_regression(response, signals, positions, generator, weights, subset=Non
                              weights)
     samples, point = fit.pop("_samples"), fit.pop("_point")
     fit["copy_minus_answer"] = estimate(float(point[1] - point[3]), samples[:, 1] - samples[:, 3])
-
-    def dominance(b):  # the copy coefficient over the largest other signal's, in magnitude
-        return b[..., 1] - torch.maximum(b[..., 2].abs(), b[..., 3].abs())
-
-    fit["copy_dominance"] = estimate(float(dominance(point)), dominance(samples))
     return fit
 
 
-def copies(fit: dict, margin: float = COPY_MARGIN) -> str:
-    """The copy coefficient dominates: it exceeds the magnitude of both the previous value's and the answer's
-    by ``margin`` (so it is positive)."""
-    return verdict(fit["copy_dominance"]["ci"], margin)
+def copy_form(fit: dict, tolerance: float = COPY_TOLERANCE) -> str:
+    """The write is y_t in form: the copy coefficient within ``tolerance`` of 1, the others within it of 0."""
+    return combine(within(fit["copy"]["ci"], 1 - tolerance, 1 + tolerance),
+                   within(fit["previous"]["ci"], -tolerance, tolerance),
+                   within(fit["answer"]["ci"], -tolerance, tolerance))
+
+
+def variance_share(write, pred, positions, boot) -> dict:
+    """The write's variance over the scored positions as a share of the prediction's (pooled over
+    sequences, each centred on its overall mean)."""
+    w, p = write[:, positions].double().cpu(), pred[:, positions].double().cpu()
+    sw = (w - w.mean()).pow(2).flatten(1).sum(1)
+    sp = (p - p.mean()).pow(2).flatten(1).sum(1)
+    return estimate(float(sw.sum() / sp.sum().clamp_min(1e-12)), boot(sw) / boot(sp).clamp_min(1e-12))
+
+
+def copy_test(write, pred, signals, scored, generator, weights, boot) -> dict:
+    """Claim 1's measurements of one write: the regression, its size, and the verdicts."""
+    fit = copy_regression(write, signals, scored, generator, weights)
+    share = variance_share(write, pred, scored, boot)
+    form, size = copy_form(fit), verdict(share["ci"], SIZE_MARGIN)
+    return {"fit": fit, "variance_share": share, "form": form, "size": size, "verdict": combine(form, size)}
+
+
+def _heads_by_layer(heads):
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+    return by_layer
 
 
 @torch.no_grad()
 def ablated_error(model, task, batch, heads: list[tuple[int, int]]) -> torch.Tensor:
     """Per-sequence error over the scored positions with ``heads`` mean-ablated together (their output
     replaced by its mean over the batch at each position)."""
-    norm = task.normalizer(batch.inputs.device)
-    scored = scored_positions(task, batch).to(batch.inputs.device)
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(l, []).append(h)
-
     def hook_for(hs):
         def ablate(z, hook):
             z = z.clone()
@@ -121,9 +152,58 @@ def ablated_error(model, task, batch, heads: list[tuple[int, int]]) -> torch.Ten
             return z
         return ablate
 
-    pred = model.run_with_hooks(batch.inputs, [(f"blocks.{l}.attn.hook_z", hook_for(hs))
-                                               for l, hs in by_layer.items()])
+    return _patched_error(model, task, batch, [(f"blocks.{l}.attn.hook_z", hook_for(hs))
+                                               for l, hs in _heads_by_layer(heads).items()])
+
+
+def _patched_error(model, task, batch, hooks) -> torch.Tensor:
+    norm = task.normalizer(batch.inputs.device)
+    scored = scored_positions(task, batch).to(batch.inputs.device)
+    pred = model.run_with_hooks(batch.inputs, hooks)
     return sq_error(pred, batch.targets, norm)[:, scored].mean(1).double().cpu()
+
+
+@torch.no_grad()
+def mean_pattern_error(model, task, batch, layer: int, heads: list[int]) -> torch.Tensor:
+    """Per-sequence error with the heads' attention patterns replaced by their mean over the batch (the
+    position-only expectation: every value dependence removed, the positional pattern kept)."""
+    def patch(pattern, hook):
+        pattern = pattern.clone()
+        pattern[:, heads] = pattern[:, heads].mean(0, keepdim=True)
+        return pattern
+
+    return _patched_error(model, task, batch, [(f"blocks.{layer}.attn.hook_pattern", patch)])
+
+
+@torch.no_grad()
+def similarity_removed(model, task, batch, layer: int, heads: list[int], coefficients: list[float]):
+    """``(error [B], moved [B])`` with the fitted similarity term taken out of the heads' scores: each
+    head's logit of key k for query q loses ``coefficient · (x_q·x_k − its mean over sequences at (q, k))``
+    (positions untouched). ``moved``: total variation between the heads' patterns with and without it,
+    averaged over the heads and the scored queries of each sequence."""
+    x = batch.inputs.float()
+    sim = x @ x.transpose(1, 2)  # [B, Tq, Tk]
+    sim = sim - sim.mean(0, keepdim=True)
+    beta = torch.tensor(coefficients, dtype=sim.dtype, device=sim.device)[None, :, None, None]
+    scored = scored_positions(task, batch).to(batch.inputs.device)
+    seen = {}
+
+    def remove(scores, hook):
+        scores = scores.clone()
+        scores[:, heads] = scores[:, heads] - (beta * sim[:, None]).to(scores.dtype)
+        return scores
+
+    def keep(name):
+        def save(pattern, hook):
+            seen[name] = pattern[:, heads].detach()
+        return save
+
+    name = f"blocks.{layer}.attn.hook_pattern"
+    model.run_with_hooks(batch.inputs, [(name, keep("before"))])
+    error = _patched_error(model, task, batch, [(f"blocks.{layer}.attn.hook_attn_scores", remove),
+                                                (name, keep("after"))])
+    tv = 0.5 * (seen["after"] - seen["before"]).abs().sum(-1)  # [B, h, Tq]
+    return error, tv[:, :, scored].mean((1, 2)).double().cpu()
 
 
 def _head(name: str) -> tuple[int, int]:
@@ -139,7 +219,7 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
     L = model.n_layers
 
     lad = ladder(model, task, fit, test, generator, weights)
-    errors = lad["_errors"]  # per-sequence tuned-lens error after each layer (-1: embedding)
+    errors, reference = lad["_errors"], lad["_reference"]  # per-sequence lens error after each layer (-1: embedding)
 
     parts, _, pred = contributions(model, test)  # the prediction comes with the parts: no second forward pass
     norm = task.normalizer(test.inputs.device)
@@ -162,48 +242,64 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
     layers = []
     for l in range(L):
         write = sum(c for (kind, layer, _), c in parts.items() if layer == l)
-        entry = {"layer": l, "role": lad["layers"][l + 1]["nearest"],
-                 "indistinguishable": lad["layers"][l + 1]["indistinguishable"],
-                 "lens_error": lad["layers"][l + 1]["error"],
-                 "refinement": relative_drop(errors[l - 1], errors[l], boot),
+        lens = lad["layers"][l + 1]
+        entry = {"layer": l, "role": lens["role"], "nearest": lens["nearest"],
+                 "indistinguishable": lens["indistinguishable"], "lens_error": lens["error"],
+                 "direct_error": lens["direct_error"], "control_error": lens["control_error"],
+                 "selectivity": lens["selectivity"], "selective": lens["selective"],
+                 "refinement": relative_drop(errors[l - 1], errors[l], reference, boot),
                  "direct_rms": clean(float(write[:, scored].pow(2).mean().sqrt()))}
-        entry["refines"] = verdict(entry["refinement"]["ci"], REFINE_MARGIN)
+        entry["refines"] = combine(verdict(entry["refinement"]["ci"], REFINE_MARGIN), lens["selective"])
         if signals is not None:
-            entry["copy"] = copy_regression(write, signals, scored, generator, weights)
+            test_l = copy_test(write, pred, signals, scored, generator, weights, boot)
+            entry["copy"] = test_l["fit"] | {"variance_share": test_l["variance_share"], "form": test_l["form"],
+                                             "size": test_l["size"]}
             entry["copy_where_they_disagree"] = copy_regression(write, signals, scored, generator, weights,
                                                                 disagree)
-            entry["copies"] = copies(entry["copy"])
+            entry["copies"] = test_l["verdict"]
         if l >= 1 and heads_ok:
-            entry.update(negative_similarity(model, task, test, l, sim, causal, model_err, boot, entry["refines"]))
+            entry.update(negative_similarity(model, task, test, l, sim, causal, model_err, reference, boot,
+                                             entry["refines"]))
         layers.append(entry)
 
-    claim1 = NA
+    claim1 = {"verdict": NA}
     if signals is not None:
         c0 = layers[0]["copy"]
-        claim1 = copies(c0)
-        lens_fit = copy_regression(lad["_lens"][0], signals, scored, generator, weights)
+        embed = copy_test(parts[("embed", -1, -1)], pred, signals, scored, generator, weights, boot)
+        claim1 = {"verdict": layers[0]["copies"], "form": c0["form"], "size": c0["size"],
+                  "coefficients": {k: c0[k] for k in ("copy", "previous", "answer")},
+                  "variance_share": c0["variance_share"],
+                  "where_they_disagree": {k: layers[0]["copy_where_they_disagree"][k]
+                                          for k in ("copy", "previous", "answer")},
+                  "embedding_copy": {"verdict": embed["verdict"], "variance_share": embed["variance_share"],
+                                     "copy": embed["fit"]["copy"]},
+                  "lens_after_layer0": copy_regression(lad["_lens"][0], signals, scored, generator, weights),
+                  "sweep": {f"tolerance {t:g}": combine(copy_form(c0, t), c0["size"]) for t in COPY_SWEEP}
+                  | {f"size {m:g}": combine(c0["form"], verdict(c0["variance_share"]["ci"], m))
+                     for m in SIZE_SWEEP}}
     claim2 = [e.get("claim_2", NA) for e in layers[1:]]
     summary = {
         "roles": [e["role"] for e in layers],
         "ladder": lad["ladder"],
+        "reference": lad["reference"],
         "refines_with_depth": lad["refinement"],
-        "claim_1": {"verdict": claim1, "criterion": COPY_MARGIN} | (
-            {"copy_dominance": c0["copy_dominance"], "copy_minus_answer": c0["copy_minus_answer"],
-             "where_they_disagree": layers[0]["copy_where_they_disagree"]["copy_dominance"],
-             "lens_after_layer0": lens_fit,
-             "sweep": {f"{m:g}": copies(c0, m) for m in COPY_SWEEP}} if signals is not None else {}),
-        "claim_2": {"verdict": claim2[-1] if claim2 else NA,
+        "claim_1": claim1 | {"criterion": {"tolerance": COPY_TOLERANCE, "size": SIZE_MARGIN}},
+        "claim_2": {"verdict": claim2[PAPER_LAYER - 1] if len(claim2) >= PAPER_LAYER else NA,
+                    "layer": PAPER_LAYER,
+                    "last_layer": claim2[-1] if claim2 else NA,
                     "any_later_layer": any_of(claim2) if claim2 else NA,
                     "layers_holding": [l + 1 for l, v in enumerate(claim2) if v == HOLDS]},
         "model_error": estimate(float(model_err.mean()), boot(model_err)),
+        "excess_over_reference": estimate(float((model_err - reference).mean()), boot(model_err - reference)),
         "layers": layers,
         "criteria": dict(CRITERIA),
     }
     return summary
 
 
-def negative_similarity(model, task, test, layer, sim, causal, model_err, boot, refines) -> dict:
-    """Claim 2 at one layer: its negative-similarity heads, their causal check, the cost of ablating them."""
+def negative_similarity(model, task, test, layer, sim, causal, model_err, reference, boot, refines) -> dict:
+    """Claim 2 at one layer: its negative-similarity heads, their causal check, and what removing their
+    similarity dependence does to their attention and to the model's excess over the reference."""
     heads = {h: e for h, e in sim["heads"].items() if h.startswith(f"L{layer}H")}
     # per head: is it negative-similarity (effect below -MIN_EFFECT)? A head that is clearly not (its interval
     # above -MIN_EFFECT, e.g. a positive one that straddles +MIN_EFFECT) answers "no", not "inconclusive"
@@ -215,14 +311,24 @@ def negative_similarity(model, task, test, layer, sim, causal, model_err, boot, 
     if not neg:
         out["claim_2"] = combine(refines, found)
         return out
-    cost = ablated_error(model, task, test, [_head(h) for h in neg]) - model_err
-    rel = estimate(float(cost.mean() / model_err.mean().clamp_min(1e-12)),
-                   boot(cost) / boot(model_err).clamp_min(1e-12))
+    excess = model_err - reference
+
+    def cost(err):  # the rise of the model's excess, as a fraction of that excess (floored)
+        return ratio(err - model_err, excess, boot)
+
+    idx = [_head(h)[1] for h in neg]
+    removed, moved = similarity_removed(model, task, test, layer, idx,
+                                        [sim["_coefs"][(layer, h)][0] for h in idx])
+    removal = cost(removed)
     out["causal"] = {h: causal[h] for h in neg if h in causal}
-    out["ablation_cost"] = rel
-    out["ablation_sweep"] = sweep(rel["ci"], ABLATION_SWEEP)
+    out["attention_moved"] = estimate(float(moved.mean()), boot(moved))
+    out["similarity_removal_cost"] = removal
+    out["ablation_sweep"] = sweep(removal["ci"], ABLATION_SWEEP)
+    out["mean_pattern_cost"] = cost(mean_pattern_error(model, task, test, layer, idx))
+    out["head_ablation_cost"] = cost(ablated_error(model, task, test, [_head(h) for h in neg]))
     out["claim_2"] = combine(refines, found, any_of([c["verdict"] for c in out["causal"].values()]),
-                             verdict(rel["ci"], ABLATION_MARGIN))
+                             verdict(out["attention_moved"]["ci"], PATTERN_MARGIN),
+                             verdict(removal["ci"], ABLATION_MARGIN))
     return out
 
 
@@ -239,16 +345,22 @@ class Specialization(Probe):
         summary = layer_roles(model, task, generator, device, self.n_sequences)
         rows = []
         for e in summary["layers"]:
-            row = {"layer": e["layer"], "role": e["role"], "lens_error": e["lens_error"]["mean"],
+            row = {"layer": e["layer"], "role": e["role"], "nearest": e["nearest"], "lens_error": e["lens_error"]["mean"],
+                   "direct_error": e["direct_error"]["mean"], "control_error": e["control_error"]["mean"],
+                   "selectivity": e["selectivity"]["mean"], "selective": e["selective"],
                    "refinement": e["refinement"]["mean"], "refinement_lo": e["refinement"]["ci"][0],
                    "refinement_hi": e["refinement"]["ci"][1], "refines": e["refines"], "direct_rms": e["direct_rms"]}
             if "copy" in e:
-                row.update({"copy_coef": e["copy"]["copy"]["mean"], "answer_coef": e["copy"]["answer"]["mean"],
-                            "previous_coef": e["copy"]["previous"]["mean"],
-                            "copy_dominance": e["copy"]["copy_dominance"]["mean"],
-                            "copy_dominance_lo": e["copy"]["copy_dominance"]["ci"][0],
-                            "copy_dominance_hi": e["copy"]["copy_dominance"]["ci"][1], "copies": e["copies"]})
+                c = e["copy"]
+                row.update({"copy_coef": c["copy"]["mean"], "previous_coef": c["previous"]["mean"],
+                            "answer_coef": c["answer"]["mean"], "variance_share": c["variance_share"]["mean"],
+                            "form": c["form"], "size": c["size"], "copies": e["copies"]})
             row["negative_heads"] = " ".join(e.get("negative_heads", []))
+            if "similarity_removal_cost" in e:
+                row.update({"attention_moved": e["attention_moved"]["mean"],
+                            "similarity_removal_cost": e["similarity_removal_cost"]["mean"],
+                            "mean_pattern_cost": e["mean_pattern_cost"]["mean"],
+                            "head_ablation_cost": e["head_ablation_cost"]["mean"]})
             row["claim_2"] = e.get("claim_2", NA)
             rows.append(row)
         return ProbeResult(pd.DataFrame(rows), summary)
@@ -256,7 +368,7 @@ class Specialization(Probe):
     @classmethod
     def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame:
         """One row per (task, model): each claim's labels over seeds, and the key numbers as the mean over
-        seeds with a 95% bootstrap interval over seeds, labelled against the probe's own criteria (so the
+        seeds with a 95% Student-t interval over seeds, labelled against the probe's own criteria (so the
         row's verdict is about the population of trained models, not one seed). Only runs that learned their
         task count as evidence for or against a claim: a cell whose every run is "not learned" (by the
         Bayes-excess rule, :func:`iclbench.evaluate.learned_label`) says so instead of a verdict."""
@@ -279,8 +391,8 @@ class Specialization(Probe):
             per_seed = [claim_verdicts(s) for s in summaries]
             for label in CLAIM_LABELS:
                 row[label] = across_seeds([v[label] for v in per_seed]) if n else "not learned"
-            copy = [s["claim_1"]["copy_dominance"]["mean"] for s in summaries if "copy_dominance" in s["claim_1"]]
-            row["L0 copy dominance"] = seed_interval(copy, COPY_MARGIN)
+            copy = [s["claim_1"]["coefficients"]["copy"]["mean"] for s in summaries if "coefficients" in s["claim_1"]]
+            row["L0 copy coefficient"] = seed_interval(copy, None)
             row["refinement first→last"] = seed_interval(  # n/a with one block: nothing to compare
                 [s["refines_with_depth"]["relative_gain"]["mean"] for s in summaries
                  if s["refines_with_depth"]["verdict"] != NA], REFINE_MARGIN)
@@ -292,7 +404,7 @@ class Specialization(Probe):
 
 
 #: the claims judged for each trained model, in table order
-CLAIM_LABELS = ("claim 1: layer 0 copies", "claim 2: last layer refines via neg.-similarity heads",
+CLAIM_LABELS = ("claim 1: layer 0 copies", "claim 2: layer 2 refines via neg.-similarity heads",
                 "claim 2 (any later layer)", "paper's pattern", "refines with depth")
 
 
@@ -315,16 +427,14 @@ def across_seeds(labels: list[str]) -> str:
     return f"{head} ({rest})" if rest else head
 
 
-def seed_interval(values, criterion, digits: int = 2, replicates: int = 2000) -> str:
-    """'mean [lo, hi]' over training seeds (bootstrap over seeds), with the verdict against ``criterion``."""
+def seed_interval(values, criterion, digits: int = 2) -> str:
+    """'mean [lo, hi]' over training seeds (Student-t, :func:`.stats.seed_ci`), with the verdict against
+    ``criterion``."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
-    x = torch.tensor(values, dtype=torch.float64)
     if len(values) == 1:
-        return f"{float(x[0]):.{digits}f} (1 seed)"
-    gen = torch.Generator().manual_seed(0)
-    w = resample_weights(len(x), gen, replicates)
-    est = estimate(float(x.mean()), (w @ x) / w.sum(1))
-    text = f"{est['mean']:.{digits}f} [{est['ci'][0]:.{digits}f}, {est['ci'][1]:.{digits}f}]"
-    return text if criterion is None else f"{text} {verdict(est['ci'], criterion)}"
+        return f"{values[0]:.{digits}f} (1 seed)"
+    mean, ci = sum(values) / len(values), seed_ci(values)
+    text = f"{mean:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text if criterion is None else f"{text} {verdict(ci, criterion)}"

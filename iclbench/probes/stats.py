@@ -99,6 +99,55 @@ def verdict(ci, criterion: float = 0.0, above: bool = True) -> str:
     return INCONCLUSIVE
 
 
+def within(ci, lo: float, hi: float) -> str:
+    """An equivalence test: ``holds`` when the whole interval lies inside ``[lo, hi]``, ``fails`` when it lies
+    wholly outside (above ``hi`` or below ``lo``), ``inconclusive`` otherwise; ``n/a`` without an interval."""
+    if ci is None or any(v is None or not math.isfinite(v) for v in ci):
+        return NA
+    if lo <= ci[0] and ci[1] <= hi:
+        return HOLDS
+    if ci[0] > hi or ci[1] < lo:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom: its density integrated by Simpson's
+    rule (2,000 panels) and inverted by bisection; accurate to ~1e-9 for the quantiles intervals use."""
+    if df < 1:
+        raise ValueError(f"Student's t needs at least 1 degree of freedom, got {df}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    const = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t):  # P(T <= t) for t >= 0
+        x = torch.linspace(0, t, 2001, dtype=torch.float64)
+        f = const * (1 + x * x / df) ** (-(df + 1) / 2)
+        w = torch.ones(2001, dtype=torch.float64)
+        w[1:-1:2], w[2:-1:2] = 4, 2
+        return 0.5 + float((w * f).sum()) * t / 6000
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def seed_ci(values, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Interval for the mean over independently trained models (seeds): Student's t, mean ± t·sd/√n. Exact
+    coverage for normal data at every n (a percentile bootstrap over 3 to 10 seeds covers 75-90 % where it
+    says 95 %); ``None`` below two values."""
+    x = [float(v) for v in values]
+    if len(x) < 2:
+        return None
+    half = t_quantile(0.5 + confidence / 2, len(x) - 1) * statistics.stdev(x) / math.sqrt(len(x))
+    m = statistics.fmean(x)
+    return m - half, m + half
+
+
 def share_ci(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Wilson score interval of a proportion ``k / n`` (e.g. the share of independently trained models in
     which a claim holds); ``None`` when ``n == 0``. Unlike the bootstrap it stays honest at k = 0 or k = n
