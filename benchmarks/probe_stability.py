@@ -40,10 +40,11 @@ def main():
             label = (s["claim_1"]["verdict"], s["claim_2"]["verdict"], s["claim_2"]["any_later_layer"],
                      s["refines_with_depth"]["verdict"], tuple(s["roles"]))
             labels.add(label)
-            print(f"{run_dir} probe-seed {seed}: claim1 {label[0]} (copy dominance {ci(s['claim_1'].get('copy_dominance'))}, "
-                  f"where they disagree {ci(s['claim_1'].get('where_they_disagree'))}); claim2 {label[1]} "
+            print(f"{run_dir} probe-seed {seed}: claim1 {label[0]} (copy coefficient "
+                  f"{ci(s['claim_1'].get('coefficients', {}).get('copy'))}, variance share "
+                  f"{ci(s['claim_1'].get('variance_share'))}); claim2 {label[1]} "
                   f"(any later {label[2]}; L{last['layer']} refinement {ci(last['refinement'])}, negative heads "
-                  f"{last.get('negative_heads')}, ablation cost {ci(last.get('ablation_cost'))}); refines with depth "
+                  f"{last.get('negative_heads')}, similarity removal cost {ci(last.get('similarity_removal_cost'))}); refines with depth "
                   f"{label[3]} ({ci(s['refines_with_depth']['relative_gain'])}); roles {list(label[4])}; model error "
                   f"{ci(s['model_error'])}; {cpu:.1f} s CPU", flush=True)
             for e in s["layers"]:

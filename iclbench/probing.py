@@ -121,20 +121,9 @@ def describe(outcomes: dict) -> str:
             lines.append(f"{name:16s} {'skipped' if 'skipped' in o else 'failed'}: {o.get('skipped', o.get('error'))}")
     spec = outcomes.get("specialization", {}).get("summary")
     if spec:
-        lines.append(f"nearest algorithm per layer: {', '.join(f'{l}: {r}' for l, r in enumerate(spec['roles']))}")
-        gain = spec["refines_with_depth"]["relative_gain"]
-        lines.append(f"refines with depth: {spec['refines_with_depth']['verdict']} (relative gain first → last block "
-                     f"{_ci(gain)}); claim 1 (layer 0 copies): {spec['claim_1']['verdict']}"
-                     + (f" (copy dominance {_ci(spec['claim_1']['copy_dominance'])})"
-                        if "copy_dominance" in spec["claim_1"] else "")
-                     + f"; claim 2 (last layer refines via negative-similarity heads): {spec['claim_2']['verdict']} "
-                       f"(any later layer: {spec['claim_2']['any_later_layer']})")
+        from iclbench.probes.specialization import terminal_lines
+        lines += terminal_lines(spec)
     return "\n".join(lines)
-
-
-def _ci(estimate: dict) -> str:
-    lo, hi = estimate["ci"]
-    return f"{estimate['mean']:.3g} [{lo:.3g}, {hi:.3g}]" if None not in (estimate["mean"], lo, hi) else "—"
 
 
 # --- across runs ---------------------------------------------------------------------------------------

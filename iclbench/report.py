@@ -423,34 +423,6 @@ def ladder_figure(table: pd.DataFrame, title: str):
     return fig
 
 
-def verdict_table(summary: dict) -> pd.DataFrame:
-    """The specialization probe's claims: verdict, the statistic behind it with its interval, the criterion,
-    and the verdict at other criteria (how a label moves when its cut moves)."""
-    def ci(e):
-        return f"{e['mean']:.3g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e and None not in (e["mean"], *e["ci"]) else "—"
-
-    def moves(sweep):
-        return ", ".join(f"{k}: {v}" for k, v in sweep.items())
-
-    rows = []
-    refine = summary["refines_with_depth"]
-    rows.append({"claim": "refines with depth (lens error, first → last block, relative drop)",
-                 "verdict": refine["verdict"], "statistic": ci(refine["relative_gain"]),
-                 "criterion": f"> {refine['criterion']}", "at other criteria": moves(refine.get("sweep", {}))})
-    c1 = summary["claim_1"]
-    rows.append({"claim": "1: layer 0 copies (copy coefficient over the largest other, in its write)", "verdict": c1["verdict"],
-                 "statistic": ci(c1.get("copy_dominance")), "criterion": f"> {c1['criterion']}",
-                 "at other criteria": moves(c1.get("sweep", {}))})
-    last = summary["layers"][-1] if summary["layers"] else {}
-    rows.append({"claim": "2: last layer refines via negative-similarity heads", "verdict": summary["claim_2"]["verdict"],
-                 "statistic": f"heads {' '.join(last.get('negative_heads', [])) or 'none'}; ablation cost "
-                              f"{ci(last.get('ablation_cost'))}",
-                 "criterion": f"refines > {summary['criteria']['refine_margin']}, cost > "
-                              f"{summary['criteria']['ablation_margin']}",
-                 "at other criteria": moves(last.get("ablation_sweep", {}))})
-    return pd.DataFrame(rows)
-
-
 def warn(message: str) -> None:
     print(f"iclbench: warning: {message}", file=sys.stderr)
 
@@ -499,11 +471,13 @@ def probe_section(doc: Document, run_dir: Path, metrics: dict):
             doc.figure(fig, f"{slug}-{name}", caption)
     spec = _probe_table(run_dir, "specialization")
     if spec is not None and not spec.empty:
-        doc.text("Per layer: the nearest algorithm, the tuned-lens error, the refinement across the layer (with "
-                 "its interval) and the copy regression of the layer's direct write (iclbench/probes/"
-                 "specialization.py):")
+        doc.text("Per layer: the role (the nearest algorithm, where the read-out beats untrained controls), the "
+                 "tuned-lens, direct and control errors, the refinement of reducible error across the layer (with "
+                 "its interval) and the copy test of the layer's direct write (iclbench/probes/specialization.py):")
         doc.table(spec)
     try:
+        from .probes.specialization import verdict_table
+
         summary = json.loads(store.read_regular(run_dir / "probes.json"))["probes"]["specialization"]["summary"]
         doc.text("The claims, each read from an interval against its criterion, and how the verdict moves when "
                  "the criterion moves:")

@@ -111,6 +111,8 @@ def test_ablation_costs_nothing_for_zero_components_and_the_closed_form_for_the_
 def test_linear_probes_find_the_slope_only_where_it_is_computed(probes):
     s = probes["linear_probe"]["summary"]
     assert s["b"]["r2"]["2"] > 0.95 and s["b"]["best_layer"] == 2
+    assert 2 in s["b"]["decoded_at"] and s["b"]["layers"]["2"]["gain"]["ci"][0] > 0.1  # beyond the controls
+    assert s["decoy"]["decoded_at"] == []
     assert max(s["b"]["r2"][k] for k in ("-1", "0", "1")) < 0.8  # x_t alone says little about b
     assert all(abs(v) < 0.1 for v in s["decoy"]["r2"].values())  # nothing encodes an unused latent
     assert "x" not in s  # per-position latents are not probed

@@ -55,7 +55,7 @@ from .attribution import contributions
 from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
 from .ladder import EXCESS_FLOOR, REFINE_MARGIN, ladder, ratio, relative_drop
 from .similarity import MIN_EFFECT, causal_slopes, similarity_heads
-from .stats import (FAILS, HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights,
+from .stats import (HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights,
                     seed_ci, sweep, verdict, within)
 
 #: claim 1, form: the copy coefficient within this of 1, the previous value's and the answer's within it of 0
@@ -117,19 +117,23 @@ def copy_form(fit: dict, tolerance: float = COPY_TOLERANCE) -> str:
                    within(fit["answer"]["ci"], -tolerance, tolerance))
 
 
-def variance_share(write, pred, positions, boot) -> dict:
-    """The write's variance over the scored positions as a share of the prediction's (pooled over
-    sequences, each centred on its overall mean)."""
-    w, p = write[:, positions].double().cpu(), pred[:, positions].double().cpu()
-    sw = (w - w.mean()).pow(2).flatten(1).sum(1)
-    sp = (p - p.mean()).pow(2).flatten(1).sum(1)
-    return estimate(float(sw.sum() / sp.sum().clamp_min(1e-12)), boot(sw) / boot(sp).clamp_min(1e-12))
+def variance_share(write, pred, targets, positions, boot) -> dict:
+    """The write's variance over the scored positions as a share of the read-out's: the larger of the
+    prediction's and the target's (so a model that predicts almost nothing cannot make a tiny write look
+    material). Pooled over sequences, each term centred on its overall mean."""
+    def spread(x):
+        x = x[:, positions].double().cpu()
+        return (x - x.mean()).pow(2).flatten(1).sum(1)
+
+    sw, sp, st = spread(write), spread(pred), spread(targets)
+    den = lambda f: torch.maximum(f(sp), f(st)).clamp_min(1e-12)  # noqa: E731
+    return estimate(float(sw.sum() / den(torch.sum)), boot(sw) / den(boot))
 
 
-def copy_test(write, pred, signals, scored, generator, weights, boot) -> dict:
+def copy_test(write, pred, targets, signals, scored, generator, weights, boot) -> dict:
     """Claim 1's measurements of one write: the regression, its size, and the verdicts."""
     fit = copy_regression(write, signals, scored, generator, weights)
-    share = variance_share(write, pred, scored, boot)
+    share = variance_share(write, pred, targets, scored, boot)
     form, size = copy_form(fit), verdict(share["ci"], SIZE_MARGIN)
     return {"fit": fit, "variance_share": share, "form": form, "size": size, "verdict": combine(form, size)}
 
@@ -251,7 +255,7 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
                  "direct_rms": clean(float(write[:, scored].pow(2).mean().sqrt()))}
         entry["refines"] = combine(verdict(entry["refinement"]["ci"], REFINE_MARGIN), lens["selective"])
         if signals is not None:
-            test_l = copy_test(write, pred, signals, scored, generator, weights, boot)
+            test_l = copy_test(write, pred, test.targets, signals, scored, generator, weights, boot)
             entry["copy"] = test_l["fit"] | {"variance_share": test_l["variance_share"], "form": test_l["form"],
                                              "size": test_l["size"]}
             entry["copy_where_they_disagree"] = copy_regression(write, signals, scored, generator, weights,
@@ -265,7 +269,7 @@ def layer_roles(model, task, generator, device, n: int = 1024) -> dict:
     claim1 = {"verdict": NA}
     if signals is not None:
         c0 = layers[0]["copy"]
-        embed = copy_test(parts[("embed", -1, -1)], pred, signals, scored, generator, weights, boot)
+        embed = copy_test(parts[("embed", -1, -1)], pred, test.targets, signals, scored, generator, weights, boot)
         claim1 = {"verdict": layers[0]["copies"], "form": c0["form"], "size": c0["size"],
                   "coefficients": {k: c0[k] for k in ("copy", "previous", "answer")},
                   "variance_share": c0["variance_share"],
@@ -330,6 +334,57 @@ def negative_similarity(model, task, test, layer, sim, causal, model_err, refere
                              verdict(out["attention_moved"]["ci"], PATTERN_MARGIN),
                              verdict(removal["ci"], ABLATION_MARGIN))
     return out
+
+
+def _ci(e) -> str:
+    return f"{e['mean']:.3g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e and None not in (e["mean"], *e["ci"]) else "—"
+
+
+def verdict_table(summary: dict) -> pd.DataFrame:
+    """The claims of one model: verdict, the statistic behind it with its interval, the criterion, and the
+    verdict at other criteria (how a label moves when its cut moves)."""
+    def moves(sweep):
+        return ", ".join(f"{k}: {v}" for k, v in sweep.items())
+
+    crit = summary["criteria"]
+    refine = summary["refines_with_depth"]
+    rows = [{"claim": "refines with depth (selective lens, reducible error, first → last block, relative drop)",
+             "verdict": refine["verdict"],
+             "statistic": f"{_ci(refine['relative_gain'])} (untrained controls: {_ci(refine['control_relative_gain'])})",
+             "criterion": f"> {refine['criterion']}", "at other criteria": moves(refine.get("sweep", {}))}]
+    c1 = summary["claim_1"]
+    coef = c1.get("coefficients", {})
+    rows.append({"claim": "1: layer 0's write is a copy of y_t (form and size)", "verdict": c1["verdict"],
+                 "statistic": (f"copy {_ci(coef['copy'])}, previous {_ci(coef['previous'])}, answer "
+                               f"{_ci(coef['answer'])}; variance share {_ci(c1['variance_share'])}") if coef else "—",
+                 "criterion": f"coefficients within {crit['copy_tolerance']} of (1, 0, 0); share > {crit['size_margin']}",
+                 "at other criteria": moves(c1.get("sweep", {}))})
+    layers = summary["layers"]
+    for name, entry in (("the paper's layer 2", layers[PAPER_LAYER] if len(layers) > PAPER_LAYER else None),
+                        ("the last layer", layers[-1] if len(layers) > 1 else None)):
+        if entry is None:
+            continue
+        rows.append({"claim": f"2: {name} (L{entry['layer']}) refines through negative-similarity attention",
+                     "verdict": entry.get("claim_2", NA),
+                     "statistic": f"heads {' '.join(entry.get('negative_heads', [])) or 'none'}; attention moved "
+                                  f"{_ci(entry.get('attention_moved'))}; excess rise without the similarity "
+                                  f"{_ci(entry.get('similarity_removal_cost'))} (whole head: "
+                                  f"{_ci(entry.get('head_ablation_cost'))})",
+                     "criterion": f"refines > {crit['refine_margin']}, moved > {crit['pattern_margin']}, rise > "
+                                  f"{crit['ablation_margin']} × excess (floor {crit['excess_floor']})",
+                     "at other criteria": moves(entry.get("ablation_sweep", {}))})
+    return pd.DataFrame(rows)
+
+
+def terminal_lines(summary: dict) -> list[str]:
+    """What the terminal shows of one model's specialization after a run or a probe."""
+    gain = summary["refines_with_depth"]["relative_gain"]
+    return [f"role per layer (selective lens; none = no better than untrained controls): "
+            f"{', '.join(f'{l}: {r}' for l, r in enumerate(summary['roles']))}",
+            f"refines with depth: {summary['refines_with_depth']['verdict']} (reducible error, first → last block "
+            f"{_ci(gain)}); claim 1 (layer 0 copies y_t): {summary['claim_1']['verdict']}; claim 2 (layer 2 refines "
+            f"through negative-similarity attention): {summary['claim_2']['verdict']} (any later layer: "
+            f"{summary['claim_2']['any_later_layer']})"]
 
 
 class Specialization(Probe):

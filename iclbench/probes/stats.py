@@ -12,6 +12,7 @@ A verdict is read from an interval and a criterion, never from a point estimate 
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 
@@ -111,6 +112,7 @@ def within(ci, lo: float, hi: float) -> str:
     return INCONCLUSIVE
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom: its density integrated by Simpson's
     rule (2,000 panels) and inverted by bisection; accurate to ~1e-9 for the quantiles intervals use."""
