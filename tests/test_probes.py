@@ -141,7 +141,7 @@ def test_probe_command_stores_summaries_and_tables_then_specialization_combines_
     assert not (d / "probes.json").exists()  # eval.probes=false
     out = cli("probe", str(d), "--probe", "attention", "--probe", "specialization")
     assert out.returncode == 0, out.stderr
-    assert "nearest algorithm per layer" in out.stdout and "claim 1" in out.stdout
+    assert "role per layer" in out.stdout and "claim 1" in out.stdout
     record = json.loads((d / "probes.json").read_text())
     assert set(record["probes"]) == {"attention", "specialization"}
     assert sorted(p.name for p in (d / "probes").iterdir()) == ["attention.csv", "specialization.csv"]
