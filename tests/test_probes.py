@@ -69,6 +69,7 @@ def test_layer_lens_reads_the_copy_after_layer0_and_the_answer_after_layer2(prob
     assert err["logit"]["2"] < 1e-4 and s["logit"]["2"]["nearest_baseline"] == "extrapolate"
     assert err["logit"]["-1"] > 0.9  # the embedding writes nothing the read-out reads: predicts 0
     assert err["tuned"]["2"] < 1e-3 < err["tuned"]["1"]
+    assert s["tuned"]["2"]["nearest_baseline"] == "extrapolate" and s["tuned"]["2"]["selectivity"]["ci"][0] > 0.5
     lo, hi = s["tuned"]["1"]["error"]["ci"]
     assert lo <= err["tuned"]["1"] <= hi and hi - lo < err["tuned"]["1"]  # an interval over probe sequences
 

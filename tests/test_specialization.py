@@ -246,7 +246,7 @@ def test_negative_similarity_heads_whose_writes_cancel_do_not_count():
 def test_costs_on_vanishing_errors_are_floored():
     """Finding 3: a head whose removal moves a near-perfect model's error from 6e-12 to 1.4e-11 is a 1.3x
     relative rise, and nothing. Ratios are taken over the excess floored at EXCESS_FLOOR."""
-    from iclbench.probes.ladder import EXCESS_FLOOR, ratio
+    from iclbench.probes.stats import EXCESS_FLOOR, ratio
 
     base, ablated, reference = torch.full((100,), 6e-12, dtype=torch.float64), \
         torch.full((100,), 1.4e-11, dtype=torch.float64), torch.zeros(100, dtype=torch.float64)
@@ -281,7 +281,9 @@ def test_an_untrained_model_gets_no_role_no_refinement_and_no_claim(task_name):
     assert all(e["refines"] != "holds" and e["selective"] != "holds" for e in s["layers"])
     assert s["claim_1"]["verdict"] != "holds" and s["claim_2"]["any_later_layer"] != "holds"
     if task_name == "affine":
-        decoded = run_probes(model, task, ["linear_probe"], seed=0, device="cpu")["linear_probe"]["summary"]
+        out = run_probes(model, task, ["linear_probe", "layer_lens"], seed=0, device="cpu")
+        assert all(e["nearest_baseline"] is None for e in out["layer_lens"]["summary"]["tuned"].values())
+        decoded = out["linear_probe"]["summary"]
         assert decoded["b"]["layers"]["2"]["r2"] > 0.2  # the lens finds b in a random network ...
         assert decoded["a"]["decoded_at"] == [] and decoded["b"]["decoded_at"] == []  # ... and so do the controls
 

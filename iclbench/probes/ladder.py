@@ -38,7 +38,8 @@ from iclbench import Probe, ProbeResult
 
 from .common import baselines, controls, probe_batch, reference_error, scored_positions, sq_error
 from .lens import lens_predictions
-from .stats import HOLDS, combine, estimate, interval, resample_weights, sweep, verdict
+from .stats import (HOLDS, SELECT_MARGIN, SELECT_SWEEP, combine, estimate, interval, relative_drop, resample_weights,
+                    selectivity, sweep, verdict)
 
 GD_STEPS = (1, 2, 4, 16)
 #: step sizes tried for each k, as multiples of 1 / trace of the examples' second moment (stable below 2)
@@ -46,13 +47,6 @@ GD_STEP_GRID = (0.125, 0.25, 0.5, 1.0, 1.5, 1.9)
 #: relative drop of the lens error from the first to the last block that counts as refinement
 REFINE_MARGIN = 0.2
 REFINE_SWEEP = (0.0, 0.1, 0.2, 0.5, 0.8)
-#: reducible error (normalized, above the reference) below which it is not used as a ratio's denominator: an
-#: error this small is solved, and a ratio of two vanishing errors amplifies nothing into something
-EXCESS_FLOOR = 0.01
-#: a layer's read-out counts (a role, a refinement) only where it cuts the best control's reducible error by
-#: this fraction, by an interval
-SELECT_MARGIN = 0.5
-SELECT_SWEEP = (0.0, 0.25, 0.5, 0.75, 0.9)
 #: the role of a layer whose read-out is no better than an untrained network's
 NO_ROLE = "none"
 
@@ -99,25 +93,6 @@ def gd_rungs(task, fit, test, positions_fit) -> dict[str, torch.Tensor]:
                 best, best_err = c, err
         out[f"gd_{k}"] = gradient_descent(view_test[0], test.targets, view_test[1].to(torch.bool), k, best)
     return out
-
-
-def ratio(num: torch.Tensor, den: torch.Tensor, boot) -> dict:
-    """``mean(num) / max(mean(den), EXCESS_FLOOR)`` of two per-sequence quantities, with the interval of
-    ``boot`` (one resampling of sequences applied to both alike)."""
-    return estimate(float(num.mean() / den.mean().clamp_min(EXCESS_FLOOR)),
-                    boot(num) / boot(den).clamp_min(EXCESS_FLOOR))
-
-
-def relative_drop(before: torch.Tensor, after: torch.Tensor, reference: torch.Tensor, boot) -> dict:
-    """How much a per-sequence error falls from ``before`` to ``after``, relative to the *reducible* part of
-    ``before`` (its excess over ``reference``, floored at ``EXCESS_FLOOR``)."""
-    return ratio(before - after, before - reference, boot)
-
-
-def selectivity(error: torch.Tensor, control: torch.Tensor, reference: torch.Tensor, boot) -> dict:
-    """The fraction of a control's reducible error that the model's read-out removes: 1 − excess / control
-    excess (1: solved where the control is not; 0: no better than an untrained network)."""
-    return relative_drop(control, error, reference, boot)
 
 
 @torch.no_grad()

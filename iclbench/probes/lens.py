@@ -4,7 +4,10 @@
 2020). *Tuned lens*: a per-layer affine read-out fitted by ridge on one batch and scored on another
 (Belrose et al. 2023; here fitted to the target, since the output is a real value, not a distribution).
 Each is compared with the target and with every baseline: a lens that sits on ``copy_last`` after layer 0
-says "layer 0 copies".
+says "layer 0 copies". The tuned lens is fitted, and it finds good predictors in a random network too: its
+``nearest_baseline`` is named only where its error beats the same lens on untrained controls
+(:func:`.common.controls`) by an interval (``selectivity`` clearing ``SELECT_MARGIN``); the logit lens fits
+nothing and is reported as it is.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import torch
 
 from iclbench import Probe, ProbeResult
 
-from .common import (baselines, probe_batch, residual_sites, ridge_fit, ridge_predict, scored_positions,
-                     sq_error)
-from .stats import mean_with_ci, resample_weights
+from .common import (baselines, controls, probe_batch, reference_error, residual_sites, ridge_fit, ridge_predict,
+                     scored_positions, sq_error)
+from .stats import HOLDS, SELECT_MARGIN, estimate, mean_with_ci, resample_weights, selectivity, verdict
 
 #: ridge of the tuned lens, relative to the mean feature variance: enough to keep the 2 x d_model features
 #: from fitting noise on a few thousand rows, small enough to represent the model's own read-out
@@ -87,6 +90,12 @@ class LayerLens(Probe):
         dist = lens_distances(task, model, fit, test, per_sequence=True)
         scored = scored_positions(task, test).to(test.inputs.device)
         weights = resample_weights(len(test), generator)
+        norm = task.normalizer(test.inputs.device)
+        reference = reference_error(task, test)[0][:, scored].mean(1).double().cpu()
+        control_tuned = [lens_predictions(c, task, fit, test)["tuned"] for c in controls(model)]
+
+        def boot(x):
+            return (weights @ x) / weights.sum(1)
         rows, summary = [], {}
         for lens, per_layer in dist.items():
             summary[lens] = {}
@@ -98,12 +107,19 @@ class LayerLens(Probe):
                 means = {ref: mean_with_ci(d[:, scored].mean(1), generator, weights) for ref, d in per_ref.items()}
                 baseline_means = {r: v["mean"] for r, v in means.items() if r not in ("target", "model")
                                   and v["mean"] is not None}
-                summary[lens][str(layer)] = {
-                    "error": means["target"],
-                    "distance": means,
-                    "nearest_baseline": min(baseline_means, key=baseline_means.get) if baseline_means else None,
-                }
+                nearest = min(baseline_means, key=baseline_means.get) if baseline_means else None
+                entry = summary[lens][str(layer)] = {"error": means["target"], "distance": means,
+                                                     "nearest_baseline": nearest}
+                if lens == "tuned":  # fitted: it counts only beyond what it reads from untrained controls
+                    err = per_ref["target"][:, scored].mean(1).double().cpu()
+                    control = min((sq_error(c[layer], test.targets, norm)[:, scored].mean(1).double().cpu()
+                                   for c in control_tuned), key=lambda e: float(e.mean()))
+                    sel = selectivity(err, control, reference, boot)
+                    entry.update({"control_error": estimate(float(control.mean()), boot(control)),
+                                  "selectivity": sel, "nearest_baseline_raw": nearest,
+                                  "nearest_baseline": nearest if verdict(sel["ci"], SELECT_MARGIN) == HOLDS else None})
         summary["note"] = ("normalized squared distance averaged over scored positions, mean and 95% bootstrap "
                            "interval over probe sequences; layer -1 = embedding; 'error' = distance to the target; "
-                           "the tuned lens is fitted on the scored positions of other sequences")
+                           "the tuned lens is fitted on the scored positions of other sequences; its nearest_baseline is named "
+                           "only where it beats the same lens on untrained controls (selectivity, control_error)")
         return ProbeResult(pd.DataFrame(rows), summary)

@@ -53,10 +53,10 @@ from iclbench import Probe, ProbeResult
 
 from .attribution import contributions
 from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
-from .ladder import EXCESS_FLOOR, REFINE_MARGIN, ladder, ratio, relative_drop
+from .ladder import REFINE_MARGIN, ladder
 from .similarity import MIN_EFFECT, causal_slopes, similarity_heads
-from .stats import (HOLDS, NA, any_of, combine, estimate, regression_with_ci, resample_weights,
-                    seed_ci, sweep, verdict, within)
+from .stats import (EXCESS_FLOOR, HOLDS, NA, any_of, combine, estimate, ratio, regression_with_ci, relative_drop,
+                    resample_weights, seed_ci, sweep, verdict, within)
 
 #: claim 1, form: the copy coefficient within this of 1, the previous value's and the answer's within it of 0
 COPY_TOLERANCE = 0.25

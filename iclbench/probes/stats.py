@@ -24,6 +24,14 @@ CONFIDENCE = 0.95
 
 HOLDS, FAILS, INCONCLUSIVE, NA = "holds", "fails", "inconclusive", "n/a"
 
+#: reducible error (normalized, above the reference) below which it is not used as a ratio's denominator: an
+#: error this small is solved, and a ratio of two vanishing errors amplifies nothing into something
+EXCESS_FLOOR = 0.01
+#: a layer's read-out counts (a role, a refinement) only where it cuts the best control's reducible error by
+#: this fraction, by an interval
+SELECT_MARGIN = 0.5
+SELECT_SWEEP = (0.0, 0.25, 0.5, 0.75, 0.9)
+
 
 def resample_weights(n: int, generator: torch.Generator, replicates: int = REPLICATES,
                      dtype=torch.float64) -> torch.Tensor:
@@ -83,6 +91,25 @@ def regression_with_ci(design: torch.Tensor, response: torch.Tensor, generator: 
     out["_samples"] = samples
     out["_point"] = point
     return out
+
+
+def ratio(num: torch.Tensor, den: torch.Tensor, boot) -> dict:
+    """``mean(num) / max(mean(den), EXCESS_FLOOR)`` of two per-sequence quantities, with the interval of
+    ``boot`` (one resampling of sequences applied to both alike)."""
+    return estimate(float(num.mean() / den.mean().clamp_min(EXCESS_FLOOR)),
+                    boot(num) / boot(den).clamp_min(EXCESS_FLOOR))
+
+
+def relative_drop(before: torch.Tensor, after: torch.Tensor, reference: torch.Tensor, boot) -> dict:
+    """How much a per-sequence error falls from ``before`` to ``after``, relative to the *reducible* part of
+    ``before`` (its excess over ``reference``, floored at ``EXCESS_FLOOR``)."""
+    return ratio(before - after, before - reference, boot)
+
+
+def selectivity(error: torch.Tensor, control: torch.Tensor, reference: torch.Tensor, boot) -> dict:
+    """The fraction of a control's reducible error that the model's read-out removes: 1 − excess / control
+    excess (1: solved where the control is not; 0: no better than an untrained network)."""
+    return relative_drop(control, error, reference, boot)
 
 
 def verdict(ci, criterion: float = 0.0, above: bool = True) -> str:
