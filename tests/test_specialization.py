@@ -206,6 +206,7 @@ def test_claim2_holds_where_negative_similarity_attention_does_the_refining(stre
         assert layer2["negative_heads"] == ["L2H1"] and layer2["role"] == "bayes"
         assert layer2["causal"]["L2H1"]["slope"]["mean"] == pytest.approx(1, abs=0.05)
         assert layer2["attention_moved"]["ci"][0] > 0.5 and layer2["similarity_removal_cost"]["ci"][0] > 1
+        assert layer2["claim_2_value_attention"] == "holds"
         refinement[noise] = layer2["refinement"]["mean"]
         before, after = s["layers"][1]["lens_error"]["mean"], layer2["lens_error"]["mean"]
         total_error_reading[noise] = (before - after) / before  # the old criterion's reading
@@ -225,6 +226,7 @@ def test_an_inert_similarity_term_fails_claim2_although_the_head_matters(strengt
     layer2 = s["layers"][2]
     assert layer2["negative_heads"] == ["L2H1"] and layer2["head_ablation_cost"]["ci"][0] > 1  # the old pass
     assert layer2["attention_moved"]["mean"] < 1e-6 and abs(layer2["similarity_removal_cost"]["mean"]) < 1e-6
+    assert layer2["claim_2_value_attention"] == "fails"  # the looser reading is not fooled either
     assert s["claim_2"]["verdict"] == "fails" and s["claim_2"]["any_later_layer"] == "fails"
 
 
@@ -240,6 +242,7 @@ def test_negative_similarity_heads_whose_writes_cancel_do_not_count():
     layer1 = s["layers"][1]
     assert layer1["negative_heads"] == ["L1H0", "L1H1"] and layer1["attention_moved"]["ci"][0] > 0.5
     assert abs(layer1["similarity_removal_cost"]["mean"]) < 1e-6 and layer1["claim_2"] == "fails"
+    assert abs(layer1["mean_pattern_cost"]["mean"]) < 1e-6 and layer1["claim_2_value_attention"] == "fails"
     assert s["claim_2"]["layers_holding"] == [2]  # the real mechanism in layer 2 still counts
 
 
