@@ -2,7 +2,7 @@
 # The reference study (issue 15): does "an early layer makes a rough estimate, later layers refine it" generalize
 # across tasks and depths? Regenerates results/reference/ from scratch, or continues where it stopped:
 #   bash experiments/study.sh            # every part, in priority order
-#   bash experiments/study.sh seeds      # one part: seeds | priors | attn | steps | depths | probes | tables
+#   bash experiments/study.sh seeds      # one part: seeds | priors | attn | steps | depths | probes | tables | verdicts
 # Every part is resumable: a sweep skips runs that are complete, and a run killed mid-training continues from
 # its last checkpoint; probes are skipped where already stored. Each sweep runs two 1-thread processes (a small
 # model's step is GEMM-bound on one core, so this is the CPU's many-seeds engine; see BENCHMARKS.md).
@@ -23,6 +23,8 @@ probe_all() {  # the specialization probe on every complete run under $1 not yet
 part() {
     case "$1" in
         seeds|priors|attn|steps|depths) sweep "$1" ;;
+        verdicts)  # issue 21: gpt3l/affine re-derived with the new verdicts (results/reference/verdicts.md)
+            sweep verdicts; probe_all results/study-verdicts-runs; python experiments/verdict_tables.py ;;
         probes)
             probe_all results/reference-runs; probe_all results/study-priors-runs; probe_all results/study-steps-runs
             for run in results/reference-runs/affine-gpt3l-$h8-s[012]; do  # every probe, for the report
@@ -38,7 +40,7 @@ part() {
             rm -rf "$out/report-gpt3l-affine"
             iclbench report "$runs"/affine-gpt3l-$h8-s[012] --out "$out/report-gpt3l-affine" > /dev/null
             python experiments/study_tables.py ;;   # specialization tables, study.md and its figures
-        *) echo "study.sh: unknown part '$1' (seeds, priors, attn, steps, depths, probes, tables)" >&2; exit 2 ;;
+        *) echo "study.sh: unknown part '$1' (seeds, priors, attn, steps, depths, probes, tables, verdicts)" >&2; exit 2 ;;
     esac
 }
 if [ $# -gt 0 ]; then for p in "$@"; do part "$p"; done; exit 0; fi
