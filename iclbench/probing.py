@@ -111,30 +111,20 @@ def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry |
     return outcomes
 
 
-def describe(outcomes: dict) -> str:
-    """A few lines for the terminal: time per probe, then the specialization verdict when present."""
+def describe(outcomes: dict, registry: Registry | None = None) -> str:
+    """A few lines for the terminal: time per probe, then what each probe says of its summary
+    (:meth:`iclbench.Probe.terminal_lines`)."""
+    registry = registry or get_registry()
     lines = []
     for name, o in outcomes.items():
         if "time_s" in o:
             lines.append(f"{name:16s} {o['time_s']:6.2f}s  -> {PROBES_DIR}/{name}.csv")
         else:
             lines.append(f"{name:16s} {'skipped' if 'skipped' in o else 'failed'}: {o.get('skipped', o.get('error'))}")
-    spec = outcomes.get("specialization", {}).get("summary")
-    if spec:
-        lines.append(f"nearest algorithm per layer: {', '.join(f'{l}: {r}' for l, r in enumerate(spec['roles']))}")
-        gain = spec["refines_with_depth"]["relative_gain"]
-        lines.append(f"refines with depth: {spec['refines_with_depth']['verdict']} (relative gain first → last block "
-                     f"{_ci(gain)}); claim 1 (layer 0 copies): {spec['claim_1']['verdict']}"
-                     + (f" (copy dominance {_ci(spec['claim_1']['copy_dominance'])})"
-                        if "copy_dominance" in spec["claim_1"] else "")
-                     + f"; claim 2 (last layer refines via negative-similarity heads): {spec['claim_2']['verdict']} "
-                       f"(any later layer: {spec['claim_2']['any_later_layer']})")
+    for name, o in outcomes.items():
+        if o.get("summary") and name in registry.probes:
+            lines += registry.probe(name).terminal_lines(o["summary"])
     return "\n".join(lines)
-
-
-def _ci(estimate: dict) -> str:
-    lo, hi = estimate["ci"]
-    return f"{estimate['mean']:.3g} [{lo:.3g}, {hi:.3g}]" if None not in (estimate["mean"], lo, hi) else "—"
 
 
 # --- across runs ---------------------------------------------------------------------------------------
@@ -192,9 +182,9 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
     return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes"])
 
 
-def cross_run(results, probe: str = "specialization", fmt: str = "github",
-              registry: Registry | None = None) -> str:
-    """``iclbench specialization``: the probe's cross-run table over every run under ``results``."""
+def cross_run(results, probe: str, fmt: str = "github", registry: Registry | None = None) -> str:
+    """A probe's cross-run table over every run under ``results`` (a probe's own command prints it), as
+    text in ``fmt`` (a tabulate format, csv or json)."""
     from tabulate import tabulate
 
     registry = registry or get_registry()
