@@ -22,6 +22,14 @@ def tiny():
     return list(TINY)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that pip-installs the example plugins (the ``installed_plugins`` fixture) is ``slow``, like the
+    Ray, Chromium, kill -9 and Hugging Face tests marked where they are defined."""
+    for item in items:
+        if "installed_plugins" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 PLUGINS = ROOT / "tests" / "plugins"
 #: the example plugin packages the README and docs/plugins.md show, installed together once per session
 EXAMPLE_PACKAGES = ("iclbench-sine", "iclbench-examples")

@@ -90,6 +90,7 @@ def test_two_commands_started_together_one_writer_and_a_valid_log(tmp_path):
     assert [e["step"] for e in events if "loss" in e] == [20, 40, 60]
 
 
+@pytest.mark.slow  # kill -9 of a sweep's driver
 def test_a_killed_sweep_takes_its_workers_with_it(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text("base: {task: affine, model: gpt1l, train: {steps: 100000, log_every: 1000}, "

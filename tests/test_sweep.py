@@ -144,6 +144,7 @@ def test_rerun_skips_complete_runs_and_retries_failed_ones(local_sweep):
     assert before == {r.name: (r.run_dir / "metrics.json").stat().st_mtime_ns for r in exp.runs[:2]}
 
 
+@pytest.mark.slow  # kill -9 of a sweep
 def test_sweep_killed_midway_continues_where_it_stopped(tmp_path):
     out = tmp_path / "results"
     path = experiment(tmp_path, out, steps=30, grid={"seed": list(range(4))})
@@ -180,6 +181,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_ray_workers_return_results_and_the_driver_records_them(ray_cluster, local_sweep, tmp_path):
     exp = load_experiment(experiment(tmp_path, tmp_path / "results", runs=GOOD_AND_BROKEN))
     report = run_sweep(exp, "ray", progress=False)
