@@ -2,7 +2,9 @@
 
 The document is built once as a list of blocks (heading, text, table, figure) and written twice, so the
 Markdown and the HTML always say the same thing. Figures are drawn from what runs recorded (metrics.json,
-probes/); nothing is recomputed here.
+probes/); nothing is recomputed here. This module draws the leaderboard, the summary and each run's error
+curves; every probe supplies its own part of a run's section and its section across runs (the presentation
+methods of :class:`iclbench.Probe`), so the report names no probe.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE_PACKAGES, PLUGINS, ROOT, cli
+from conftest import EXAMPLE_PACKAGES, PLUGINS, ROOT, cli, sets, tiny_run
 
 GUIDE = ROOT / "docs" / "plugins.md"
-SMALL = ["--steps", "20", "--no-probes", "--quiet", "--set", "eval.n_sequences=256", "--set", "eval.bootstrap=20",
-         "--set", "eval.ood=false"]
+SMALL = ["--steps", "20", "--quiet", *sets(tiny_run(cheap=True, sizes=False, eval__n_sequences=256,
+                                                   eval__bootstrap=20))]
 
 
 @pytest.mark.parametrize("path", [p for pkg in EXAMPLE_PACKAGES for p in sorted((PLUGINS / pkg).glob("*"))

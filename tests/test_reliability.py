@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import iclbench
-from conftest import ROOT
+from conftest import ROOT, overrides, tiny_run
 from iclbench import cli as cli_module
 from iclbench import runner, store
 from iclbench.config import resolve
@@ -26,8 +26,7 @@ from iclbench.leaderboard import collect, render
 from iclbench.registry import get_registry
 
 #: the cheapest run that still writes every file kind: no OOD shifts, no probes, a small evaluation set
-FAST = ["model.d_model=16", "model.d_mlp=32", "eval.n_sequences=64", "eval.bootstrap=10", "eval.ood=false",
-        "eval.probes=false"]
+FAST = overrides(tiny_run(cheap=True))
 
 
 def fast_run(out, steps=20, **kw):

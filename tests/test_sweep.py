@@ -11,13 +11,12 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, cli
+from conftest import ROOT, cli, tiny_run
 from iclbench.errors import ICLBenchError
 from iclbench.leaderboard import collect
-from iclbench.options import parse_scalar
 from iclbench.sweep import load_experiment, run_sweep
 
-TINY_BASE = {**{k: parse_scalar(v) for k, v in (s.split("=", 1) for s in TINY)}, "eval.probes": False}
+TINY_BASE = tiny_run(eval__probes=False)
 
 
 def experiment(tmp_path, out, *, steps=20, grid=None, runs=None, name="exp"):
