@@ -4,7 +4,7 @@ label and the statistic behind it, one line per (run, probe seed), plus the CPU 
     python benchmarks/probe_stability.py RUN_DIR [RUN_DIR ...] [--seeds 1-5]
 
 A verdict that flips between probe seeds, or between two runs that differ only in the torch thread count
-they were trained with, is not a finding; this script is how README's figures were measured.
+they were trained with, is not a finding; this script is how the stability figures in results/reference/README.md were measured.
 """
 
 from __future__ import annotations

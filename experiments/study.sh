@@ -6,9 +6,9 @@
 # Every part is resumable: a sweep skips runs that are complete, and a run killed mid-training continues from
 # its last checkpoint; probes are skipped where already stored. Each sweep runs two 1-thread processes (a small
 # model's step is GEMM-bound on one core, so this is the CPU's many-seeds engine; see BENCHMARKS.md).
-# CPU time on a 2-core machine, measured in the session that produced results/reference/ (see README):
+# CPU time on a 2-core machine, measured in the session that produced results/reference/ (see results/reference/README.md):
 # seeds ~45 min, priors ~15 min, attn ~3 min, steps ~12 min per seed, depths ~105 min, probes ~30 min, tables
-# ~15 s. gpt12l cells need a GPU: PARTS="test study more" bash benchmarks/device_check.sh (see README).
+# ~15 s. gpt12l cells need a GPU: PARTS="test study more" bash benchmarks/device_check.sh (see results/reference/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${JOBS:-2}

@@ -211,8 +211,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     seeds = order(seeds_table(RUNS))
     seeds.to_csv(OUT / "specialization-seeds.csv", index=False)
-    (OUT / "specialization.md").write_text(cross_run(RUNS) + "\n")
-    (OUT / "specialization.csv").write_text(cross_run(RUNS, fmt="csv"))
+    (OUT / "specialization.md").write_text(cross_run(RUNS, "specialization") + "\n")
+    (OUT / "specialization.csv").write_text(cross_run(RUNS, "specialization", fmt="csv"))
     family = {t: f for f, ts in FAMILIES.items() for t in ts}
     seeds["family"] = seeds.task.map(family)
     per_depth = order(aggregate(seeds, ["model"]))
@@ -246,7 +246,7 @@ def main():
         table = aggregate(pd.concat([default, seeds_table(PRIORS).assign(prior=lambda d: d.variant)]), ["prior"])
         parts += ["## Robustness: gpt3l on affine under other priors", "", md(table), "",
                   "Per-cell detail: [specialization-priors.md](specialization-priors.md).", ""]
-        (OUT / "specialization-priors.md").write_text(cross_run(PRIORS) + "\n")
+        (OUT / "specialization-priors.md").write_text(cross_run(PRIORS, "specialization") + "\n")
     conv = convergence()
     if not conv.empty:
         parts += ["## Is 1500 steps enough? gpt3l at 1500 vs 4500 steps (same seeds)", "", md(conv), "",

@@ -8,7 +8,7 @@ from importlib import metadata as _metadata
 
 from .hookspecs import hookimpl
 from .model import HookPoint, Model
-from .probe import Probe, ProbeResult
+from .probe import Probe, ProbeFigure, ProbeResult
 from .task import Baseline, Batch, Task
 
 try:
@@ -24,5 +24,5 @@ def run(*args, **kwargs):
     return _run(*args, **kwargs)
 
 
-__all__ = ["Baseline", "Batch", "HookPoint", "Model", "Probe", "ProbeResult", "Task", "hookimpl", "run",
-           "__version__"]
+__all__ = ["Baseline", "Batch", "HookPoint", "Model", "Probe", "ProbeFigure", "ProbeResult", "Task", "hookimpl",
+           "run", "__version__"]

@@ -1,4 +1,5 @@
-"""Command line: ``iclbench run | list | leaderboard``. Errors print one line and exit non-zero."""
+"""Command line: ``iclbench run | list | leaderboard | ...``, and the commands plugins add
+(``iclbench_add_commands``). Errors print one line and exit non-zero."""
 
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def cmd_leaderboard(args) -> int:
                 raise ICLBenchError(f"--compare: {path!r} is not a directory (give two results or run directories)")
         print(render_compare(args.compare[0], args.compare[1], args.format, args.metric, args.score_from))
         return 0
-    print(render(_results_dir(args.results), args.format, metric=args.metric, score_from=args.score_from,
+    print(render(results_dir(args.results), args.format, metric=args.metric, score_from=args.score_from,
                  tasks=args.task or (), models=args.model or (), include_unstable=args.include_unstable))
     return 0
 
@@ -170,7 +171,7 @@ def cmd_report(args) -> int:
                 raise ICLBenchError(f"{r} is not a complete run directory: {exc}") from None
     else:
         runs = []
-        for r in find_runs(Path(_results_dir(args.results))):
+        for r in find_runs(Path(results_dir(args.results))):
             try:
                 read_run(r)
                 runs.append(r)
@@ -223,9 +224,6 @@ def _add_probe(sub):
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the probe sequences and resamples (default: the run's eval.seed + 1); another "
                         "seed draws another probe sample")
-    s = sub.add_parser("specialization", help="role per layer and the seed paper's claims, tasks x models")
-    s.add_argument("--results", default="results", help="results directory (default: results)")
-    s.add_argument("--format", default="github", choices=("github", "plain", "csv", "json", "latex"))
 
 
 def cmd_probe(args) -> int:
@@ -235,18 +233,10 @@ def cmd_probe(args) -> int:
     return 0
 
 
-def _results_dir(path: str) -> str:
+def results_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise ICLBenchError(f"results directory {path!r} does not exist (pass --results DIR)")
     return path
-
-
-def cmd_specialization(args) -> int:
-    from .probing import cross_run
-
-    _results_dir(args.results)
-    print(cross_run(args.results, "specialization", args.format))
-    return 0
 
 
 def _add_bench(sub):
@@ -345,12 +335,15 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="*", help="run directories (default: every complete run under --results)")
     rp.add_argument("--results", default="results", help="results directory (default: results)")
     rp.add_argument("--out", default="report", help="output directory (default: report)")
+    from .registry import get_registry
+
+    get_registry().notify("iclbench_add_commands", subparsers=sub)  # commands plugins add (hookspecs.py)
     return p
 
 
 COMMANDS = {"report": cmd_report, "run": cmd_run, "sweep": cmd_sweep, "list": cmd_list,
             "leaderboard": cmd_leaderboard}
-COMMANDS.update(probe=cmd_probe, specialization=cmd_specialization)
+COMMANDS.update(probe=cmd_probe)
 
 COMMANDS["bench"] = cmd_bench
 COMMANDS.update(check=cmd_check, rescore=cmd_rescore)
@@ -365,7 +358,8 @@ def _one_line(exc: BaseException, limit: int = 600) -> str:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        command = COMMANDS.get(args.command) or args.iclbench_command  # a plugin's: iclbench_add_commands
+        return command(args)
     except ICLBenchError as exc:
         print(f"iclbench: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code

@@ -100,3 +100,17 @@ def iclbench_run_failed(run_dir, config, status, error, plugin):
     loss); ``error`` the one-line message; ``plugin`` the name of the plugin whose code raised, or ``None``.
     Ctrl-C is not a failure (the run is resumable) and calls no hook.
     """
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+@hookspec
+def iclbench_add_commands(subparsers):
+    """Add subcommands to the ``iclbench`` command line (as pytest plugins add options).
+
+    Called once while the parser is built; ``subparsers`` is the ``argparse`` sub-parsers action. Add a
+    command with ``p = subparsers.add_parser(NAME, help=...)``, its arguments, and
+    ``p.set_defaults(iclbench_command=FN)``: ``FN(args)`` runs it and returns the exit code; raising
+    :class:`iclbench.errors.ICLBenchError` prints one line and exits non-zero. A probe module may add the
+    command that prints its cross-run table this way (the built-in probes do: ``iclbench/probes/``).
+    """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pandas as pd
 
@@ -17,6 +17,15 @@ class ProbeResult:
 
     table: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+class ProbeFigure(NamedTuple):
+    """One figure of a probe's result: ``name`` (the PNG is ``figures/<run directory>-<name>.png``), a
+    matplotlib figure and its caption."""
+
+    name: str
+    figure: Any
+    caption: str
 
 
 #: what :meth:`Model` read-out accessor a probe may need, and the attributes its default implementation reads
@@ -83,11 +92,60 @@ class Probe:
         model lives."""
         raise NotImplementedError
 
+    # --- presentation: what the report, the terminal and experiment trackers show of a stored result ------
+    # Each reads what a run stored (the table of probes/<name>.csv and the summary of probes.json), never the
+    # model; ``run`` is the run's metrics.json (``task``, ``model``, ``seed``, ``curves["score_from"]``, ...).
+    # The engine calls them for every registered probe and names none (iclbench/report.py, loggers/).
+
+    @classmethod
+    def figures(cls, table: pd.DataFrame, summary: dict, run: dict) -> list[ProbeFigure]:
+        """The figures of one run's result (default: none)."""
+        return []
+
+    @classmethod
+    def report_section(cls, doc, table: pd.DataFrame, summary: dict, run: dict) -> None:
+        """This probe's part of a run's section in ``iclbench report``: ``doc`` is an
+        :class:`iclbench.report.Document` (``heading``, ``text``, ``table``, ``figure``). By default a heading
+        with the probe's name and description, then its :meth:`figures`; nothing when it has no figures."""
+        figures = cls.figures(table, summary, run)
+        if figures:
+            doc.heading(f"{cls.name}: {cls.description}" if cls.description else cls.name, level=3)
+            for name, figure, caption in figures:
+                doc.figure(figure, name, caption)
+
     @classmethod
     def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame | None:
         """Combine this probe's summaries over many runs into one table, or ``None`` if it has no such
-        table. ``runs`` has one row per run: ``run``, ``task``, ``model``, ``seed``, ``summary`` (a dict)."""
+        table. ``runs`` has one row per run: ``run``, ``task``, ``model``, ``seed``, ``summary`` (a dict),
+        ``learned`` and ``excess_bayes`` (:func:`iclbench.probing.collect_probe`). A table with ``task`` and
+        ``model`` columns gets those cells linked to the runs' sections in the report."""
         return None
+
+    @classmethod
+    def cross_run_section(cls, doc, table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+        """The report's section on :meth:`cross_run_table` (``table``, computed from ``runs``); returns lines
+        for the summary at the top of the report. By default a heading, the description and the table."""
+        doc.heading(f"{cls.name} across runs")
+        if cls.description:
+            doc.text(cls.description)
+        doc.table(table)
+        return []
+
+    @classmethod
+    def tracker_summary(cls, summary: dict) -> dict[str, float | str]:
+        """What an experiment tracker (MLflow, TensorBoard) records of one run's summary: numbers as metrics,
+        strings as tags / a text panel; each key is shown as ``<probe name>.<key>``. Default: nothing."""
+        return {}
+
+    @classmethod
+    def terminal_lines(cls, summary: dict) -> list[str]:
+        """Lines ``iclbench probe`` prints after the probes' timings (default: none)."""
+        return []
+
+
+def has_cross_run_table(cls: type[Probe]) -> bool:
+    """Whether ``cls`` overrides :meth:`Probe.cross_run_table` (so reading every run for it is worth it)."""
+    return getattr(cls.cross_run_table, "__func__", None) is not Probe.cross_run_table.__func__
 
 
 def _has_path(obj, path: str) -> bool:

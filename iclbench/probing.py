@@ -111,18 +111,19 @@ def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry |
     return outcomes
 
 
-def describe(outcomes: dict) -> str:
-    """A few lines for the terminal: time per probe, then the specialization verdict when present."""
+def describe(outcomes: dict, registry: Registry | None = None) -> str:
+    """A few lines for the terminal: time per probe, then what each probe says of its summary
+    (:meth:`iclbench.Probe.terminal_lines`)."""
+    registry = registry or get_registry()
     lines = []
     for name, o in outcomes.items():
         if "time_s" in o:
             lines.append(f"{name:16s} {o['time_s']:6.2f}s  -> {PROBES_DIR}/{name}.csv")
         else:
             lines.append(f"{name:16s} {'skipped' if 'skipped' in o else 'failed'}: {o.get('skipped', o.get('error'))}")
-    spec = outcomes.get("specialization", {}).get("summary")
-    if spec:
-        from iclbench.probes.specialization import terminal_lines
-        lines += terminal_lines(spec)
+    for name, o in outcomes.items():
+        if o.get("summary") and name in registry.probes:
+            lines += registry.probe(name).terminal_lines(o["summary"])
     return "\n".join(lines)
 
 
@@ -181,9 +182,9 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
     return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes"])
 
 
-def cross_run(results, probe: str = "specialization", fmt: str = "github",
-              registry: Registry | None = None) -> str:
-    """``iclbench specialization``: the probe's cross-run table over every run under ``results``."""
+def cross_run(results, probe: str, fmt: str = "github", registry: Registry | None = None) -> str:
+    """A probe's cross-run table over every run under ``results`` (a probe's own command prints it), as
+    text in ``fmt`` (a tabulate format, csv or json)."""
     from tabulate import tabulate
 
     registry = registry or get_registry()

@@ -2,7 +2,9 @@
 
 The document is built once as a list of blocks (heading, text, table, figure) and written twice, so the
 Markdown and the HTML always say the same thing. Figures are drawn from what runs recorded (metrics.json,
-probes/); nothing is recomputed here.
+probes/); nothing is recomputed here. This module draws the leaderboard, the summary and each run's error
+curves; every probe supplies its own part of a run's section and its section across runs (the presentation
+methods of :class:`iclbench.Probe`), so the report names no probe.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import html
 import json
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,8 @@ import pandas as pd
 from . import store
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (figures are written to files, never shown)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display needed
@@ -125,6 +129,8 @@ class Document:
     blocks: list[tuple[str, object]] = field(default_factory=list)
     #: resolved run directory -> the HTML id of its section
     run_anchors: dict[str, str] = field(default_factory=dict)
+    #: put before every figure's file name (:meth:`figures_named`)
+    prefix: str = ""
 
     def bullets(self, items: list[str]):
         self.blocks.append(("bullets", list(items)))
@@ -140,15 +146,25 @@ class Document:
         """``links``: ``{(row position, column): anchor}``, cells that link to a heading's anchor in HTML."""
         self.blocks.append(("table", (df, floatfmt, links or {})))
 
+    @contextmanager
+    def figures_named(self, prefix: str):
+        """Within the block, :meth:`figure` names files ``<prefix><name>``: a run's figures carry its
+        directory's name (a probe's ``report_section`` gives only its own part)."""
+        before, self.prefix = self.prefix, prefix
+        try:
+            yield
+        finally:
+            self.prefix = before
+
     def figure(self, fig, name: str, caption: str):
-        """Save ``fig`` as figures/<name>.png (atomically) and reference it."""
+        """Save ``fig`` as figures/<prefix><name>.png (atomically) and reference it."""
         import io
 
-        plt = _pyplot()
+        plt = pyplot()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
         plt.close(fig)
-        rel = f"figures/{name}.png"
+        rel = f"figures/{self.prefix}{name}.png"
         data = buf.getvalue()
         store.write_atomic(self.out / rel, data)
         size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))  # PNG IHDR: width, height
@@ -221,7 +237,7 @@ class Document:
 
 def error_curve_figure(metrics: dict):
     """Normalized error vs context position for the model and every baseline, with CI bands."""
-    plt = _pyplot()
+    plt = pyplot()
     curves = metrics["curves"]
     pos = curves["positions"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -256,173 +272,6 @@ def curve_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def _layer_names(layers) -> list[str]:
-    return ["embed" if int(layer) < 0 else f"L{int(layer)}" for layer in layers]
-
-
-def lens_figure(table: pd.DataFrame, score_from: int, title: str):
-    """Per-layer read-outs (logit lens through the model's own final norm and read-out; tuned lens fitted
-    per layer): distance to the target and to each baseline, averaged over positions >= score_from."""
-    plt = _pyplot()
-    table = table[table.position >= score_from]
-    lenses = sorted(table.lens.unique())
-    fig, axes = plt.subplots(1, len(lenses), figsize=(5.2 * len(lenses), 3.8), squeeze=False, sharey=True)
-    for ax, lens in zip(axes[0], lenses):
-        part = table[table.lens == lens].groupby(["reference", "layer"], as_index=False)["distance"].mean()
-        for ref, rows in part.groupby("reference"):
-            rows = rows.sort_values("layer")
-            ax.plot(rows.layer, rows.distance, marker="o", lw=2.2 if ref == "target" else 1.3,
-                    color="black" if ref == "target" else None,
-                    label="error (vs target)" if ref == "target" else f"distance to {ref}")
-        layers = sorted(part.layer.unique())
-        ax.set_xticks(layers, _layer_names(layers))
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("residual stream after layer")
-        ax.set_title(f"{lens} lens")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"normalized squared distance (t >= {score_from})")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title)
-    return fig
-
-
-def attention_figure(table: pd.DataFrame, title: str):
-    """Mean attention pattern (query position × key position) of every head, one panel per layer × head."""
-    plt = _pyplot()
-    pat = table[table.stat == "pattern"]
-    layers, heads = sorted(pat.layer.unique()), sorted(pat["head"].unique())
-    fig, axes = plt.subplots(len(layers), len(heads), figsize=(2.3 * len(heads) + 1, 2.2 * len(layers) + 0.6),
-                             squeeze=False)
-    image = None
-    for i, layer in enumerate(layers):
-        for j, head in enumerate(heads):
-            grid = pat[(pat.layer == layer) & (pat["head"] == head)].pivot(index="position", columns="key",
-                                                                        values="value")
-            ax = axes[i][j]
-            image = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", origin="upper")
-            ax.set_title(f"L{layer}H{head}", fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel("query position")
-            if i == len(layers) - 1:
-                ax.set_xlabel("key position")
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="mean attention weight")
-    fig.suptitle(title)
-    return fig
-
-
-def ablation_figure(table: pd.DataFrame, title: str):
-    """Change in normalized error per position when each head / attention layer / MLP is zero- or
-    mean-ablated (red: the prediction gets worse without it)."""
-    import numpy as np
-    from matplotlib.colors import SymLogNorm
-
-    plt = _pyplot()
-    methods = sorted(table.method.unique())
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 0.28 * table.component.nunique() + 1.8),
-                             squeeze=False)
-    order = list(dict.fromkeys(table.component))
-    for ax, method in zip(axes[0], methods):
-        grid = table[table.method == method].pivot(index="component", columns="position", values="delta")
-        grid = grid.reindex(order)
-        limit = float(np.nanmax(np.abs(grid.values))) or 1.0
-        # symmetric log colour scale: one dominant component must not hide the small ones
-        norm = SymLogNorm(linthresh=min(1e-3, limit), vmin=-limit, vmax=limit)
-        image = ax.imshow(grid.values, cmap="RdBu_r", norm=norm, aspect="auto")
-        ax.set_yticks(range(len(order)), order, fontsize=7)
-        ax.set_xlabel("context position t")
-        ax.set_title(f"{method}-ablation: Δ error")
-        fig.colorbar(image, ax=ax, shrink=0.8, label="Δ normalized error")
-    fig.suptitle(title)
-    return fig
-
-
-def linear_probe_figure(table: pd.DataFrame, score_from: int, title: str):
-    """Held-out R² of ridge probes from each layer's residual stream to the task's latent parameters."""
-    plt = _pyplot()
-    part = table[table.position >= score_from].groupby(["latent", "layer"], as_index=False)["r2"].mean()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for latent, rows in part.groupby("latent"):
-        rows = rows.sort_values("layer")
-        ax.plot(rows.layer, rows.r2, marker="o", label=str(latent))
-    layers = sorted(part.layer.unique())
-    ax.set_xticks(layers, _layer_names(layers))
-    ax.set_ylim(min(0.0, float(part.r2.min()) - 0.05), 1.02)
-    ax.set_xlabel("residual stream after layer")
-    ax.set_ylabel(f"held-out R² (mean over t >= {score_from})")
-    ax.set_title(title)
-    ax.legend(title="latent")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-PATTERN_COLOURS = {"holds": "#9bd39b", "inconclusive": "#f3dc8a", "fails": "#ee9b9b"}
-
-
-def specialization_figure(table: pd.DataFrame):
-    """Tasks × models matrix: each cell lists the nearest algorithm of every layer (most common over seeds)
-    and the verdicts, and is coloured by the seed paper's pattern (both claims) where the task can test it,
-    else by "refines with depth": holds (green), inconclusive (yellow), fails (red), by the most common label
-    over seeds."""
-    plt = _pyplot()
-    # rows by model (name + model options); training settings a task chose for itself do not split a row
-    table = table.assign(model=[" ".join(t for t in m.split() if not t.startswith("train.")) for m in table.model])
-    tasks, models = sorted(table.task.unique()), sorted(table.model.unique())
-    layer_cols = [c for c in table.columns if c.startswith("layer ")]
-    fig, ax = plt.subplots(figsize=(2.6 * len(tasks) + 1.5, 0.34 * (len(layer_cols) + 2) * len(models) + 1.2))
-    for i, model in enumerate(models):
-        for j, task in enumerate(tasks):
-            row = table[(table.model == model) & (table.task == task)]
-            if row.empty:
-                text, colour = "—", "#eeeeee"
-            else:
-                r = row.iloc[0]
-                roles = [f"L{c.split()[1]}: {r[c]}" for c in layer_cols if isinstance(r[c], str) and r[c] != "—"]
-                pattern, refines = str(r.get("paper's pattern", "n/a")), str(r.get("refines with depth", "n/a"))
-                text = "\n".join(roles + [f"paper: {pattern}", f"refines: {refines}"])
-                deciding = pattern if pattern != "n/a" else refines
-                colour = PATTERN_COLOURS.get(deciding.split()[0], "#dddddd")
-            ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour, edgecolor="white", lw=2))
-            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=9)
-    ax.set_xlim(0, len(tasks))
-    ax.set_ylim(len(models), 0)
-    ax.set_xticks([j + 0.5 for j in range(len(tasks))], tasks, rotation=20)
-    ax.set_yticks([i + 0.5 for i in range(len(models))], models)
-    ax.set_xlabel("task")
-    ax.set_ylabel("model")
-    ax.set_title("Nearest algorithm per layer across tasks × models;\ncolour: the seed paper's pattern (else "
-                 "refinement with depth)\nholds / inconclusive / fails in most seeds", fontsize=9)
-    return fig
-
-
-def ladder_figure(table: pd.DataFrame, title: str):
-    """Layers × algorithms (crude → refined): distance between each layer's tuned-lens read-out and each
-    algorithm's prediction (log colour scale); the nearest algorithm of each layer is outlined."""
-    import numpy as np
-
-    plt = _pyplot()
-    algos = table.sort_values("rank").drop_duplicates("algorithm").algorithm.tolist()
-    layers = sorted(table.layer.unique())
-    grid = table.pivot_table(index="layer", columns="algorithm", values="distance").reindex(index=layers, columns=algos)
-    values = np.log10(grid.to_numpy(dtype=float).clip(1e-6))
-    fig, ax = plt.subplots(figsize=(1.0 * len(algos) + 2.5, 0.45 * len(layers) + 1.6))
-    im = ax.imshow(values, cmap="viridis_r", aspect="auto")
-    for i, layer in enumerate(layers):
-        row = grid.loc[layer]
-        best = int(np.nanargmin(row.to_numpy(dtype=float)))
-        ax.add_patch(plt.Rectangle((best - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="white" if values[i, j] > -2 else "black")
-    ax.set_xticks(range(len(algos)), algos, rotation=30, ha="right")
-    ax.set_yticks(range(len(layers)), ["embed" if l < 0 else f"after L{l}" for l in layers])
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="log10 distance (1 = prior variance)")
-    return fig
-
-
 def warn(message: str) -> None:
     print(f"iclbench: warning: {message}", file=sys.stderr)
 
@@ -441,49 +290,36 @@ def _probe_table(run_dir: Path, name: str) -> pd.DataFrame | None:
         return None
 
 
-def probe_section(doc: Document, run_dir: Path, metrics: dict):
-    """Figures from the probes stored with the run (skipped quietly where a probe did not run)."""
-    slug, k = run_dir.name, metrics["curves"]["score_from"]
-    what = f"{metrics['model']} on {metrics['task']}, seed {metrics['seed']}"
-    figures = [
-        ("layer_lens", lambda t: lens_figure(t, k, f"Layer lens: {what}"),
-         "Prediction read from the residual stream after each layer (logit lens and tuned lens): error and "
-         "distance to each baseline's prediction."),
-        ("attention", lambda t: attention_figure(t, f"Mean attention patterns: {what}"),
-         "Mean attention pattern of every head (rows: query position, columns: key position)."),
-        ("ablation", lambda t: ablation_figure(t, f"Ablations: {what}"),
-         "Change in normalized error per position when a component is ablated."),
-        ("linear_probe", lambda t: linear_probe_figure(t, k, f"Linear probes: {what}"),
-         "Held-out R² of ridge probes for the task's latent parameters, per layer."),
-        ("ladder", lambda t: ladder_figure(t, f"Algorithm ladder: {what}"),
-         "Distance between each layer's read-out (tuned lens) and each algorithm, crude → refined; outlined: "
-         "the nearest algorithm."),
-    ]
-    for name, draw, caption in figures:
-        table = _probe_table(run_dir, name)
-        if table is not None and not table.empty:
-            try:
-                fig = draw(table)
-            except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:  # columns missing
-                warn(f"skipping damaged probe table {run_dir / 'probes' / (name + '.csv')}: "
-                     f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
-                continue
-            doc.figure(fig, f"{slug}-{name}", caption)
-    spec = _probe_table(run_dir, "specialization")
-    if spec is not None and not spec.empty:
-        doc.text("Per layer: the role (the nearest algorithm, where the read-out beats untrained controls), the "
-                 "tuned-lens, direct and control errors, the refinement of reducible error across the layer (with "
-                 "its interval) and the copy test of the layer's direct write (iclbench/probes/specialization.py):")
-        doc.table(spec)
+def _probe_summaries(run_dir: Path) -> dict:
+    """Each stored probe's summary from probes.json (empty where it is missing or damaged: the tables are
+    still shown)."""
     try:
-        from .probes.specialization import verdict_table
+        entries = json.loads(store.read_regular(Path(run_dir) / "probes.json"))["probes"]
+        return {name: e["summary"] for name, e in entries.items() if isinstance(e, dict)
+                and isinstance(e.get("summary"), dict)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, store.DamagedRun):
+        return {}
 
-        summary = json.loads(store.read_regular(run_dir / "probes.json"))["probes"]["specialization"]["summary"]
-        doc.text("The claims, each read from an interval against its criterion, and how the verdict moves when "
-                 "the criterion moves:")
-        doc.table(verdict_table(summary))
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, store.DamagedRun):
-        pass  # no specialization summary stored (or an older one): the table above is all there is
+
+def probe_section(doc: Document, run_dir: Path, metrics: dict):
+    """Each registered probe's part of a run's section (:meth:`iclbench.Probe.report_section`), in registry
+    order, from what the run stored; a probe that did not run is skipped quietly, one whose presentation fails
+    on its stored table with a warning."""
+    from .registry import get_registry
+
+    summaries = _probe_summaries(run_dir)
+    for name, entry in get_registry().probes.items():
+        table = _probe_table(run_dir, name)
+        if table is None or table.empty:
+            continue
+        kept = len(doc.blocks)
+        try:
+            with doc.figures_named(f"{run_dir.name}-"):
+                entry.obj.report_section(doc, table, summaries.get(name, {}), metrics)
+        except Exception as exc:  # a damaged table (columns missing) or a broken plugin: not the whole report
+            del doc.blocks[kept:]
+            warn(f"skipping probe '{name}' in the report of {run_dir}: {type(exc).__name__}: "
+                 f"{' '.join(str(exc).split())[:200]}")
 
 
 def run_section(doc: Document, run_dir: Path):
@@ -507,35 +343,43 @@ def run_section(doc: Document, run_dir: Path):
                  f"{m['relative']:.3f}, 95% CI [{m['relative_ci'][0]:.3f}, {m['relative_ci'][1]:.3f}] "
                  "(learned below 0.1, partly within [0.1, 0.5], not learned above 0.5, else inconclusive).")
     doc.table(summary)
-    doc.figure(error_curve_figure(metrics), f"{slug}-error",
-               f"Normalized squared error per context position for {metrics['model']} and every baseline on "
-               f"{metrics['task']}; shaded: bootstrap CI.")
+    with doc.figures_named(f"{slug}-"):
+        doc.figure(error_curve_figure(metrics), "error",
+                   f"Normalized squared error per context position for {metrics['model']} and every baseline "
+                   f"on {metrics['task']}; shaded: bootstrap CI.")
     doc.table(curve_table(metrics))
     probe_section(doc, run_dir, metrics)
     return metrics
 
 
-def specialization_section(doc: Document, roots: list[Path]):
-    """The cross-run answer to the seed paper's question, where the specialization probe is registered and
-    has run."""
+def cross_run_sections(doc: Document, roots: list[Path]) -> list[str]:
+    """Each registered probe's section across runs (:meth:`iclbench.Probe.cross_run_table` and
+    :meth:`~iclbench.Probe.cross_run_section`), where it has one and has run; a table's task and model cells
+    link to the runs' sections. Returns the lines the probes add to the summary at the top."""
+    from .probe import has_cross_run_table
     from .probing import collect_probe
     from .registry import get_registry
 
-    registry = get_registry()
-    if "specialization" not in registry.probes:
-        return
-    runs = pd.concat([collect_probe(r, "specialization") for r in roots]) if roots else pd.DataFrame()
-    if runs.empty:
-        return
-    table = registry.probe("specialization").cross_run_table(runs)
-    doc.heading("Does early-copy / late-refine generalize?")
-    doc.text("Per task × model: each layer's most common nearest algorithm over seeds; each claim's labels "
-             "over seeds (holds / fails / inconclusive, each from an interval over probe sequences; n/a: the "
-             "task cannot test it, never a failure); and key numbers as the mean over training seeds with a "
-             "95% bootstrap interval over seeds, labelled against the probe's criterion.")
-    doc.figure(specialization_figure(table), "specialization", "Specialization matrix across tasks × models.")
-    doc.table(table)
-    return table
+    lines = []
+    for name, entry in get_registry().probes.items():
+        cls = entry.obj
+        if not has_cross_run_table(cls) or not roots:
+            continue
+        kept = len(doc.blocks)
+        try:
+            runs = pd.concat([collect_probe(r, name) for r in roots])
+            if runs.empty:
+                continue
+            table = cls.cross_run_table(runs)
+            if table is None or table.empty:
+                continue
+            lines += cls.cross_run_section(doc, table, runs) or []
+        except Exception as exc:  # damaged summaries or a broken plugin: the rest of the report goes on
+            del doc.blocks[kept:]
+            warn(f"skipping the {name} section: damaged probe summaries ({type(exc).__name__}: {exc})")
+            continue
+        _link_cells(doc, table, runs)
+    return lines
 
 
 def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -> tuple[Path, Path]:
@@ -560,14 +404,9 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
                  "the prior mean); mean ± sd over seeds, n = seeds. Each cell links to its run's section.")
         table = wide(board).reset_index().rename(columns={"row": "model"})
         doc.table(table, links=leaderboard_links(table, tidy, doc.run_anchors))
-    spec = None
-    try:
-        spec = specialization_section(doc, roots)
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-        warn(f"skipping the specialization section: damaged probe summaries ({type(exc).__name__}: {exc})")
-    spec_runs = _link_specialization(doc, spec, roots)
+    probe_lines = cross_run_sections(doc, roots)
     doc.blocks[0:0] = [("heading", (2, "Summary", "summary")),
-                       ("bullets", summary_lines(board, spec, spec_runs, tidy))]
+                       ("bullets", probe_lines + summary_lines(board) or ["No complete runs to summarize."])]
     for run_dir in run_dirs:
         kept = len(doc.blocks)
         try:
@@ -622,65 +461,27 @@ def leaderboard_links(table: pd.DataFrame, tidy: pd.DataFrame, anchors: dict[str
     return {k: v for k, v in links.items() if v}
 
 
-def _link_specialization(doc: Document, spec: pd.DataFrame | None, roots) -> pd.DataFrame:
-    """Link the specialization table's task and model cells to the run sections; returns the probe's runs
-    (run, task, model, seed) behind the table."""
-    if spec is None or spec.empty:
-        return pd.DataFrame()
-    from .probing import collect_probe
-
-    runs = pd.concat([collect_probe(r, "specialization", warn=lambda m: None) for r in roots])
-    if runs.empty:
-        return runs
+def _link_cells(doc: Document, table: pd.DataFrame, runs: pd.DataFrame) -> None:
+    """Link a cross-run table's task and model cells (where it has those columns) to the first run's section
+    of that task × model."""
+    if not {"task", "model"} <= set(table.columns):
+        return
     links = {}
-    for i, (task, model) in enumerate(zip(spec["task"], spec["model"])):
+    for i, (task, model) in enumerate(zip(table["task"], table["model"])):
         anchor = _first_anchor(runs[(runs.task == task) & (runs.model == model)], doc.run_anchors)
         if anchor:
             links[(i, "task")] = links[(i, "model")] = anchor
     for k, (kind, value) in enumerate(doc.blocks):
-        if kind == "table" and value[0] is spec:
+        if kind == "table" and value[0] is table:
             doc.blocks[k] = ("table", (value[0], value[1], links))
-    return runs
 
 
-PATTERN = "paper's pattern"  # the specialization table's column for both claims together
-
-
-def _label(cell) -> str:
-    """'holds 3/4 (fails 1)' -> 'holds'."""
-    return str(cell).split()[0] if isinstance(cell, str) and cell.strip() else "n/a"
-
-
-def summary_lines(board: pd.DataFrame, spec: pd.DataFrame | None, spec_runs: pd.DataFrame,
-                  tidy: pd.DataFrame) -> list[str]:
-    """A few lines a reader needs first: the specialization answer (read from learned cells only where the
-    runs say which learned), each task's leaderboard headline, and what was not learned."""
+def summary_lines(board: pd.DataFrame) -> list[str]:
+    """Lines a reader needs first (after what the probes add): each task's leaderboard headline, and what
+    was not learned."""
     from .leaderboard import is_oracle
 
     lines = []
-    learned_runs = {}
-    if not tidy.empty and "learned" in tidy:
-        models = tidy[tidy.kind == "model"]
-        learned_runs = {str(Path(r).resolve()): v for r, v in zip(models.run, models.learned)}
-    if spec is not None and not spec.empty and PATTERN in spec:
-        def counts(labels):
-            c = pd.Series([_label(v) for v in labels]).value_counts()
-            return ", ".join(f"{k} in {v}" for k, v in c.items())
-
-        cells = f"{len(spec)} task × model cell" + ("s" if len(spec) != 1 else "")
-        lines.append(f"**The answer** (specialization probe, most common label over seeds, {cells}): the seed "
-                     f"paper's early-copy / late-refine pattern {counts(spec[PATTERN])}; refinement with depth "
-                     f"{counts(spec['refines with depth'])}.")
-        if learned_runs and not spec_runs.empty:
-            keep = []
-            for task, model in zip(spec["task"], spec["model"]):
-                runs = spec_runs[(spec_runs.task == task) & (spec_runs.model == model)].run
-                keep.append(bool(len(runs)) and all(learned_runs.get(str(Path(r).resolve())) == "learned"
-                                                    for r in runs))
-            learned_spec = spec[keep]
-            lines.append(f"Only learned cells are evidence: {len(learned_spec)} of {cells} had every seed "
-                         "learn its task" + (f"; among them the pattern {counts(learned_spec[PATTERN])}."
-                                           if len(learned_spec) else "; none says how a model solves its task."))
     if not board.empty:
         for task in sorted(board.task.unique()):
             rows = board[board.task == task]
@@ -707,4 +508,4 @@ def summary_lines(board: pd.DataFrame, spec: pd.DataFrame | None, spec_runs: pd.
                 if not missed.empty else "Every model learned its task (relative excess over Bayes below 0.1).")
         else:
             lines.append("Whether the models learned their tasks is not recorded (no Bayes baseline in these runs).")
-    return lines or ["No complete runs to summarize."]
+    return lines

@@ -118,11 +118,11 @@ class Task:
         return {}
 
     def rule_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The task seen as in-context linear regression, for the algorithm ladder's gradient-descent rungs
-        (Akyürek et al. 2022, von Oswald et al. 2023): ``(phi [B, T, k], examples [T] bool)`` such that the
-        rule maps ``phi[:, t]`` to ``targets[:, t]`` (exactly, or as its best linear description), and at
-        position ``t`` the examples ``s < t`` with ``examples[s]`` are known. ``None`` (the default): no
-        linear view; the ladder then holds only the task's baselines."""
+        """The task seen as in-context linear regression, for probes that compare a layer with gradient
+        descent on the context (Akyürek et al. 2022, von Oswald et al. 2023): ``(phi [B, T, k], examples [T]
+        bool)`` such that the rule maps ``phi[:, t]`` to ``targets[:, t]`` (exactly, or as its best linear
+        description), and at position ``t`` the examples ``s < t`` with ``examples[s]`` are known. ``None`` (the default): no
+        linear view; such probes then compare with the task's baselines only."""
         return None
 
     def curriculum(self, step: int, steps: int) -> dict:

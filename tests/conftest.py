@@ -6,8 +6,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: small enough to train in seconds on 2 cores, big enough to learn affine clearly
-TINY = ["model.d_model=32", "model.d_mlp=64", "eval.n_sequences=512", "eval.bootstrap=100"]
+#: the one tiny run the tests start from: small enough to train in seconds on 2 cores, big enough to learn
+#: affine clearly (model sizes apply to the built-in GPTs)
+TINY_RUN = {"model.d_model": 32, "model.d_mlp": 64, "eval.n_sequences": 512, "eval.bootstrap": 100}
+#: what a test that needs only a run's files, not a learned model, changes: the cheapest run that still writes
+#: every file kind (a small model and evaluation set, no OOD shifts, no probes)
+CHEAP = {"model.d_model": 16, "model.d_mlp": 32, "eval.n_sequences": 64, "eval.bootstrap": 10, "eval.ood": False,
+         "eval.probes": False}
+
+
+def tiny_run(cheap: bool = False, sizes: bool = True, **changes) -> dict:
+    """The tiny run's overrides (``{"section.key": value}``): :data:`TINY_RUN`, with ``cheap`` :data:`CHEAP` on
+    top, without the model sizes where ``sizes`` is false (a model that has no ``d_model``), then what the
+    test needs, written ``eval__ood=False`` for ``eval.ood``."""
+    out = {**TINY_RUN, **(CHEAP if cheap else {}), **{k.replace("__", "."): v for k, v in changes.items()}}
+    return {k: v for k, v in out.items() if sizes or k not in ("model.d_model", "model.d_mlp")}
+
+
+def overrides(run: dict) -> list[str]:
+    """``{"eval.ood": False}`` -> ``["eval.ood=false"]`` (``--set`` items)."""
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in run.items()]
+
+
+def sets(run: dict) -> list[str]:
+    """``{"eval.ood": False}`` -> ``["--set", "eval.ood=false"]`` (command-line arguments)."""
+    return [a for item in overrides(run) for a in ("--set", item)]
+
+
+TINY = overrides(tiny_run())
 
 
 def cli(*args, env=None, cwd=None, timeout=300):
@@ -17,9 +43,12 @@ def cli(*args, env=None, cwd=None, timeout=300):
                           env=full_env, cwd=cwd, timeout=timeout)
 
 
-@pytest.fixture
-def tiny():
-    return list(TINY)
+def pytest_collection_modifyitems(items):
+    """A test that pip-installs the example plugins (the ``installed_plugins`` fixture) is ``slow``, like the
+    Ray, Chromium, kill -9 and Hugging Face tests marked where they are defined."""
+    for item in items:
+        if "installed_plugins" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 PLUGINS = ROOT / "tests" / "plugins"

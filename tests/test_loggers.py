@@ -10,14 +10,14 @@ import shutil
 import pytest
 
 import iclbench
+from conftest import overrides, tiny_run
 from iclbench.config import resolve
 from iclbench.errors import ICLBenchError
 from iclbench.leaderboard import find_runs
 from iclbench.registry import get_registry
 
 #: a run of a few seconds: no probes, no OOD; the loss logged every 5 steps
-FAST = ["model.d_model=16", "model.d_mlp=32", "eval.n_sequences=64", "eval.bootstrap=20", "eval.probes=false",
-        "eval.ood=false", "train.log_every=5"]
+FAST = overrides(tiny_run(cheap=True, train__log_every=5))
 
 
 def _client(uri):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import iclbench
-from conftest import TINY
+from conftest import overrides, tiny_run
 from iclbench.config import resolve
 from iclbench.errors import ICLBenchError
 from iclbench.registry import get_registry
@@ -55,7 +55,7 @@ def test_lstm_is_causal_hookable_and_declares_no_heads():
 
 
 def test_lstm_trains_on_affine_below_copy_last(tmp_path):
-    result = iclbench.run("affine", "lstm", steps=300, out=str(tmp_path), overrides=TINY[2:] + ["model.d_model=48"])
+    result = iclbench.run("affine", "lstm", steps=300, out=str(tmp_path), overrides=overrides(tiny_run(sizes=False)) + ["model.d_model=48"])
     s = result.metrics["summary"]
     assert s["model"]["mean"] < 0.5 * s["copy_last"]["mean"], s
 

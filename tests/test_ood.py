@@ -5,13 +5,13 @@ import types
 import pytest
 
 import iclbench
-from conftest import TINY, cli
+from conftest import cli, overrides, tiny_run
 from iclbench import hookimpl
 from iclbench.config import resolve
 from iclbench.registry import build_registry
 from iclbench.tasks.affine import AffineTask
 
-FAST = TINY + ["eval.probes=false"] if "probes" in iclbench.config.EvalOptions.__dataclass_fields__ else TINY
+FAST = overrides(tiny_run(eval__probes=False))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_run
 from iclbench import Baseline, Batch, Model, hookimpl
 from iclbench.contracts import PluginError
 from iclbench.errors import ICLBenchError
@@ -17,8 +18,7 @@ from iclbench.runner import run
 from iclbench.tasks.affine import AffineTask
 from iclbench.testing import check_plugin
 
-TINY = {"train.steps": 20, "model.d_model": 16, "model.d_mlp": 32, "model.n_heads": 2, "eval.n_sequences": 128,
-        "eval.bootstrap": 20, "eval.probes": False, "eval.ood": False}
+TINY = tiny_run(cheap=True, train__steps=20, model__n_heads=2, eval__n_sequences=128, eval__bootstrap=20)
 
 
 def plugin(name, **hooks):

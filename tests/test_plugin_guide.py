@@ -1,16 +1,17 @@
 """docs/plugins.md: every example in the guide is a file of an installed package, and each one works."""
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE_PACKAGES, PLUGINS, ROOT, cli
+from conftest import EXAMPLE_PACKAGES, PLUGINS, ROOT, cli, sets, tiny_run
 
 GUIDE = ROOT / "docs" / "plugins.md"
-SMALL = ["--steps", "20", "--no-probes", "--quiet", "--set", "eval.n_sequences=256", "--set", "eval.bootstrap=20",
-         "--set", "eval.ood=false"]
+SMALL = ["--steps", "20", "--quiet", *sets(tiny_run(cheap=True, sizes=False, eval__n_sequences=256,
+                                                   eval__bootstrap=20))]
 
 
 @pytest.mark.parametrize("path", [p for pkg in EXAMPLE_PACKAGES for p in sorted((PLUGINS / pkg).glob("*"))
@@ -52,3 +53,38 @@ def test_examples_run_together(installed_plugins, tmp_path):
     refused = cli("probe", str(run_dir), "--probe", "attention", env=installed_plugins)
     assert refused.returncode == 2
     assert "has no hook point blocks.0.attn.hook_pattern" in refused.stderr and "n_heads = 0" in refused.stderr
+
+
+def test_a_third_party_probe_presents_itself(installed_plugins, tmp_path):
+    """The example probe's figure and section in the report, its numbers for a tracker and its command:
+    the engine names no probe, so a third party's gets what the built-in ones get."""
+    import subprocess
+    import sys
+
+    import matplotlib.image as mpimg
+
+    done = cli("run", "--task", "sine", "--model", "window_mlp", "--out", str(tmp_path / "results"), *SMALL,
+               env=installed_plugins)
+    assert done.returncode == 0, done.stderr
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    assert cli("probe", str(run_dir), "--probe", "resid_norm", env=installed_plugins).returncode == 0
+    rms = json.loads((run_dir / "probes.json").read_text())["probes"]["resid_norm"]["summary"]["rms_by_layer"]
+
+    report = cli("report", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report"),
+                 env=installed_plugins)
+    assert report.returncode == 0, report.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "### resid_norm: RMS of the residual stream after each layer, per position" in md
+    assert "## resid_norm across runs" in md and f" {rms[-1]:.4f} |" in md  # the cross-run table
+    figure = tmp_path / "report" / "figures" / f"{run_dir.name}-resid_norm.png"
+    assert f"(figures/{figure.name})" in md and float(mpimg.imread(figure)[..., :3].std()) > 0.05
+
+    tracked = subprocess.run([sys.executable, "-c", "import json, sys; from iclbench.loggers.common import "
+                              "probe_scalars; print(json.dumps(probe_scalars(sys.argv[1])))", str(run_dir)],
+                             capture_output=True, text=True, env={**os.environ, **installed_plugins})
+    assert json.loads(tracked.stdout) == {"probe/resid_norm.last_layer_rms": rms[-1]}, tracked.stderr
+
+    command = cli("resid-norm", "--results", str(tmp_path / "results"), env=installed_plugins)
+    assert command.returncode == 0 and str(rms[-1]) in command.stdout, command.stderr
+    assert "resid-norm" in cli("--help", env=installed_plugins).stdout
+    assert "resid-norm" not in cli("--help").stdout  # the command comes with the plugin

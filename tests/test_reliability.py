@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import iclbench
-from conftest import ROOT
+from conftest import ROOT, overrides, tiny_run
 from iclbench import cli as cli_module
 from iclbench import runner, store
 from iclbench.config import resolve
@@ -26,8 +26,7 @@ from iclbench.leaderboard import collect, render
 from iclbench.registry import get_registry
 
 #: the cheapest run that still writes every file kind: no OOD shifts, no probes, a small evaluation set
-FAST = ["model.d_model=16", "model.d_mlp=32", "eval.n_sequences=64", "eval.bootstrap=10", "eval.ood=false",
-        "eval.probes=false"]
+FAST = overrides(tiny_run(cheap=True))
 
 
 def fast_run(out, steps=20, **kw):
@@ -90,6 +89,7 @@ def test_two_commands_started_together_one_writer_and_a_valid_log(tmp_path):
     assert [e["step"] for e in events if "loss" in e] == [20, 40, 60]
 
 
+@pytest.mark.slow  # kill -9 of a sweep's driver
 def test_a_killed_sweep_takes_its_workers_with_it(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text("base: {task: affine, model: gpt1l, train: {steps: 100000, log_every: 1000}, "

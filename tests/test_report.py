@@ -72,6 +72,7 @@ PAGE_CHECK = """<script>window.addEventListener('load', function () {
 });</script>"""
 
 
+@pytest.mark.slow  # headless Chromium
 def test_report_reads_well_in_headless_chromium(report, tmp_path):
     """Rendered by a real browser: every image loads, every in-page link has its target, the page is no
     wider than the window (wide tables and figures scroll in their own boxes), even at 700 px; a

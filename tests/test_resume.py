@@ -67,6 +67,7 @@ def _losses(run_dir):
     return [(r["step"], r["loss"]) for r in rows if "step" in r and "loss" in r]
 
 
+@pytest.mark.slow  # kill -9 of a training process
 def test_run_killed_with_sigkill_resumes_on_rerun_to_the_same_metrics(tmp_path):
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen([sys.executable, "-m", "iclbench.cli", *_run_args(killed_out), "--quiet"],

@@ -69,8 +69,10 @@ def test_run_seeds_in_processes_writes_ordinary_runs_equal_to_one_seed_alone(tmp
     assert together["summary"] == single["summary"]  # a worker computes what a 1-thread run does
 
 
-TINY = {"model.d_model": 32, "model.d_mlp": 64, "eval.n_sequences": 256, "eval.bootstrap": 50, "eval.ood": False,
-        "eval.probes": False, "train.log_every": 10, "train.checkpoint_every": 20}
+from conftest import tiny_run  # noqa: E402
+
+TINY = tiny_run(eval__n_sequences=256, eval__bootstrap=50, eval__ood=False, eval__probes=False,
+               train__log_every=10, train__checkpoint_every=20)
 
 
 def _seeds(tmp_path, stack, seeds=(0, 1, 2), steps=40, **kw):

@@ -11,13 +11,12 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, cli
+from conftest import ROOT, cli, tiny_run
 from iclbench.errors import ICLBenchError
 from iclbench.leaderboard import collect
-from iclbench.options import parse_scalar
 from iclbench.sweep import load_experiment, run_sweep
 
-TINY_BASE = {**{k: parse_scalar(v) for k, v in (s.split("=", 1) for s in TINY)}, "eval.probes": False}
+TINY_BASE = tiny_run(eval__probes=False)
 
 
 def experiment(tmp_path, out, *, steps=20, grid=None, runs=None, name="exp"):
@@ -144,6 +143,7 @@ def test_rerun_skips_complete_runs_and_retries_failed_ones(local_sweep):
     assert before == {r.name: (r.run_dir / "metrics.json").stat().st_mtime_ns for r in exp.runs[:2]}
 
 
+@pytest.mark.slow  # kill -9 of a sweep
 def test_sweep_killed_midway_continues_where_it_stopped(tmp_path):
     out = tmp_path / "results"
     path = experiment(tmp_path, out, steps=30, grid={"seed": list(range(4))})
@@ -180,6 +180,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_ray_workers_return_results_and_the_driver_records_them(ray_cluster, local_sweep, tmp_path):
     exp = load_experiment(experiment(tmp_path, tmp_path / "results", runs=GOOD_AND_BROKEN))
     report = run_sweep(exp, "ray", progress=False)

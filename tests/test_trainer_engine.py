@@ -175,6 +175,7 @@ def test_the_training_step_never_waits_for_the_device():
     assert "index_select" in ops.seen
 
 
+@pytest.mark.slow  # Hugging Face transformers
 def test_hf_gpt2_contender_matches_our_model_size_and_trains():
     """The bench's Garg et al. contender has our model's size (same layers, widths and positions; its unused
     token embedding is one row of d_model) and trains through the trainer's own step."""

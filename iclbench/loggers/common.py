@@ -83,27 +83,48 @@ def curves(metrics: dict) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def probe_summaries(run_dir: Path) -> dict[str, float | str]:
+    """What each registered probe that ran says for a tracker (:meth:`iclbench.Probe.tracker_summary`), as
+    ``<probe>.<key> -> number or text``; nothing where the run has no probes.json or it is damaged."""
+    from .. import store
+    from ..registry import get_registry
+
+    try:
+        stored = store.read_json(Path(run_dir) / "probes.json")["probes"]
+        if not isinstance(stored, dict):
+            return {}
+    except Exception:  # no probes or a damaged file: nothing to record
+        return {}
+    out = {}
+    for name, entry in get_registry().probes.items():
+        summary = (stored.get(name) or {}).get("summary") if isinstance(stored.get(name), dict) else None
+        if not isinstance(summary, dict):
+            continue
+        try:
+            said = entry.obj.tracker_summary(summary)
+        except Exception as exc:  # an older or damaged summary, or a broken plugin: the others still count
+            print(f"iclbench: warning: probe '{name}' cannot summarize {run_dir} for a tracker: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        for key, value in (said or {}).items():
+            if isinstance(value, str) or _num(value) is not None:
+                out[f"{name}.{key}"] = value if isinstance(value, str) else _num(value)
+    return out
+
+
 def labels(run_dir: Path, metrics: dict | None) -> dict[str, str]:
-    """Labels a tracker shows as tags: whether the model learned its task (Bayes excess) and the
-    specialization probe's verdicts and per-layer roles (probes.json), where recorded."""
+    """Labels a tracker shows as tags: whether the model learned its task (Bayes excess) and what the
+    probes say in words (:func:`probe_summaries`)."""
     out = {}
     p = ((metrics or {}).get("curves") or {}).get("predictors", {}).get("model", {})
     if isinstance(p.get("excess_bayes"), dict) and p["excess_bayes"].get("learned"):
         out["learned"] = str(p["excess_bayes"]["learned"])
-    try:
-        from .. import store
+    return out | {k: v for k, v in probe_summaries(run_dir).items() if isinstance(v, str)}
 
-        summary = store.read_json(Path(run_dir) / "probes.json")["probes"]["specialization"]["summary"]
-    except Exception:  # no probes, no specialization probe, or a damaged file: nothing to label
-        return out
-    for key in ("claim_1", "claim_2", "refines_with_depth"):
-        verdict = (summary.get(key) or {}).get("verdict") if isinstance(summary.get(key), dict) else None
-        if verdict is not None:
-            out[f"specialization.{key}"] = str(verdict)
-    roles = summary.get("roles")
-    if isinstance(roles, list):
-        out["specialization.roles"] = ", ".join(f"L{i}: {r}" for i, r in enumerate(roles))
-    return out
+
+def probe_scalars(run_dir: Path) -> dict[str, float]:
+    """The probes' numbers for a tracker (:func:`probe_summaries`), as ``probe/<probe>.<key>`` metrics."""
+    return {metric_name(f"probe/{k}"): v for k, v in probe_summaries(run_dir).items() if not isinstance(v, str)}
 
 
 def metric_name(name: str) -> str:

@@ -4,7 +4,8 @@ One MLflow run per iclbench run, in the experiment ``iclbench-<task>`` (``MLFLOW
 the resolved config as params; the training curve (``train/loss``, ``train/lr``, ... by step); the headline
 error of the model and every baseline with its CI, the excess over the Bayes baseline, the OOD errors; the
 per-position error curves (``curve/NAME``, step = context position); tags for whether the model learned the
-task and the specialization probe's verdicts and layer roles; the run directory as the artifact ``run/``; a
+task and what each probe says in words, and its numbers as ``probe/NAME.KEY`` (``Probe.tracker_summary``);
+the run directory as the artifact ``run/``; a
 failed run's status, error and plugin as tags (run status FAILED).
 
 Store: ``--log mlflow=TRACKING_URI`` (``sqlite:///...``, ``http://...``, a path), else ``MLFLOW_TRACKING_URI``,
@@ -107,7 +108,7 @@ class MLflowLogger(common.Logger):
         from mlflow.entities import Metric, RunTag
 
         steps = int((metrics.get("train") or {}).get("steps") or state.steps)
-        self.log_scalars(state, common.headline(metrics), steps)
+        self.log_scalars(state, common.headline(metrics) | common.probe_scalars(run_dir), steps)
         now = int(time.time() * 1000)
         points = [Metric(common.metric_name(name), v, now, t) for name, curve in common.curves(metrics).items()
                   for t, v in curve]

@@ -3,9 +3,10 @@
 Event files (``torch.utils.tensorboard``) in ``<run dir>/tensorboard``, or ``DIR/<run name>`` with
 ``--log tensorboard=DIR``, so ``tensorboard --logdir results`` (or ``DIR``) shows every run side by side:
 the training curve (``train/loss``, ``train/lr``, ... by step); the headline error of the model and every
-baseline with its CI, the excess over the Bayes baseline and the OOD errors (at the last step); the
+baseline with its CI, the excess over the Bayes baseline, the OOD errors and the probes' numbers
+(``probe/NAME.KEY``, ``Probe.tracker_summary``) at the last step; the
 per-position error curves (``curve/NAME``, step = context position); the text panels ``config`` (the
-resolved config), ``labels`` (learned or not, the specialization verdicts and layer roles) and ``failure``;
+resolved config), ``labels`` (learned or not, and what each probe says in words) and ``failure``;
 the config and the headline error in the HParams dashboard.
 """
 
@@ -54,7 +55,7 @@ class TensorBoardLogger(common.Logger):
     def log_results(self, state, run_dir, metrics):
         steps = int((metrics.get("train") or {}).get("steps") or state.steps)
         head = common.headline(metrics)
-        self.log_scalars(state, head, steps)
+        self.log_scalars(state, head | common.probe_scalars(run_dir), steps)
         for name, curve in common.curves(metrics).items():
             for t, v in curve:
                 state.writer.add_scalar(name, v, t)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from iclbench import Probe, ProbeResult
+from iclbench import Probe, ProbeFigure, ProbeResult
 
 from .common import clean, has_heads, has_mlp, probe_batch, scored_positions, sq_error
+from .figures import ablation_figure, run_title
 
 METHODS = ("zero", "mean")
 
@@ -75,6 +76,11 @@ class Ablation(Probe):
 
     def applies_to(self, task, model):
         return "blocks.0.hook_attn_out" in model.hook_points()
+
+    @classmethod
+    def figures(cls, table, summary, run):
+        return [ProbeFigure(cls.name, ablation_figure(table, f"Ablations: {run_title(run)}"),
+                            "Change in normalized error per position when a component is ablated.")]
 
     def run(self, model, task, generator, device):
         batch = probe_batch(task, self.n_sequences, generator, device)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from iclbench import Probe, ProbeResult
+from iclbench import Probe, ProbeFigure, ProbeResult
 
 from .common import clean, has_heads, probe_batch, scored_positions
+from .figures import attention_figure, run_title
 
 
 @torch.no_grad()
@@ -53,6 +54,11 @@ class AttentionStats(Probe):
 
     def applies_to(self, task, model):
         return has_heads(model) and "blocks.0.attn.hook_pattern" in model.hook_points()
+
+    @classmethod
+    def figures(cls, table, summary, run):
+        return [ProbeFigure(cls.name, attention_figure(table, f"Mean attention patterns: {run_title(run)}"),
+                            "Mean attention pattern of every head (rows: query position, columns: key position).")]
 
     def run(self, model, task, generator, device):
         batch = probe_batch(task, self.n_sequences, generator, device)

@@ -1,5 +1,6 @@
 """The built-in probes, registered through the ``iclbench_probes`` hook exactly as a third party's would be
-(entry point ``probes = "iclbench.probes.builtin"`` in pyproject.toml)."""
+(entry point ``probes = "iclbench.probes.builtin"`` in pyproject.toml), with the command the specialization
+probe adds (``iclbench specialization``)."""
 
 from iclbench import hookimpl
 
@@ -11,7 +12,7 @@ from .lens import LayerLens
 from .linear_probe import LinearProbes
 from .patching import ActivationPatching
 from .similarity import SimilarityHeads
-from .specialization import Specialization
+from .specialization_view import Specialization, iclbench_add_commands  # noqa: F401 (a hookimpl)
 
 
 @hookimpl

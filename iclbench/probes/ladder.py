@@ -34,9 +34,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from iclbench import Probe, ProbeResult
+from iclbench import Probe, ProbeFigure, ProbeResult
 
 from .common import baselines, controls, probe_batch, reference_error, scored_positions, sq_error
+from .figures import ladder_figure, run_title
 from .lens import lens_predictions
 from .stats import (HOLDS, SELECT_MARGIN, SELECT_SWEEP, combine, estimate, interval, relative_drop, resample_weights,
                     selectivity, sweep, verdict)
@@ -170,6 +171,12 @@ class AlgorithmLadder(Probe):
     description = "each layer's tuned-lens read-out against a ladder of algorithms (copy, GD-k, least squares, Bayes)"
     n_sequences = 512
     requires_hooks = ("blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_post")
+
+    @classmethod
+    def figures(cls, table, summary, run):
+        return [ProbeFigure(cls.name, ladder_figure(table, f"Algorithm ladder: {run_title(run)}"),
+                            "Distance between each layer's read-out (tuned lens) and each algorithm, crude → "
+                            "refined; outlined: the nearest algorithm.")]
 
     def run(self, model, task, generator, device):
         fit = probe_batch(task, self.n_sequences, generator, device)

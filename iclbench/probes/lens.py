@@ -15,10 +15,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from iclbench import Probe, ProbeResult
+from iclbench import Probe, ProbeFigure, ProbeResult
 
 from .common import (baselines, controls, probe_batch, reference_error, residual_sites, ridge_fit, ridge_predict,
                      scored_positions, sq_error)
+from .figures import lens_figure, run_title
 from .stats import HOLDS, SELECT_MARGIN, estimate, mean_with_ci, resample_weights, selectivity, verdict
 
 #: ridge of the tuned lens, relative to the mean feature variance: enough to keep the 2 x d_model features
@@ -83,6 +84,13 @@ class LayerLens(Probe):
 
     def applies_to(self, task, model):
         return "blocks.0.hook_resid_pre" in model.hook_points()
+
+    @classmethod
+    def figures(cls, table, summary, run):
+        return [ProbeFigure(cls.name, lens_figure(table, run["curves"]["score_from"],
+                                                  f"Layer lens: {run_title(run)}"),
+                            "Prediction read from the residual stream after each layer (logit lens and tuned lens): "
+                            "error and distance to each baseline's prediction.")]
 
     def run(self, model, task, generator, device):
         fit = probe_batch(task, self.n_sequences, generator, device)

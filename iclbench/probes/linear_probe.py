@@ -13,10 +13,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from iclbench import Probe, ProbeResult
+from iclbench import Probe, ProbeFigure, ProbeResult
 
 from .common import (clean, controls, probe_batch, residual_sites, ridge_fit, ridge_predict, scored_positions,
                      sequence_latents)
+from .figures import linear_probe_figure, run_title
 from .stats import HOLDS, estimate, resample_weights, verdict
 
 #: ridge strength relative to the mean feature variance (the residual has d_model features and the fit half
@@ -72,6 +73,12 @@ class LinearProbes(Probe):
 
     def applies_to(self, task, model):
         return "blocks.0.hook_resid_pre" in model.hook_points()
+
+    @classmethod
+    def figures(cls, table, summary, run):
+        return [ProbeFigure(cls.name, linear_probe_figure(table, run["curves"]["score_from"],
+                                                f"Linear probes: {run_title(run)}"),
+                            "Held-out R² of ridge probes for the task's latent parameters, per layer.")]
 
     def run(self, model, task, generator, device):
         batch = probe_batch(task, self.n_sequences, generator, device)

@@ -349,57 +349,6 @@ def negative_similarity(model, task, test, layer, sim, causal, model_err, refere
     return out
 
 
-def _ci(e) -> str:
-    return f"{e['mean']:.3g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e and None not in (e["mean"], *e["ci"]) else "—"
-
-
-def verdict_table(summary: dict) -> pd.DataFrame:
-    """The claims of one model: verdict, the statistic behind it with its interval, the criterion, and the
-    verdict at other criteria (how a label moves when its cut moves)."""
-    def moves(sweep):
-        return ", ".join(f"{k}: {v}" for k, v in sweep.items())
-
-    crit = summary["criteria"]
-    refine = summary["refines_with_depth"]
-    rows = [{"claim": "refines with depth (selective lens, reducible error, first → last block, relative drop)",
-             "verdict": refine["verdict"],
-             "statistic": f"{_ci(refine['relative_gain'])} (untrained controls: {_ci(refine['control_relative_gain'])})",
-             "criterion": f"> {refine['criterion']}", "at other criteria": moves(refine.get("sweep", {}))}]
-    c1 = summary["claim_1"]
-    coef = c1.get("coefficients", {})
-    rows.append({"claim": "1: layer 0's write is a copy of y_t (form and size)", "verdict": c1["verdict"],
-                 "statistic": (f"copy {_ci(coef['copy'])}, previous {_ci(coef['previous'])}, answer "
-                               f"{_ci(coef['answer'])}; variance share {_ci(c1['variance_share'])}") if coef else "—",
-                 "criterion": f"coefficients within {crit['copy_tolerance']} of (1, 0, 0); share > {crit['size_margin']}",
-                 "at other criteria": moves(c1.get("sweep", {}))})
-    layers = summary["layers"]
-    for name, entry in (("the paper's layer 2", layers[PAPER_LAYER] if len(layers) > PAPER_LAYER else None),
-                        ("the last layer", layers[-1] if len(layers) > 1 else None)):
-        if entry is None:
-            continue
-        rows.append({"claim": f"2: {name} (L{entry['layer']}) refines through negative-similarity attention",
-                     "verdict": entry.get("claim_2", NA),
-                     "statistic": f"heads {' '.join(entry.get('negative_heads', [])) or 'none'}; attention moved "
-                                  f"{_ci(entry.get('attention_moved'))}; excess rise without the similarity "
-                                  f"{_ci(entry.get('similarity_removal_cost'))} (whole head: "
-                                  f"{_ci(entry.get('head_ablation_cost'))})",
-                     "criterion": f"refines > {crit['refine_margin']}, moved > {crit['pattern_margin']}, rise > "
-                                  f"{crit['ablation_margin']} × excess (floor {crit['excess_floor']})",
-                     "at other criteria": moves(entry.get("ablation_sweep", {}))})
-    return pd.DataFrame(rows)
-
-
-def terminal_lines(summary: dict) -> list[str]:
-    """What the terminal shows of one model's specialization after a run or a probe."""
-    gain = summary["refines_with_depth"]["relative_gain"]
-    return [f"role per layer (selective lens; none = no better than untrained controls): "
-            f"{', '.join(f'{l}: {r}' for l, r in enumerate(summary['roles']))}",
-            f"refines with depth: {summary['refines_with_depth']['verdict']} (reducible error, first → last block "
-            f"{_ci(gain)}); claim 1 (layer 0 copies y_t): {summary['claim_1']['verdict']}; claim 2 (layer 2 refines "
-            f"through negative-similarity attention): {summary['claim_2']['verdict']} (any later layer: "
-            f"{summary['claim_2']['any_later_layer']})"]
-
-
 class Specialization(Probe):
     name = "specialization"
     description = ("per layer: nearest algorithm, refinement, copy test; the seed paper's claims as holds / fails / "
