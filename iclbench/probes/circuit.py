@@ -28,8 +28,8 @@ the edge raises the error. By default the gradient is averaged along the straigh
 inputs to the clean ones (``ig_steps`` midpoints, EAP-IG, Hanna et al. 2024): a trained model sits at a minimum
 of the squared error, where the plain gradient (``ig_steps = 0``) is zero or noise.
 
-**Pruning.** Edges are ranked by ``|score|``; the smallest prefix whose faithfulness reaches ``target`` is kept,
-then edges are dropped one by one (smallest ``|score|`` first) and in *cancelling pairs* (opposite scores that
+**Pruning.** Edges are ranked by ``|score|``; a prefix whose faithfulness reaches ``target`` is kept (its size
+doubled until it does, then bisected: the smallest such prefix where faithfulness grows with the prefix), then edges are dropped one by one (smallest ``|score|`` first) and in *cancelling pairs* (opposite scores that
 nearly sum to zero: two components whose writes cancel, each large on its own) while faithfulness stays at the
 target. Every faithfulness is from running the pruned model. A redundant pair (two routes that each suffice)
 keeps one route: the one the ranking reaches first; the other is not needed and is left out, so two seeds can
@@ -107,14 +107,21 @@ def edge_forward(model, graph: Graph, inputs, keep=None, corrupt=None, perturb=N
         def hook(x, hook):
             if "R" not in state:  # the first receiver: the embedding is complete
                 state["R"] = acts["embed"] = state.pop("embed") + state.pop("pos")
-            r = state["R"]
-            if drop is not None:
-                K = drop.shape[0]
-                for e, u in graph.into(name):
-                    w = drop[:, e]
-                    if bool(w.any()):
-                        diff = acts[u].view(K, -1, *r.shape[1:]) - corrupt[u]
-                        r = r - (w.view(K, 1, 1, 1) * diff).view(r.shape)
+            r = acts["->" + name] = state["R"]  # the clean input: the sum of this run's senders (and biases)
+            if keep is not None:
+                # input = clean − Σ dropped (a_u − a*_u) = counterfactual input + Σ kept (a_u − a*_u): whichever
+                # sum has fewer terms
+                into = graph.into(name)
+                dropped = [(e, u) for e, u in into if bool(drop[:, e].any())]
+                kept = [(e, u) for e, u in into if bool(keep[:, e].any())]
+                sign, terms = (-1, dropped) if len(dropped) <= len(kept) else (1, kept)
+                K = keep.shape[0]
+                base = corrupt["->" + name]
+                r = r.view(K, *base.shape) if sign < 0 else base.expand(K, *base.shape)
+                for e, u in terms:
+                    w = (drop if sign < 0 else keep)[:, e].view(K, 1, 1, 1)
+                    r = r + sign * w * (acts[u].view(r.shape) - corrupt[u])
+                r = r.reshape(-1, *r.shape[2:])
             return r + perturb[name] if perturb is not None else r
         return hook
 
@@ -213,19 +220,17 @@ def prune(setup: Setup, scores: torch.Tensor, target: float = TARGET) -> list[in
     """The edge set (indices): the smallest ``|score|``-ranked prefix reaching ``target``, then single edges
     and cancelling pairs removed while the pruned model still reaches it (see the module docstring)."""
     order = [int(i) for i in scores.abs().argsort(descending=True)]
-    E = len(order)
-    keep = order
-    step = max(1, CHUNK // len(setup.clean))
-    for start in range(0, E, step):  # prefixes in batched chunks; stop at the first chunk that reaches it
-        sizes = range(start + 1, min(E, start + step) + 1)
-        f = setup.faithfulness(setup.errors(torch.stack([setup.mask(order[:k]) for k in sizes])))
-        hit = [k for k, fk in zip(sizes, f) if fk >= target]
-        if hit:
-            keep = order[:hit[0]]
-            break
 
     def reaches(edges) -> bool:
         return bool(setup.faithfulness(setup.errors(setup.mask(edges)[None]))[0] >= target)
+
+    lo, hi = 0, 1  # the prefix size: doubled until it reaches the target, then bisected
+    while hi < len(order) and not reaches(order[:hi]):
+        lo, hi = hi, min(2 * hi, len(order))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(order[:mid]) else (mid, hi)
+    keep = order[:hi]
 
     def singles(kept):
         for e in sorted(kept, key=lambda i: abs(float(scores[i]))):
