@@ -357,7 +357,8 @@ class Circuit(Probe):
     @classmethod
     def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame:
         """One row per (task, model): how many seeds learned and have a circuit, the mean Jaccard overlap of
-        the circuits' edges and nodes over pairs of seeds (each seed's mean overlap with the others, a
+        the circuits' edges and nodes over pairs of seeds (and of edges with heads pooled per layer: a head's
+        index within its layer is arbitrary across seeds) (each seed's mean overlap with the others, a
         Student-t interval over seeds), faithfulness and edge fraction over seeds, and the heads in the
         circuit per layer with the seeds that hold them ("H0 3/3")."""
         rows = []
@@ -367,6 +368,7 @@ class Circuit(Probe):
             row = {"task": task, "model": model, "seeds": len(summaries), "circuits": len(found),
                    "edges Jaccard": _seed_overlap([_edge_set(s) for s in found]),
                    "nodes Jaccard": _seed_overlap([set(s["nodes"]) for s in found]),
+                   "edges Jaccard, heads pooled": _seed_overlap([_edge_set(s, pooled=True) for s in found]),
                    "faithfulness": _over_seeds([s["faithfulness"]["mean"] for s in found]),
                    "edge fraction": _over_seeds([s["edge_fraction"] for s in found])}
             depth = max((s["graph"]["n_layers"] for s in found), default=0)
@@ -378,8 +380,11 @@ class Circuit(Probe):
         return pd.DataFrame(rows)
 
 
-def _edge_set(summary) -> set:
-    return {tuple(e) for e in summary["edges"]}
+def _edge_set(summary, pooled: bool = False) -> set:
+    """The circuit's edges; ``pooled``: heads named by layer only (``L1H*``), since which index a head gets
+    within its layer is arbitrary across seeds."""
+    pool = (lambda x: x[:x.index("H") + 1] + "*" if _is_head(x) else x) if pooled else (lambda x: x)  # noqa: E731
+    return {(pool(u), pool(v)) for u, v in summary["edges"]}
 
 
 def jaccard(a: set, b: set) -> float:
@@ -404,10 +409,11 @@ def _over_seeds(values) -> str:
     return f"{mean:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else " (1 seed)")
 
 
-def circuit_overlap(runs: pd.DataFrame, by: str = "cell") -> pd.DataFrame:
+def circuit_overlap(runs: pd.DataFrame) -> pd.DataFrame:
     """Overlap of circuits across cells (depths, tasks): for every two (task, model) cells, the mean Jaccard of
-    edges and of nodes over all pairs of their seeds' circuits, and the edges and heads that a majority of the
-    seeds of both cells hold. ``runs`` as for :meth:`Circuit.cross_run_table`."""
+    edges, of nodes and of edges with heads pooled per layer over all pairs of their seeds' circuits, and the
+    edges and heads that a majority of the seeds of both cells hold. ``runs`` as for
+    :meth:`Circuit.cross_run_table`."""
     cells = {}
     for key, group in runs.groupby(["task", "model"], sort=True):
         found = [s for s in group["summary"] if isinstance(s, dict) and s.get("circuit") == "found"]
@@ -422,10 +428,12 @@ def circuit_overlap(runs: pd.DataFrame, by: str = "cell") -> pd.DataFrame:
                      "edges Jaccard": clean(sum(jaccard(_edge_set(x), _edge_set(y)) for x, y in pairs) / len(pairs)),
                      "nodes Jaccard": clean(sum(jaccard(set(x["nodes"]), set(y["nodes"])) for x, y in pairs)
                                             / len(pairs)),
+                     "edges Jaccard, heads pooled": clean(sum(jaccard(_edge_set(x, True), _edge_set(y, True))
+                                                              for x, y in pairs) / len(pairs)),
                      "shared edges": ", ".join(f"{u}->{v}" for u, v in sorted(common)) or "—",
                      "shared heads": " ".join(sorted(heads, key=_node_order)) or "—"})
-    return pd.DataFrame(rows, columns=["cell a", "cell b", "edges Jaccard", "nodes Jaccard", "shared edges",
-                                       "shared heads"])
+    return pd.DataFrame(rows, columns=["cell a", "cell b", "edges Jaccard", "nodes Jaccard",
+                                       "edges Jaccard, heads pooled", "shared edges", "shared heads"])
 
 
 def _majority(summaries, items) -> set:
