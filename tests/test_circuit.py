@@ -167,3 +167,35 @@ def test_registered_probe_cross_run_table_overlap_and_figure():
     assert overlap.iloc[0]["edges Jaccard"] == pytest.approx((2 * 2 * 0.4 + 2 * 1) / 6, abs=1e-6)
     fig = circuit_figure(full)
     assert len([t for t in fig.axes[0].texts if t.get_bbox_patch()]) == len(full["nodes"]) and not math.isnan(full["faithfulness"]["mean"])
+
+
+def test_plain_gradient_is_blind_at_a_perfect_model_integrated_gradients_are_not():
+    """The wired model's error is 0: the gradient at the clean run vanishes, so plain attribution patching
+    (``ig_steps=0``) scores every edge ~0; the integrated gradient scores the planted edges."""
+    model, task = wired_gpt(), RampTask()
+    gen = torch.Generator().manual_seed(3)
+    setup = Setup(model, task, Graph(model), probe_batch(task, 64, gen, "cpu"), probe_batch(task, 64, gen, "cpu"))
+    from iclbench.probes.circuit import edge_scores
+    plain, ig = edge_scores(setup, 0), edge_scores(setup, 5)
+    assert plain.abs().max() < 1e-4 * ig.abs().max()
+    top = {setup.graph.edges[i] for i in ig.abs().argsort(descending=True)[:5].tolist()}
+    assert top == set(PLANTED)
+
+
+@pytest.mark.parametrize("name", ["gpt2l", "gpt2l-attn"])
+def test_edge_patching_reproduces_the_model_with_and_without_mlps(name):
+    registry = get_registry()
+    task = registry.task("affine")()
+    cls = registry.model(name)
+    torch.manual_seed(0)
+    model = cls(cls.Options(), task.d_in, task.d_out, task.context_len).eval()
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupt = probe_batch(task, 16, gen, "cpu"), probe_batch(task, 16, gen, "cpu")
+    setup = Setup(model, task, Graph(model), clean, corrupt)
+    E = len(setup.graph.edges)
+    assert (E == 33) == (name == "gpt2l") and all(setup.graph.mlp) == (name == "gpt2l")
+    with torch.no_grad():
+        assert torch.allclose(edge_forward(model, setup.graph, clean.inputs, torch.ones(1, E), setup.acts_x),
+                              model(clean.inputs), atol=1e-5)
+        assert torch.allclose(edge_forward(model, setup.graph, clean.inputs, torch.zeros(1, E), setup.acts_x),
+                              model(corrupt.inputs), atol=1e-5)

@@ -445,9 +445,10 @@ def _majority(summaries, items) -> set:
 
 
 def circuit_figure(summary: dict):
-    """The circuit as a graph: embedding, layers left to right (each layer's heads in a column, its attention
-    input and MLP beside them), read-out; edge width by |score|, blue where corrupting the edge raises the
-    error, red where it lowers it. A figure with a note when there is no circuit."""
+    """The circuit as a graph: embedding, layers left to right (per layer: its attention input on top, its heads
+    in a column, its MLP), read-out; edge width by |score|, blue where corrupting the edge raises the error,
+    red where it lowers it; gray lines join a layer's attention input to its heads in the circuit. A figure with
+    a note when there is no circuit."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -461,28 +462,30 @@ def circuit_figure(summary: dict):
         ax.text(0.5, 0.5, f"no circuit: {summary.get('circuit', 'n/a')}", ha="center", va="center")
         return fig
 
-    def place(node):
-        if node == "embed":
-            return 0.0, (H - 1) / 2
-        if node == "out":
-            return 3.0 * L + 1, (H - 1) / 2
+    def place(node):  # columns: embed | per layer: attention input, heads, MLP | out; the attention input on top
+        if node in ("embed", "out"):
+            return (0.0 if node == "embed" else 3.0 * L + 1), (H - 1) / 2
         layer, kind, h = _node_order(node)
-        return 3.0 * layer + 1 + kind, (h if kind == 1 else (H - 1) / 2)
+        return 3.0 * layer + 1 + kind, {0: -1.2, 1: h, 2: (H - 1) / 2}[kind]
+
+    def arrow(u, v, lw, color, style="-|>"):
+        ax.annotate("", place(v), place(u), arrowprops=dict(arrowstyle=style, lw=lw, color=color, alpha=0.7,
+                                                            shrinkA=9, shrinkB=9, connectionstyle="arc3,rad=0.12"))
 
     scores = summary["edge_scores"]
     top = max((abs(v) for v in scores.values() if v is not None), default=1.0) or 1.0
     for u, v in summary["edges"]:
         s = scores.get(f"{u}->{v}") or 0.0
-        (x0, y0), (x1, y1) = place(u), place(v)
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="-|>", lw=0.5 + 5 * abs(s) / top, alpha=0.7,
-                                                             color="tab:blue" if s >= 0 else "tab:red",
-                                                             shrinkA=8, shrinkB=8))
+        arrow(u, v, 0.5 + 5 * abs(s) / top, "tab:blue" if s >= 0 else "tab:red")
+    for node in summary["nodes"]:  # a head reads its layer's attention input (not an edge: drawn dotted)
+        if _is_head(node) and f"{node[:node.index('H')]}ATTN" in summary["nodes"]:
+            arrow(f"{node[:node.index('H')]}ATTN", node, 0.6, "tab:gray", "-")
     for node in summary["nodes"]:
         x, y = place(node)
         ax.text(x, y, node, ha="center", va="center", fontsize=8,
                 bbox=dict(boxstyle="round", fc="white", ec="tab:gray"))
     ax.set_xlim(-0.7, 3.0 * L + 1.7)
-    ax.set_ylim(-0.8, H - 0.2)
+    ax.set_ylim(H - 0.3, -1.7)
     f = summary["faithfulness"]
     ax.set_title(f"circuit: {summary['n_edges']} edges ({summary['edge_fraction']:.0%}), faithfulness "
                  f"{f['mean']:.2f} [{f['ci'][0]:.2f}, {f['ci'][1]:.2f}]", fontsize=9)
