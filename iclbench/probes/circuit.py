@@ -202,7 +202,7 @@ def edge_scores(setup: Setup, steps: int = IG_STEPS) -> torch.Tensor:
     model, graph, clean_b = setup.model, setup.graph, setup.clean
     alphas = [(i + 0.5) / steps for i in range(steps)] if steps else [1.0]
     x0, x1 = setup.corrupt.inputs, clean_b.inputs
-    inputs = torch.cat([x0 + a * (x1 - x0) for a in alphas])
+    inputs = torch.cat([x0 + a * (x1 - x0) for a in alphas]) if steps else x1
     S, n = len(alphas), len(clean_b)
     d = setup.acts["embed"].shape[-1]
     with torch.enable_grad():
@@ -449,14 +449,12 @@ def circuit_figure(summary: dict):
     in a column, its MLP), read-out; edge width by |score|, blue where corrupting the edge raises the error,
     red where it lowers it; gray lines join a layer's attention input to its heads in the circuit. A figure with
     a note when there is no circuit."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend chosen, no global figure state
 
     g = summary.get("graph", {})
     L, H = g.get("n_layers", 0), max(g.get("n_heads", 1), 1)
-    fig, ax = plt.subplots(figsize=(2 + 1.8 * L, 1.5 + 0.45 * H))
+    fig = Figure(figsize=(2 + 1.8 * L, 1.5 + 0.45 * H))
+    ax = fig.subplots()
     ax.set_axis_off()
     if summary.get("circuit") != "found":
         ax.text(0.5, 0.5, f"no circuit: {summary.get('circuit', 'n/a')}", ha="center", va="center")
