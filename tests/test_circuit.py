@@ -199,3 +199,18 @@ def test_edge_patching_reproduces_the_model_with_and_without_mlps(name):
                               model(clean.inputs), atol=1e-5)
         assert torch.allclose(edge_forward(model, setup.graph, clean.inputs, torch.zeros(1, E), setup.acts_x),
                               model(corrupt.inputs), atol=1e-5)
+
+
+def test_cross_run_table_of_cells_of_other_depths_and_an_unlearned_seed():
+    s, _ = find(wired_gpt())
+    shallow = dict(s, graph=dict(s["graph"], n_layers=1), edges=[list(e) for e in COPY], nodes=["embed", "L0ATTN",
+                   "L0H0", "out"], heads=["L0H0"], heads_by_layer={"0": ["H0"]}, edge_fraction=0.1)
+    runs = pd.DataFrame([{"task": "ramp", "model": "deep", "seed": 0, "summary": s, "learned": "learned"},
+                         {"task": "ramp", "model": "deep", "seed": 1, "summary": {"circuit": "not learned"},
+                          "learned": "not learned"},
+                         {"task": "ramp", "model": "shallow", "seed": 0, "summary": shallow, "learned": "learned"},
+                         {"task": "ramp", "model": "shallow", "seed": 1, "summary": shallow, "learned": "learned"}])
+    table = Circuit.cross_run_table(runs).set_index("model")
+    assert table.loc["deep", "seeds"] == 2 and table.loc["deep", "circuits"] == 1
+    assert table.loc["shallow", "layer 2 heads"] == "—" and table.loc["shallow", "edge fraction"] == "0.10 [0.10, 0.10]"
+    assert circuit_overlap(runs).iloc[0]["edges Jaccard"] == pytest.approx(0.4)

@@ -380,7 +380,7 @@ class Circuit(Probe):
                    "edges Jaccard": _seed_overlap([_edge_set(s) for s in found]),
                    "nodes Jaccard": _seed_overlap([set(s["nodes"]) for s in found]),
                    "edges Jaccard, heads pooled": _seed_overlap([_edge_set(s, pooled=True) for s in found]),
-                   "faithfulness": _over_seeds([s["faithfulness"]["mean"] for s in found]),
+                   "faithfulness": _over_seeds([s["faithfulness"]["mean"] for s in found], bounded=False),
                    "edge fraction": _over_seeds([s["edge_fraction"] for s in found])}
             depth = max((s["graph"]["n_layers"] for s in found), default=0)
             for l in range(depth):
@@ -388,7 +388,7 @@ class Circuit(Probe):
                 row[f"layer {l} heads"] = ", ".join(f"{h} {c}/{len(found)}" for h, c in counts.sort_index().items()) \
                     or "—"
             rows.append(row)
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows).fillna("—")  # a shallower cell has no deeper layers
 
 
 def _edge_set(summary, pooled: bool = False) -> set:
@@ -411,12 +411,15 @@ def _seed_overlap(sets: list[set]) -> str:
     return _over_seeds(per_seed)
 
 
-def _over_seeds(values) -> str:
+def _over_seeds(values, bounded: bool = True) -> str:
+    """'mean [lo, hi]' with a Student-t interval over seeds, clipped to [0, 1] for a share (``bounded``)."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
     mean = sum(values) / len(values)
     ci = seed_ci(values)
+    if ci and bounded:
+        ci = (max(0.0, ci[0]), min(1.0, ci[1]))
     return f"{mean:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else " (1 seed)")
 
 
