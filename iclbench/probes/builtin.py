@@ -7,6 +7,7 @@ from iclbench import hookimpl
 from .ablation import Ablation
 from .attention import AttentionStats
 from .attribution import DirectAttribution
+from .circuit import Circuit
 from .ladder import AlgorithmLadder
 from .lens import LayerLens
 from .linear_probe import LinearProbes
@@ -18,4 +19,4 @@ from .specialization_view import Specialization, iclbench_add_commands  # noqa: 
 @hookimpl
 def iclbench_probes():
     return [LayerLens, AlgorithmLadder, Ablation, DirectAttribution, AttentionStats, SimilarityHeads, LinearProbes,
-            ActivationPatching, Specialization]
+            ActivationPatching, Specialization, Circuit]
