@@ -16,7 +16,7 @@ from importlib import metadata
 import pluggy
 
 from . import hookspecs
-from .errors import ICLBenchError, did_you_mean
+from .errors import ICLBenchError, did_you_mean, warn
 from .task import Baseline
 
 GROUP = "iclbench"
@@ -106,10 +106,6 @@ class Registry:
             out[name] = {"distribution": dist or None, "version": version or None,
                          "source_sha256": source_hash(plugin)}
         return dict(sorted(out.items()))
-
-
-def warn(message: str) -> None:
-    print(f"iclbench: warning: {message}", file=sys.stderr)
 
 
 def source_hash(module) -> str | None:

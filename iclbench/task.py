@@ -89,6 +89,9 @@ class Task:
     #: R² only says the model sees its own inputs. ``None`` (a plugin that does not say): every ``[B]`` or
     #: ``[B, k]`` latent that is not per position; ``()``: the task has no identifiable rule to probe.
     rule_latents: ClassVar[tuple[str, ...] | None] = None
+    #: the registry this task was built from (set by :func:`iclbench.build.build`), whose baselines for it
+    #: are the run's, the probes' included; None: the process-wide registry
+    registry = None
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
