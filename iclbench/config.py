@@ -17,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ICLBenchError, did_you_mean
+from .errors import ICLBenchError, did_you_mean, warn
 from .options import MAX_SEED, EvalOptions, TrainOptions, build_options, parse_scalar
 from .registry import Registry
 
@@ -232,7 +231,7 @@ def _log_targets(registry: Registry, value, where: str, strict: bool = True) -> 
                        + f" (loggers: {', '.join(loggers) or 'none'})")
             if strict:
                 raise ICLBenchError(message)
-            print(f"iclbench: warning: {message} in {where}; not logging to it", file=sys.stderr)
+            warn(f"{message} in {where}; not logging to it")
             continue
         out.append(item.strip())
     return out

@@ -9,7 +9,6 @@ is disabled (an error naming both when used, listed by ``iclbench list``) and ev
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -172,8 +171,8 @@ def build_registry(autoload: bool | None = None, extra_plugins=()) -> Registry:
             reg.dists[ep.name] = (dist, ep.dist.version if ep.dist is not None else "")
         except Exception as exc:  # a broken plugin must not take the others down
             reg.failed[ep.name] = f"{type(exc).__name__}: {exc}"
-            print(f"iclbench: warning: plugin '{ep.name}' ({ep.value}, from {dist or 'unknown'}) failed to "
-                  f"load: {type(exc).__name__}: {exc}", file=sys.stderr)
+            warn(f"plugin '{ep.name}' ({ep.value}, from {dist or 'unknown'}) failed to load: "
+                 f"{type(exc).__name__}: {exc}")
     for plugin in extra_plugins:
         pm.register(plugin)
 
@@ -184,8 +183,7 @@ def build_registry(autoload: bool | None = None, extra_plugins=()) -> Registry:
                 items = impl.function() or []
             except Exception as exc:
                 reg.failed[plugin] = f"{type(exc).__name__}: {exc}"
-                print(f"iclbench: warning: plugin '{plugin}' failed in {hook.name}: {type(exc).__name__}: "
-                      f"{exc}", file=sys.stderr)
+                warn(f"plugin '{plugin}' failed in {hook.name}: {type(exc).__name__}: {exc}")
                 continue
             yield plugin, items
 

@@ -25,14 +25,19 @@ from . import contracts, store
 from .build import build
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged, one_line, warn
-from .registry import Registry
-from .trainer import TrainingState
+from .registry import Registry, get_registry
+from .trainer import TrainingState, resolve_device
 
 PROBES_JSON, PROBES_DIR = "probes.json", "probes"
 #: the files whose presence makes a directory a run directory
 MARKERS = (store.CONFIG, store.METRICS, store.STATUS)
 #: the file that marks a folder (and all below it) as holding no runs, though it may hold copies of them
 NOT_RUNS = ".iclbench-not-runs"
+
+
+def load_run(run_dir: str | Path, registry: Registry | None = None, device: str = "cpu"):
+    """Rebuild ``(config, task, model)`` of a finished run from its directory (see :meth:`RunDir.load`)."""
+    return RunDir(run_dir).load(registry or get_registry(), resolve_device(device))
 
 
 def find_runs(results: Path) -> list[Path]:

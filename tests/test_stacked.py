@@ -10,7 +10,7 @@ from iclbench.config import TrainOptions
 from iclbench.models.gpt import GPT, GPTOptions
 from iclbench.registry import get_registry
 from iclbench.stacked import StackedSeeds
-from iclbench.trainer import make_optimizer, scored_positions, train_step
+from iclbench.step import make_optimizer, mask_index, train_step
 
 
 def test_stacked_seeds_match_separate_runs_after_several_steps():
@@ -27,7 +27,7 @@ def test_stacked_seeds_match_separate_runs_after_several_steps():
     opts = [make_optimizer(m, o) for m in separate]
     for step in range(4):
         batches = [task.sample(o.batch_size, g) for g in gens]
-        scored = scored_positions(batches[0].mask)
+        scored = mask_index(batches[0].mask)
         assert scored is not None
         together = stacked.step(batches, norm, 1e-3 * (step + 1), scored)
         alone = [train_step(m, opt, b, norm, 1e-3 * (step + 1), o, scored) for m, opt, b in zip(separate, opts, batches)]
