@@ -29,6 +29,8 @@ def run_probes(model, task, names=None, *, seed: int, device, registry: Registry
     the default set that fails, ``{name: {"error": message}}`` with a warning (a broken plugin must not cost a
     trained run). A probe named explicitly that does not apply or fails is an error."""
     registry = registry or get_registry()
+    if getattr(task, "registry", None) is None:  # the probes' baselines come from the registry given
+        task.registry = registry
     chosen = list(registry.probes) if names is None else list(names)
     model.eval()
     out = {}

@@ -10,13 +10,13 @@ from __future__ import annotations
 import html
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from . import store
+from .errors import warn
 
 
 def _pyplot():
@@ -449,10 +449,6 @@ def verdict_table(summary: dict) -> pd.DataFrame:
                               f"{summary['criteria']['ablation_margin']}",
                  "at other criteria": moves(last.get("ablation_sweep", {}))})
     return pd.DataFrame(rows)
-
-
-def warn(message: str) -> None:
-    print(f"iclbench: warning: {message}", file=sys.stderr)
 
 
 def _probe_table(run_dir: Path, name: str) -> pd.DataFrame | None:

@@ -148,25 +148,25 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ICLBenchError(f"cannot create run directory {str(self.path)!r}: {exc.strerror}") from None
+        held = contextlib.ExitStack()
         try:
-            lock = store.run_lock(self.path)
-            lock.__enter__()
+            held.enter_context(store.run_lock(self.path))
         except store.RunBusy as exc:
             raise ICLBenchError(f"run {self.path} is being computed by {exc}; wait for it, or stop it and rerun "
                                 "to continue from its last checkpoint") from None
-        run = OpenRun(self, cfg, registry, device, task, model)
-        try:
-            run.find_earlier(force=force)
-            yield run
-        except BaseException as exc:
-            error = run.fail(exc)
-            if error is not None:
-                raise error from exc
-            raise
-        finally:
-            if run.log is not None:
-                run.log.close()
-            lock.__exit__(None, None, None)
+        with held:
+            run = OpenRun(self, cfg, registry, device, task, model)
+            try:
+                run.find_earlier(force=force)
+                yield run
+            except BaseException as exc:
+                error = run.fail(exc)
+                if error is not None:
+                    raise error from exc
+                raise
+            finally:
+                if run.log is not None:
+                    run.log.close()
 
 
 class OpenRun:
@@ -313,8 +313,9 @@ class OpenRun:
             return None
         self.running = False
         if isinstance(exc, KeyboardInterrupt):
+            threads = self.segments[-1]["threads"] if self.segments else torch.get_num_threads()
             store.write_json(self.path / store.STATUS, {"status": "interrupted", "message": "Ctrl-C",
-                                                        "threads": torch.get_num_threads()})
+                                                        "threads": threads})
             return None
         plugin = getattr(exc, "plugin", None) or contracts.blame(exc, self.registry)
         if isinstance(exc, TrainingDiverged):

@@ -168,8 +168,8 @@ def on_host(fn: Callable, *tensors: torch.Tensor) -> torch.Tensor:
 
     Tasks' baselines and the probes solve batches of k×k systems with k of a few units, one per sequence and
     prefix. On CUDA they go to cuSOLVER's batched routines, and ``pinv(hermitian=True)`` (batched eigh) fails
-    with CUSOLVER_STATUS_INTERNAL_ERROR past about 32k matrices: an evaluation batch of 4096 affine sequences
-    holds 65,536 (seen on an H200 with torch 2.11, 2026-11-28; the same limit is reported in mujocolab/mjlab#732).
+    with CUSOLVER_STATUS_INTERNAL_ERROR past about 32k matrices (an evaluation batch of 4096 affine sequences
+    holds 65,536).
     Matrices this small gain nothing from a GPU, so they are always solved where CI tests them. Used by the
     built-in tasks' least-squares and Bayes baselines and by the probes' ridge fits; plugins may call it too."""
     device = tensors[0].device

@@ -108,3 +108,22 @@ def test_stacked_seeds_fire_every_lifecycle_hook_once_per_seed_as_separate_runs_
         assert [(e["event"], e.get("step")) for e in a] == [(e["event"], e.get("step")) for e in b]
         assert a[0] == b[0]  # the same run, the same config
         assert [e["loss"] for e in a[1:-1]] == pytest.approx([e["loss"] for e in b[1:-1]], rel=1e-3)
+
+
+def test_probes_take_their_baselines_from_the_registry_the_run_was_given():
+    from iclbench import Baseline, hookimpl
+    from iclbench.build import build
+    from iclbench.config import resolve
+    from iclbench.probes.common import baselines
+    from iclbench.registry import get_registry
+
+    class ExtraBaseline:
+        @hookimpl
+        def iclbench_baselines(self):
+            return [Baseline("affine", "zeros_elsewhere", lambda batch: torch.zeros_like(batch.targets))]
+
+    registry = build_registry(extra_plugins=[ExtraBaseline()])
+    task, _ = build(registry, resolve(registry, task="affine", model="gpt1l"), torch.device("cpu"))
+    batch = task.sample(4, torch.Generator().manual_seed(0))
+    assert "zeros_elsewhere" in baselines(task, batch)
+    assert "zeros_elsewhere" not in baselines(get_registry().task("affine")(), batch)
