@@ -12,7 +12,7 @@ import pytest
 import iclbench
 from iclbench.config import resolve
 from iclbench.errors import ICLBenchError
-from iclbench.leaderboard import find_runs
+from iclbench.rundir import find_runs
 from iclbench.registry import get_registry
 
 #: a run of a few seconds: no probes, no OOD; the loss logged every 5 steps
