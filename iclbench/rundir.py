@@ -73,13 +73,6 @@ class RunDir:
         """The metrics of a complete run; :class:`~iclbench.store.DamagedRun` saying what is wrong otherwise."""
         return store.read_run(self.path)
 
-    def status(self) -> dict:
-        """``status.json``, or ``{}`` where it is missing or damaged."""
-        try:
-            return store.read_json(self.path / store.STATUS)
-        except store.DamagedRun:
-            return {}
-
     def training_state(self) -> TrainingState | None:
         """The training state of an unfinished run, None where there is none; raises on a damaged one."""
         if not (self.path / store.TRAIN_STATE).exists():

@@ -12,8 +12,8 @@ import pytest
 import iclbench
 from iclbench.config import resolve
 from iclbench.errors import ICLBenchError
-from iclbench.rundir import find_runs
 from iclbench.registry import get_registry
+from iclbench.rundir import find_runs
 
 #: a run of a few seconds: no probes, no OOD; the loss logged every 5 steps
 FAST = ["model.d_model=16", "model.d_mlp=32", "eval.n_sequences=64", "eval.bootstrap=20", "eval.probes=false",
