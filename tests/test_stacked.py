@@ -136,22 +136,29 @@ def test_a_killed_stacked_job_resumes_seed_by_seed(tmp_path, monkeypatch):
         assert m1["summary"]["model"]["mean"] == pytest.approx(m2["summary"]["model"]["mean"], rel=1e-3)
 
 
-def test_a_stacked_seed_that_diverges_stops_alone_and_the_others_train_on(monkeypatch):
-    """The loop checks each seed's loss: a seed whose loss turns non-finite gets that step logged and a
-    TrainingDiverged; the other seeds keep training to the end, logged as before."""
-    from iclbench import stacked
-    from iclbench.errors import TrainingDiverged
-    from iclbench.trainer import Trainee, train_together
 
-    task = get_registry().task("affine")(None)
+@pytest.fixture
+def seed_1_diverges_at_step_7(monkeypatch):
+    """Of three stacked seeds, seed 1's loss turns NaN at the 7th step (the others' stay as they are)."""
+    from iclbench import stacked
+
     real, calls = stacked.StackedSeeds.step, {"n": 0}
 
-    def seed_1_poisoned_at_step_7(self, *args, **kwargs):
+    def poisoned(self, *args, **kwargs):
         losses = real(self, *args, **kwargs)
         calls["n"] += 1
         return torch.where(torch.arange(3) == 1, float("nan"), losses) if calls["n"] == 7 else losses
 
-    monkeypatch.setattr(stacked.StackedSeeds, "step", seed_1_poisoned_at_step_7)
+    monkeypatch.setattr(stacked.StackedSeeds, "step", poisoned)
+
+
+def test_a_stacked_seed_that_diverges_stops_alone_and_the_others_train_on(seed_1_diverges_at_step_7):
+    """The loop checks each seed's loss: a seed whose loss turns non-finite gets that step logged and a
+    TrainingDiverged; the other seeds keep training to the end, logged as before."""
+    from iclbench.errors import TrainingDiverged
+    from iclbench.trainer import Trainee, train_together
+
+    task = get_registry().task("affine")(None)
     logged = {seed: [] for seed in range(3)}
     trainees = []
     for seed in range(3):
@@ -165,18 +172,10 @@ def test_a_stacked_seed_that_diverges_stops_alone_and_the_others_train_on(monkey
     assert out[0]["stacked_with"] == out[2]["stacked_with"] == 3 and out[0]["steps"] == 20
 
 
-def test_a_diverged_stacked_seed_is_recorded_so_and_the_others_complete(tmp_path, monkeypatch):
-    from iclbench import stacked, store
+def test_a_diverged_stacked_seed_is_recorded_so_and_the_others_complete(tmp_path, seed_1_diverges_at_step_7):
+    from iclbench import store
     from iclbench.errors import TrainingDiverged
 
-    real, calls = stacked.StackedSeeds.step, {"n": 0}
-
-    def seed_1_poisoned_at_step_7(self, *args, **kwargs):
-        losses = real(self, *args, **kwargs)
-        calls["n"] += 1
-        return torch.where(torch.arange(3) == 1, float("nan"), losses) if calls["n"] == 7 else losses
-
-    monkeypatch.setattr(stacked.StackedSeeds, "step", seed_1_poisoned_at_step_7)
     with pytest.raises(TrainingDiverged, match="diverged at step 7"):
         _seeds(tmp_path, True)
     dirs = sorted(tmp_path.iterdir())
