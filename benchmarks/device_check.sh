@@ -59,22 +59,23 @@ run 90 $PY - <<'PY'
 import torch, time
 from iclbench.config import resolve
 from iclbench.registry import get_registry
-from iclbench.runner import build
-from iclbench.trainer import DeviceLoss, make_optimizer, scored_positions, train_step
+from iclbench.build import build
+from iclbench.step import make_optimizer, mask_index, train_step
+from iclbench.trainer import DeviceLoss
 dev = torch.device("cuda")
 cfg = resolve(get_registry(), task="affine", model="gpt3l", device="cuda")
 task, model = build(get_registry(), cfg, dev)
 gen = torch.Generator(device=dev).manual_seed(0)
-o, opt, acc = cfg.train, make_optimizer(model, cfg.train), DeviceLoss(dev)
+o, opt, acc = cfg.train, make_optimizer(model, cfg.train), DeviceLoss(dev, [0.0])
 norm = task.normalizer(dev).to(dev)
-scored = scored_positions(task.sample(8, gen, dev).mask)
+scored = mask_index(task.sample(8, gen, dev).mask)
 for step in range(3):  # warm-up (lazy init may sync)
-    acc.add(train_step(model, opt, task.sample(o.batch_size, gen, dev), norm, 1e-3, o, scored), step + 1)
+    acc.add(train_step(model, opt, task.sample(o.batch_size, gen, dev), norm, 1e-3, o, scored).reshape(1), step + 1)
 torch.cuda.synchronize()
 torch.cuda.set_sync_debug_mode("error")
 t0 = time.perf_counter()
 for step in range(200):
-    acc.add(train_step(model, opt, task.sample(o.batch_size, gen, dev), norm, 1e-3, o, scored), step + 1)
+    acc.add(train_step(model, opt, task.sample(o.batch_size, gen, dev), norm, 1e-3, o, scored).reshape(1), step + 1)
 queued = time.perf_counter() - t0
 torch.cuda.set_sync_debug_mode(0)
 torch.cuda.synchronize()

@@ -9,7 +9,11 @@ import time
 import torch
 
 from iclbench.probing import run_probes
-from iclbench.runner import load_run
+
+try:
+    from iclbench.rundir import load_run
+except ImportError:  # a checkout from before the run-directory object (commit 40386db and earlier)
+    from iclbench.runner import load_run
 
 
 def main():

@@ -15,7 +15,7 @@ import time
 import torch
 
 from iclbench.probing import run_probes
-from iclbench.runner import load_run
+from iclbench.rundir import load_run
 
 
 def ci(e):

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from iclbench import store  # noqa: E402
-from iclbench.leaderboard import find_runs  # noqa: E402
+from iclbench.rundir import find_runs  # noqa: E402
 from iclbench.probes.specialization import CLAIM_LABELS, claim_verdicts  # noqa: E402
 from iclbench.probes.stats import share_ci, sweep  # noqa: E402
 from iclbench.probing import collect_probe, cross_run  # noqa: E402

@@ -23,9 +23,10 @@ import torch
 from .config import resolve
 from .errors import ICLBenchError
 from .registry import get_registry
-from .runner import build
+from .build import build
+from .step import compile_model, make_optimizer, mask_index, train_step
 from .store import device_name
-from .trainer import compile_model, make_optimizer, resolve_device, scored_positions, train_step
+from .trainer import resolve_device
 
 N_BATCHES = 4  # distinct batches cycled through, drawn once, so data generation is not timed
 
@@ -46,7 +47,7 @@ def training_step(model, task, cfg, batches, compile: bool = False) -> Callable[
     device = batches[0].inputs.device
     step_model = compile_model(model, device) if compile else model
     norm = task.normalizer(device).to(device)
-    scored = scored_positions(batches[0].mask)
+    scored = mask_index(batches[0].mask)
     cycle = itertools.cycle(batches)
     model.train()
 
@@ -157,7 +158,7 @@ def stacked_seeds(cfg, device: torch.device, n: int, rounds: int, reps: int) -> 
         task, model = build(get_registry(), dataclasses.replace(cfg, seed=seed), device)
         models.append(model)
     batches = fixed_batches(task, cfg.train.batch_size, device)
-    norm, scored = task.normalizer(device).to(device), scored_positions(batches[0].mask)
+    norm, scored = task.normalizer(device).to(device), mask_index(batches[0].mask)
     separate = [training_step(m, task, cfg, batches) for m in models]
     together = StackedSeeds(models, cfg.train)
     cycle = itertools.cycle(batches)

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .errors import ICLBenchError
+from .errors import ICLBenchError, one_line
 
 KINDS = ("tasks", "models", "baselines", "probes")
 
@@ -43,7 +43,7 @@ def _add_run(sub):
 
 
 def cmd_run(args) -> int:
-    from .runner import format_curves, format_ood, run
+    from .runner import run
 
     if args.compile:
         args.overrides.append("train.compile=true")
@@ -72,6 +72,47 @@ def cmd_run(args) -> int:
           f"total {m['wall_time_s']:.1f}s")
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def format_ood(metrics: dict, fmt: str = "github") -> str:
+    """One row per distribution shift: the summary error of the model and each baseline (or why skipped)."""
+    from tabulate import tabulate
+
+    names = ["model"]
+    for summary in [metrics["summary"]] + [e["summary"] for e in metrics.get("ood", {}).values() if "summary" in e]:
+        names += [n for n in summary if n not in names]  # a shift may add a baseline (ridge once noisy)
+    rows = []
+    for shift, entry in metrics.get("ood", {}).items():
+        if "skipped" in entry:
+            rows.append([shift, f"skipped: {entry['skipped']}"] + [""] * (len(names) - 1))
+        else:
+            rows.append([shift] + [f"{entry['summary'][n]['mean']:.4f}" if n in entry["summary"] else ""
+                                   for n in names])
+    return tabulate(rows, headers=["shift"] + [f"{n} ({metrics['model']})" if n == "model" else n
+                                               for n in names], tablefmt=fmt, disable_numparse=True)
+
+
+def format_curves(metrics: dict, fmt: str = "github") -> str:
+    """Per-position table: one row per position, one column per predictor, 'mean [lo, hi]'."""
+    from tabulate import tabulate
+
+    curves = metrics["curves"]
+    names = ["model"] + [n for n in curves["predictors"] if n != "model"]
+    rows = []
+    for i, pos in enumerate(curves["positions"]):
+        row = [pos]
+        for n in names:
+            p = curves["predictors"][n]
+            row.append(f"{p['curve'][i]:.4f} [{p['curve_lo'][i]:.4f}, {p['curve_hi'][i]:.4f}]")
+        rows.append(row)
+    k = curves["score_from"]
+    row = [f"mean t>={k}"]
+    for n in names:
+        s = metrics["summary"][n]
+        row.append(f"{s['mean']:.4f} [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}]")
+    rows.append(row)
+    return tabulate(rows, headers=["t"] + [f"{n} ({metrics['model']})" if n == "model" else n for n in names],
+                    tablefmt=fmt, disable_numparse=True)
 
 
 def _run_overrides(args) -> list:
@@ -158,8 +199,8 @@ def cmd_leaderboard(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from .leaderboard import find_runs
     from .report import build_report
+    from .rundir import find_runs
     from .store import DamagedRun, read_run
 
     if args.runs:
@@ -349,19 +390,13 @@ COMMANDS["bench"] = cmd_bench
 COMMANDS.update(check=cmd_check, rescore=cmd_rescore)
 
 
-def _one_line(exc: BaseException, limit: int = 600) -> str:
-    """An error's text on one line (PyTorch's messages often span several), shortened to ``limit``."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         command = COMMANDS.get(args.command) or args.iclbench_command  # a plugin's: iclbench_add_commands
         return command(args)
     except ICLBenchError as exc:
-        print(f"iclbench: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"iclbench: error: {one_line(exc, 600)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("iclbench: interrupted", file=sys.stderr)
@@ -376,7 +411,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # an internal error: one line unless asked for the traceback
         if os.environ.get("ICLBENCH_DEBUG"):
             raise
-        print(f"iclbench: internal error: {type(exc).__name__}: {_one_line(exc)} (set ICLBENCH_DEBUG=1 for the "
+        print(f"iclbench: internal error: {type(exc).__name__}: {one_line(exc, 600)} (set ICLBENCH_DEBUG=1 for the "
               "traceback)", file=sys.stderr)
         return 1
 

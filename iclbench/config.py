@@ -17,87 +17,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ICLBenchError, did_you_mean
-from .options import build_options, parse_scalar
+from .errors import ICLBenchError, did_you_mean, warn
+from .options import MAX_SEED, EvalOptions, TrainOptions, build_options, parse_scalar
 from .registry import Registry
 
 
-@dataclass
-class TrainOptions:
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup: int = 200
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (= fp32 on every device, the faster one measured on CUDA), fp32, or bf16 autocast
-    log_every: int = 100
-    checkpoint_every: int = 500  # save the whole training state every N steps (0: never), for --resume
-    compile: bool = False  # torch.compile the model for training (--compile)
-    #: positions the loss averages: "scored" = the task's scored positions from its summary start
-    #: (``score_from``) on, where the model is judged; "all" = every scored position, including the first
-    #: ones whose Bayes error is irreducible (1.0 at t = 0 on affine) and would dominate the loss. Measured on
-    #: gpt3l/affine, 1500 steps, seed 0: "scored" halves the error at t >= 3 (0.00065 [0.00060, 0.00074] against
-    #: 0.00127 [0.00116, 0.00141]) but leaves t = 0, 1, 2 untrained (4.1, 2.9, 0.71 against 0.98, 0.18, 0.006),
-    #: which the curves, the report and the probes read; so the default stays "all"
-    loss_positions: str = "all"
-
-    def validate(self):
-        if self.steps <= 0:
-            raise ValueError(f"steps must be > 0, got {self.steps}")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("warmup, grad_clip and weight_decay must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.log_every <= 0:
-            raise ValueError(f"log_every must be > 0, got {self.log_every}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.loss_positions not in ("all", "scored"):
-            raise ValueError(f"loss_positions must be all or scored, got {self.loss_positions!r}")
-
-
-@dataclass
-class EvalOptions:
-    n_sequences: int = 4096
-    seed: int = 20240601  # the evaluation set depends on this only, not on the run's seed
-    bootstrap: int = 1000
-    confidence: float = 0.95
-    score_from: int = -1  # first position in the summary mean; -1: the task's default
-    ood: bool = True  # also evaluate the task's distribution shifts (metrics['ood'])
-    probes: bool = True  # run the registered probes after evaluation (probes.json, probes/*.csv)
-
-    def validate(self):
-        if self.n_sequences < 2:
-            raise ValueError(f"n_sequences must be >= 2, got {self.n_sequences}")
-        if self.bootstrap < 1:
-            raise ValueError(f"bootstrap must be >= 1, got {self.bootstrap}")
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
-        if not 0 <= self.seed < MAX_SEED - 1:  # probes draw from seed + 1
-            raise ValueError(f"seed must be in [0, 2^63 - 1), got {self.seed}")
-
-
 TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out", "log")
-#: seeds go to torch generators as signed 64-bit integers
-MAX_SEED = 2 ** 63
 #: fields that do not change what a run computes; left out of the config hash
 NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
               ("eval", "ood"), ("eval", "probes")}
+#: values hashed under their former spelling, so that a configuration keeps its run name (and its results)
+HASHED_AS = {("train", "precision", "fp32"): "auto"}
 
 
 @dataclass
@@ -130,7 +66,8 @@ class RunConfig:
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections; runs agreeing on them are comparable."""
         d = self.to_dict()
-        payload = {s: {k: v for k, v in d[s].items() if (s, k) not in NOT_HASHED} for s in sections}
+        payload = {s: {k: HASHED_AS.get((s, k, v), v) for k, v in d[s].items() if (s, k) not in NOT_HASHED}
+                   for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     @property
@@ -294,7 +231,7 @@ def _log_targets(registry: Registry, value, where: str, strict: bool = True) -> 
                        + f" (loggers: {', '.join(loggers) or 'none'})")
             if strict:
                 raise ICLBenchError(message)
-            print(f"iclbench: warning: {message} in {where}; not logging to it", file=sys.stderr)
+            warn(f"{message} in {where}; not logging to it")
             continue
         out.append(item.strip())
     return out

@@ -9,11 +9,10 @@ reason in ``metrics["refused_baselines"]`` and warned about, while the run goes 
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
-from .errors import ICLBenchError
+from .errors import ICLBenchError, warn
 from .task import Batch
 
 #: sequences used to check a task's output and a model's forward pass (cheap, before training)
@@ -200,7 +199,7 @@ def baseline_problem(name: str, fn, batch: Batch, oracle: bool | None = None) ->
 
 
 def screen_baselines(baselines: dict, batch: Batch, owners: dict | None = None,
-                     warn=lambda m: print(f"iclbench: warning: {m}", file=sys.stderr)) -> tuple[dict, dict]:
+                     warn=warn) -> tuple[dict, dict]:
     """Split ``baselines`` into (accepted, refused ``{name: reason}``) by :func:`baseline_problem` on the
     first :data:`SCREEN_SEQUENCES` sequences of ``batch``; each refusal is warned about."""
     sample = batch.slice(slice(0, SCREEN_SEQUENCES))

@@ -1,13 +1,16 @@
-"""Evaluation: normalized error per context position with paired bootstrap confidence intervals."""
+"""Evaluation: normalized error per context position with paired bootstrap confidence intervals, and the one
+scoring function of a model and its baselines (the main evaluation, each OOD shift, ``iclbench rescore``)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
+from .contracts import PluginError, is_oracle, predictions_problem, screen_baselines
+from .options import EvalOptions
 from .task import Batch
-from .trainer import normalized_error
+from .step import normalized_error
 
 
 @torch.no_grad()
@@ -96,26 +99,49 @@ def learned_label(lo: float, hi: float) -> str:
     return "inconclusive"
 
 
-def baseline_predictions(baselines: dict[str, Callable[[Batch], torch.Tensor]], batch: Batch) -> dict:
-    return {name: fn(batch).float() for name, fn in baselines.items()}
+def evaluation_batch(task, o: EvalOptions, device: torch.device) -> Batch:
+    """The fixed evaluation set: drawn on the CPU from ``eval.seed`` so it is the same on every device and
+    for every training seed, then moved to ``device``."""
+    gen = torch.Generator("cpu").manual_seed(o.seed)
+    return task.sample(o.n_sequences, gen, "cpu").to(device)
 
 
-def score(model: torch.nn.Module, baselines: dict, task, batch: Batch, score_from: int, replicates: int,
-          confidence: float, seed: int, owners: dict | None = None) -> dict:
-    """Error curves of the model and every baseline on ``batch``, normalized by ``task``'s prior-mean error.
-    The model predicts first, so a model that refuses the batch (ICLBenchError) costs no baseline time.
-    Predictions of the wrong shape or with NaN/inf at a scored position raise a
-    :class:`~iclbench.contracts.PluginError` naming the predictor (``owners``: name → how to call it)."""
-    from .contracts import PluginError, predictions_problem
+@dataclass
+class Scores:
+    """What :func:`score` found: the error curves (None when nothing was scored), the baselines scored
+    (name → function) and those refused (name → reason)."""
+    curves: dict | None
+    baselines: dict
+    refused: dict
 
-    predictions = {"model": predict(model, batch)}
-    predictions.update(baseline_predictions(baselines, batch))
-    for name, pred in predictions.items():  # NaN here would only surface later as a JSON error
+    @property
+    def oracles(self) -> list[str]:
+        return sorted(n for n, fn in self.baselines.items() if is_oracle(n, fn))
+
+
+def score(model: torch.nn.Module | None, baselines: dict, task, batch: Batch, *, score_from: int, replicates: int,
+          confidence: float, seed: int, owners: dict | None = None, strict: bool = True,
+          warn=None) -> Scores:
+    """Screen ``baselines`` (:func:`~iclbench.contracts.screen_baselines`: one that peeks or reads latents
+    unmarked is refused), let the model (None: none) and then each baseline predict ``batch``, and take the
+    error curves normalized by ``task``'s prior-mean error. The model predicts first, so a model that refuses
+    the batch (ICLBenchError) costs no baseline time. Predictions of the wrong shape or with NaN/inf at a
+    scored position raise a :class:`~iclbench.contracts.PluginError` naming the predictor (``owners``: name
+    → how to call it); with ``strict=False`` a baseline's are refused instead."""
+    owners = owners or {}
+    screened = {} if warn is None else {"warn": warn}
+    accepted, refused = screen_baselines(baselines, batch, owners, **screened)
+    predictions = {} if model is None else {"model": predict(model, batch)}
+    predictions.update({name: fn(batch).float() for name, fn in accepted.items()})
+    for name, pred in list(predictions.items()):  # NaN here would only surface later as a JSON error
         default = f"model '{getattr(model, 'name', '?')}'" if name == "model" else f"baseline '{task.name}:{name}'"
-        who = (owners or {}).get(name, default)
         problem = predictions_problem(pred, batch, "gave predictions")
+        if problem and (strict or name == "model"):
+            raise PluginError(f"{owners.get(name, default)}: {problem} (evaluation batch of task '{task.name}')",
+                              plugin=owners.get(f"{name}.plugin"))
         if problem:
-            raise PluginError(f"{who}: {problem} (evaluation batch of task '{task.name}')",
-                              plugin=(owners or {}).get(f"{name}.plugin"))
-    return error_curves(predictions, batch, task.normalizer(batch.inputs.device), score_from, replicates,
-                        confidence, seed)
+            refused[name] = f"{owners.get(name, default)}: {problem}"
+            del predictions[name], accepted[name]
+    curves = error_curves(predictions, batch, task.normalizer(batch.inputs.device), score_from, replicates,
+                          confidence, seed) if predictions else None
+    return Scores(curves, accepted, refused)

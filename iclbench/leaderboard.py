@@ -17,20 +17,10 @@ import pandas as pd
 
 from .contracts import is_oracle  # by name here: runs record the others in metrics["oracles"]
 from .errors import ICLBenchError
-from .store import METRICS, DamagedRun, read_run, unstable_reason
+from .rundir import RunDir, find_runs
+from .store import DamagedRun, unstable_reason
 
 FORMATS = ("github", "plain", "csv", "json", "latex")
-
-
-def find_runs(results: Path) -> list[Path]:
-    """Run directories under ``results``: any directory holding config.yaml, metrics.json or status.json, outside
-    hidden directories and the MLflow store (``mlruns``, whose artifacts are copies of run directories)."""
-    results = Path(results)
-    if not results.is_dir():
-        return []
-    dirs = {p.parent for pattern in ("config.yaml", METRICS, "status.json") for p in results.rglob(pattern)}
-    return sorted(d for d in dirs if not any(part.startswith(".") or part == "mlruns"
-                                             for part in d.relative_to(results).parts))
 
 
 METRIC_HELP = {
@@ -73,7 +63,7 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
     past = []
     for run_dir in find_runs(results):
         try:
-            m = read_run(run_dir)
+            m = RunDir(run_dir).metrics()
             unstable = m.get("unstable") or unstable_reason(m)
             if unstable and not include_unstable:
                 warn(f"iclbench: warning: leaving out unstable run {run_dir}: {unstable} (--include-unstable "

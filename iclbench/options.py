@@ -1,4 +1,5 @@
-"""Option schemas: each task, model and the trainer declares a dataclass whose defaults are its defaults.
+"""Option schemas: each task, model and the trainer declares a dataclass whose defaults are its defaults;
+the engine's own (:class:`TrainOptions`, :class:`EvalOptions`) live here.
 
 Overrides arrive as YAML scalars or ``--set key=value`` strings; they are checked against the dataclass
 field names and coerced to the default's type so that an unknown key or a wrong type fails with one line.
@@ -7,6 +8,7 @@ field names and coerced to the default's type so that an unknown key or a wrong 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -72,3 +74,69 @@ def build_options(cls, overrides: dict[str, Any], where: str):
 
 def describe_options(cls) -> dict[str, Any]:
     return dataclasses.asdict(cls())
+
+
+#: seeds go to torch generators as signed 64-bit integers
+MAX_SEED = 2 ** 63
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: int = 200
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    #: fp32, or bf16 (autocast); "auto", its former default, is read as fp32
+    precision: str = "fp32"
+    log_every: int = 100
+    checkpoint_every: int = 500  # save the whole training state every N steps (0: never), for --resume
+    compile: bool = False  # torch.compile the model for training (--compile)
+    #: positions the loss averages: "all" scored positions, or only those from the task's ``score_from`` on
+    #: ("scored"), which leaves the first positions untrained
+    loss_positions: str = "all"
+
+    def validate(self):
+        if self.steps <= 0:
+            raise ValueError(f"steps must be > 0, got {self.steps}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup, grad_clip and weight_decay must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision == "auto":
+            self.precision = "fp32"
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every must be > 0, got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.loss_positions not in ("all", "scored"):
+            raise ValueError(f"loss_positions must be all or scored, got {self.loss_positions!r}")
+
+
+@dataclass
+class EvalOptions:
+    n_sequences: int = 4096
+    seed: int = 20240601  # the evaluation set depends on this only, not on the run's seed
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    score_from: int = -1  # first position in the summary mean; -1: the task's default
+    ood: bool = True  # also evaluate the task's distribution shifts (metrics['ood'])
+    probes: bool = True  # run the registered probes after evaluation (probes.json, probes/*.csv)
+
+    def validate(self):
+        if self.n_sequences < 2:
+            raise ValueError(f"n_sequences must be >= 2, got {self.n_sequences}")
+        if self.bootstrap < 1:
+            raise ValueError(f"bootstrap must be >= 1, got {self.bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if not 0 <= self.seed < MAX_SEED - 1:  # probes draw from seed + 1
+            raise ValueError(f"seed must be in [0, 2^63 - 1), got {self.seed}")

@@ -8,8 +8,6 @@ same for every probe, so one probe's numbers do not depend on which others ran.
 
 from __future__ import annotations
 
-import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,10 +16,10 @@ import pandas as pd
 import torch
 
 from . import store
-from .errors import ICLBenchError
+from .errors import ICLBenchError, warn
 from .registry import Registry, get_registry
-
-PROBES_JSON, PROBES_DIR = "probes.json", "probes"
+from .rundir import PROBES_DIR, PROBES_JSON, RunDir, find_runs
+from .trainer import resolve_device
 
 
 def run_probes(model, task, names=None, *, seed: int, device, registry: Registry | None = None) -> dict:
@@ -31,6 +29,8 @@ def run_probes(model, task, names=None, *, seed: int, device, registry: Registry
     the default set that fails, ``{name: {"error": message}}`` with a warning (a broken plugin must not cost a
     trained run). A probe named explicitly that does not apply or fails is an error."""
     registry = registry or get_registry()
+    if getattr(task, "registry", None) is None:  # the probes' baselines come from the registry given
+        task.registry = registry
     chosen = list(registry.probes) if names is None else list(names)
     model.eval()
     out = {}
@@ -52,7 +52,7 @@ def run_probes(model, task, names=None, *, seed: int, device, registry: Registry
             if names is not None:
                 raise
             message = f"{type(exc).__name__}: {exc}"
-            print(f"iclbench: warning: probe '{name}' failed: {message}", file=sys.stderr)
+            warn(f"probe '{name}' failed: {message}")
             out[name] = {"error": message}
             continue
         out[name] = {"summary": result.summary, "time_s": round(time.perf_counter() - started, 3),
@@ -60,46 +60,16 @@ def run_probes(model, task, names=None, *, seed: int, device, registry: Registry
     return out
 
 
-def save_probes(run_dir: Path, outcomes: dict, replace: bool = False) -> dict:
-    """Write each table to ``probes/<name>.csv`` and merge the summaries into ``probes.json`` (``replace``:
-    start it afresh, as a new run does)."""
-    run_dir = Path(run_dir)
-    path = run_dir / PROBES_JSON
-    record = {"probes": {}}
-    if path.exists() and not replace:
-        try:
-            record = store.read_json(path)
-            if not isinstance(record.get("probes"), dict):
-                raise store.DamagedRun(f"{PROBES_JSON} has no 'probes' table")
-        except store.DamagedRun as exc:  # truncated, null, a list: the results just computed are not lost
-            print(f"iclbench: warning: replacing damaged {path} ({exc})", file=sys.stderr)
-            record = {"probes": {}}
-    for name, outcome in outcomes.items():
-        entry = {k: v for k, v in outcome.items() if k != "table"}
-        if "table" in outcome:
-            rel = f"{PROBES_DIR}/{name}.csv"
-            buffer = io.StringIO()
-            outcome["table"].to_csv(buffer, index=False)
-            store.write_atomic(run_dir / rel, buffer.getvalue())
-            entry["table"] = rel
-        record["probes"][name] = entry
-    record["provenance"] = store.provenance(torch.device("cpu")) | {"written": time.time()}
-    store.write_json(path, record)
-    return record
-
-
 def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry | None = None,
                   seed: int | None = None) -> dict:
     """``iclbench probe``: load a finished run, run the probes, store them in the run directory. ``seed``
     draws another probe sample (default ``eval.seed + 1``, the one the run itself used); it is recorded
     with each probe's result."""
-    from .runner import load_run
-
-    run_dir = Path(run_dir)
-    if not (run_dir / store.CHECKPOINT).exists():
-        raise ICLBenchError(f"{str(run_dir)!r} is not a finished run directory (no {store.CHECKPOINT})")
+    run = RunDir(run_dir)
+    if not (run.path / store.CHECKPOINT).exists():
+        raise ICLBenchError(f"{str(run.path)!r} is not a finished run directory (no {store.CHECKPOINT})")
     registry = registry or get_registry()
-    cfg, task, model = load_run(run_dir, registry, device)
+    cfg, task, model = run.load(registry, resolve_device(device))
     if seed is not None and not 0 <= seed < 2 ** 63:
         raise ICLBenchError(f"--seed must be in [0, 2**63), got {seed}")
     seed = cfg.eval.seed + 1 if seed is None else seed
@@ -107,7 +77,7 @@ def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry |
                           registry=registry)
     for outcome in outcomes.values():
         outcome["seed"] = seed
-    save_probes(run_dir, outcomes)
+    run.save_probes(outcomes)
     return outcomes
 
 
@@ -155,21 +125,18 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
     that differ from the defaults), seed, summary, and whether the run learned its task (``learned``: the
     Bayes-excess label of :func:`iclbench.evaluate.learned_label`; ``excess_bayes``: its mean; None where the
     task has no Bayes baseline)."""
-    from .leaderboard import find_runs
-
     registry = registry or get_registry()
     rows = []
     for run_dir in find_runs(Path(results)):
-        path = run_dir / PROBES_JSON
-        if not path.exists():
+        if not (run_dir / PROBES_JSON).exists():
             continue
         try:
-            entry = store.read_json(path)["probes"].get(probe)
+            entry = RunDir(run_dir).probes().get(probe)
             if not entry or "summary" not in entry:
                 continue
             if not isinstance(entry["summary"], dict):
                 raise TypeError(f"{PROBES_JSON}: the summary of '{probe}' is not a mapping")
-            metrics = store.read_run(run_dir)
+            metrics = RunDir(run_dir).metrics()
             cfg = metrics["config"]
             task, model = cfg["task"]["name"], cfg["model"]["name"]
             excess = ((metrics.get("curves") or {}).get("predictors", {}).get("model") or {}).get("excess_bayes") or {}

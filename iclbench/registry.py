@@ -9,14 +9,13 @@ is disabled (an error naming both when used, listed by ``iclbench list``) and ev
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 
 import pluggy
 
 from . import hookspecs
-from .errors import ICLBenchError, did_you_mean
+from .errors import ICLBenchError, did_you_mean, warn
 from .task import Baseline
 
 GROUP = "iclbench"
@@ -108,10 +107,6 @@ class Registry:
         return dict(sorted(out.items()))
 
 
-def warn(message: str) -> None:
-    print(f"iclbench: warning: {message}", file=sys.stderr)
-
-
 def source_hash(module) -> str | None:
     """sha256 (12 hex digits) of a plugin module's source: the file of a top-level module, or every ``.py``
     file of the package directory a module lives in (its helpers change its behaviour too)."""
@@ -176,8 +171,8 @@ def build_registry(autoload: bool | None = None, extra_plugins=()) -> Registry:
             reg.dists[ep.name] = (dist, ep.dist.version if ep.dist is not None else "")
         except Exception as exc:  # a broken plugin must not take the others down
             reg.failed[ep.name] = f"{type(exc).__name__}: {exc}"
-            print(f"iclbench: warning: plugin '{ep.name}' ({ep.value}, from {dist or 'unknown'}) failed to "
-                  f"load: {type(exc).__name__}: {exc}", file=sys.stderr)
+            warn(f"plugin '{ep.name}' ({ep.value}, from {dist or 'unknown'}) failed to load: "
+                 f"{type(exc).__name__}: {exc}")
     for plugin in extra_plugins:
         pm.register(plugin)
 
@@ -188,8 +183,7 @@ def build_registry(autoload: bool | None = None, extra_plugins=()) -> Registry:
                 items = impl.function() or []
             except Exception as exc:
                 reg.failed[plugin] = f"{type(exc).__name__}: {exc}"
-                print(f"iclbench: warning: plugin '{plugin}' failed in {hook.name}: {type(exc).__name__}: "
-                      f"{exc}", file=sys.stderr)
+                warn(f"plugin '{plugin}' failed in {hook.name}: {type(exc).__name__}: {exc}")
                 continue
             yield plugin, items
 

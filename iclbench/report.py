@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import store
+from .errors import warn
 
 
 def pyplot():
@@ -272,8 +272,6 @@ def curve_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def warn(message: str) -> None:
-    print(f"iclbench: warning: {message}", file=sys.stderr)
 
 
 def _probe_table(run_dir: Path, name: str) -> pd.DataFrame | None:

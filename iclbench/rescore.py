@@ -9,57 +9,48 @@ of ``iclbench run`` apply (a baseline that peeks or reads latents unmarked is re
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from . import contracts, store
+from . import store
 from .config import resolve
 from .errors import ICLBenchError
-from .evaluate import error_curves
+from .evaluate import evaluation_batch, score
 from .registry import Registry, get_registry
+from .rundir import RunDir
 
 
 def rescore(run_dir, registry: Registry | None = None, device: str = "cpu") -> dict:
     """Add every baseline registered now but absent from the run's record to its ``metrics.json``.
     Returns ``{"added": [names], "refused": {name: reason}}``; the main evaluation only (not OOD shifts)."""
     registry = registry or get_registry()
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     try:
-        metrics = store.read_run(run_dir)
+        metrics = run.metrics()
     except store.DamagedRun as exc:
-        raise ICLBenchError(f"{run_dir} is not a complete run directory: {exc}") from None
+        raise ICLBenchError(f"{run.path} is not a complete run directory: {exc}") from None
     cfg = resolve(registry, config=metrics["config"])
     task = registry.task(cfg.task)(cfg.task_options)
     known = set(metrics["summary"]) | set(metrics.get("refused_baselines", {}))
     entries = {n: e for n, e in registry.task_baselines(task).items() if n not in known and n != "model"}
     if not entries:
         return {"added": [], "refused": {}}
-    from .runner import evaluation_batch
-
-    dev = torch.device(device)
-    batch = evaluation_batch(task, cfg, dev)
-    owners = {n: f"baseline '{cfg.task}:{n}' (plugin '{e.plugin}')" for n, e in entries.items()}
-    accepted, refused = contracts.screen_baselines({n: e.obj for n, e in entries.items()}, batch, owners)
-    predictions = {n: fn(batch).float() for n, fn in accepted.items()}
-    for name, pred in predictions.items():
-        problem = contracts.predictions_problem(pred, batch, "gave predictions")
-        if problem:
-            refused[name] = f"{owners[name]}: {problem}"
-    predictions = {n: p for n, p in predictions.items() if n not in refused}
     curves = metrics["curves"]
-    if predictions:
-        scored = error_curves(predictions, batch, task.normalizer(dev), curves["score_from"],
-                              curves.get("bootstrap", cfg.eval.bootstrap), curves.get("confidence",
-                                                                                      cfg.eval.confidence),
-                              cfg.eval.seed)["predictors"]
+    scores = score(None, {n: e.obj for n, e in entries.items()}, task,
+                   evaluation_batch(task, cfg.eval, torch.device(device)), score_from=curves["score_from"],
+                   replicates=curves.get("bootstrap", cfg.eval.bootstrap),
+                   confidence=curves.get("confidence", cfg.eval.confidence), seed=cfg.eval.seed,
+                   owners={n: f"baseline '{cfg.task}:{n}' (plugin '{e.plugin}')" for n, e in entries.items()},
+                   strict=False)
+    added = sorted(scores.baselines)
+    if scores.curves is not None:
+        scored = scores.curves["predictors"]
         curves["predictors"].update(scored)
         metrics["summary"].update({n: {"mean": p["mean"], "ci": p["ci"]} for n, p in scored.items()})
-    metrics["baselines"] = sorted(set(metrics.get("baselines", [])) | set(predictions))
-    metrics["refused_baselines"] = {**metrics.get("refused_baselines", {}), **refused}
-    metrics["oracles"] = sorted(set(metrics.get("oracles", []))
-                                | {n for n in predictions if contracts.is_oracle(n, accepted[n])})
-    metrics.setdefault("rescored", []).append({"time": time.time(), "added": sorted(predictions),
-                                               "refused": sorted(refused), "plugins": registry.plugin_versions()})
-    store.write_json(run_dir / store.METRICS, metrics)
-    return {"added": sorted(predictions), "refused": refused}
+    metrics["baselines"] = sorted(set(metrics.get("baselines", [])) | set(added))
+    metrics["refused_baselines"] = {**metrics.get("refused_baselines", {}), **scores.refused}
+    metrics["oracles"] = sorted(set(metrics.get("oracles", [])) | set(scores.oracles))
+    metrics.setdefault("rescored", []).append({"time": time.time(), "added": added,
+                                               "refused": sorted(scores.refused), "plugins": registry.plugin_versions()})
+    store.write_json(run.path / store.METRICS, metrics)
+    return {"added": added, "refused": scores.refused}

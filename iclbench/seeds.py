@@ -4,19 +4,15 @@ On a CPU the seeds run as parallel single-thread processes (``--jobs``, default:
 seed): a small model's step is GEMM-bound on one core, and two 1-thread processes on two cores do as well as
 stacking the seeds into one model (measured, BENCHMARKS.md), without OpenMP threads spin-waiting on each other.
 On a GPU (or with ``stack=True``) the seeds that have no earlier attempt are trained together as one stacked
-model (:func:`iclbench.stacked.train_stacked`), which leaves each run directory as a run killed right after
-training leaves it; each seed is then an ordinary :func:`~iclbench.runner.run` that evaluates and writes its
-own directory. Every seed keeps its own lock, its own checkpoints and its own resume: a stacked job killed
-mid-training continues seed by seed from the last checkpoint, and a seed that was already complete or
-interrupted is not stacked. A divergence in any stacked seed falls back to training every seed separately.
+model (:func:`iclbench.runner.run_configs`); each is still a run of its own, with its own directory, lock,
+lifecycle hooks, log, checkpoints and resume: a stacked job killed mid-training continues seed by seed from
+the last checkpoint, a seed that was already complete or interrupted is not stacked, and a seed that
+diverges is recorded so while the others train on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import ICLBenchError
 
@@ -56,110 +52,39 @@ def _run_one(kwargs: dict):
     return r.run_dir, r.outcome, r.metrics
 
 
-@dataclass
-class Plan:
-    """One seed about to be trained in a stack: its run directory (locked), config, task, model, open log."""
-    run_dir: Path
-    cfg: object
-    task: object
-    model: object
-    log: object = None
-    segments: list = field(default_factory=list)
-
-
-def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None = None, **kwargs) -> list[tuple]:
+def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None = None, registry=None,
+              **kwargs) -> list[tuple]:
     """Run each seed of one configuration (``kwargs`` as :func:`~iclbench.runner.run`, without ``seed``);
     return ``[(run_dir, outcome, metrics)]`` in seed order. ``jobs``: processes on a CPU (1: in this
     process, one after another). ``stack``: train the seeds as one stacked model (default: on a GPU or MPS,
-    where one small model leaves the device idle; on a CPU separate 1-thread processes are as fast)."""
+    where one small model leaves the device idle; on a CPU separate 1-thread processes are as fast).
+    ``registry``: the plugins to use (default: those installed; processes always use those)."""
     from .config import resolve
     from .registry import get_registry
+    from .runner import run, run_configs
     from .trainer import resolve_device
 
-    cfg = resolve(get_registry(), config=kwargs.get("config"), task=kwargs.get("task"),
-                  model=kwargs.get("model"), device=kwargs.get("device"), overrides=kwargs.get("overrides", ()))
-    dev = resolve_device(cfg.device)
-    cpu = dev.type == "cpu"
+    registry = registry or get_registry()
+    cfgs = [resolve(registry, config=kwargs.get("config"), task=kwargs.get("task"), model=kwargs.get("model"),
+                    steps=kwargs.get("steps"), seed=s, device=kwargs.get("device"), out=kwargs.get("out"),
+                    overrides=kwargs.get("overrides", ())) for s in seeds]
+    cpu = resolve_device(cfgs[0].device).type == "cpu"
     if stack is None:  # torch.compile does not see through the stacked (vmapped) step: compiled runs go alone
-        stack = not cpu and not cfg.train.compile
-    if stack and len(seeds) > 1 and not kwargs.get("resume"):
-        stacked = _train_together(seeds, dev, kwargs)
-        after = {**kwargs, "force": False}  # the stacked seeds are trained; run() evaluates them
-        results = []
-        for s in seeds:
-            run_dir, outcome, metrics = _run_one({**(after if s in stacked else kwargs), "seed": s})
-            results.append((run_dir, f"trained (stacked with {len(stacked)})" if s in stacked else outcome,
-                            metrics))
-        return results
-    jobs = min(len(seeds), jobs or (os.cpu_count() or 1)) if cpu else 1
-    calls = [{**kwargs, "seed": s} for s in seeds]
+        stack = not cpu and not cfgs[0].train.compile
+    jobs = min(len(seeds), jobs or (os.cpu_count() or 1)) if cpu and not stack else 1
     if jobs <= 1:
-        return [_run_one(c) for c in calls]
+        results = run_configs(cfgs, registry, quiet=kwargs.get("quiet", True), resume=kwargs.get("resume", False),
+                              force=kwargs.get("force", False), stack=stack) if stack else \
+            [run(registry=registry, **{**kwargs, "seed": s}) for s in seeds]
+        return [(r.run_dir, _outcome(r), r.metrics) for r in results]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_one_thread) as pool:
-        return list(pool.map(_run_one, calls))
+        return list(pool.map(_run_one, [{**kwargs, "seed": s} for s in seeds]))
 
 
-def _train_together(seeds: list[int], dev, kwargs: dict) -> set[int]:
-    """Train, as one stacked model, the seeds whose run directories have no earlier attempt (all of them with
-    ``force``) and that no other process holds; return those seeds. The others are left to
-    :func:`~iclbench.runner.run` (complete: returned as recorded; interrupted: resumed; busy: named)."""
-    import time
-
-    import torch
-
-    from . import store
-    from .config import resolve
-    from .errors import TrainingDiverged
-    from .registry import get_registry
-    from .runner import build, check_plugins, warn
-    from .stacked import train_stacked
-
-    registry = get_registry()
-    with contextlib.ExitStack() as held:
-        plans = []
-        for s in seeds:
-            cfg = resolve(registry, config=kwargs.get("config"), task=kwargs.get("task"), model=kwargs.get("model"),
-                          steps=kwargs.get("steps"), seed=s, device=kwargs.get("device"), out=kwargs.get("out"),
-                          overrides=kwargs.get("overrides", ()))
-            run_dir = Path(cfg.out) / cfg.run_name
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                held.enter_context(store.run_lock(run_dir))
-            except (OSError, store.RunBusy, ICLBenchError):
-                continue  # run() reports it, naming the holder or the error
-            earlier = (run_dir / store.METRICS).exists() or (run_dir / store.TRAIN_STATE).exists()
-            if earlier and not kwargs.get("force"):
-                continue
-            task_obj, model_obj = build(registry, cfg, dev)
-            check_plugins(registry, cfg, task_obj, model_obj, dev)
-            plans.append(Plan(run_dir, cfg, task_obj, model_obj))
-        if len(plans) < 2:
-            return set()
-        threads = torch.get_num_threads()
-        for p in plans:
-            store.remove_stale_temporaries(p.run_dir)
-            for name in (store.METRICS, store.TRAIN_STATE):
-                (p.run_dir / name).unlink(missing_ok=True)
-            store.write_yaml(p.run_dir / store.CONFIG, p.cfg.to_dict())
-            store.write_json(p.run_dir / store.STATUS, {"status": "running", "started": time.time(),
-                                                        "pid": os.getpid(), "stacked_with": len(plans)})
-            p.segments = [{"from_step": 0, "threads": threads, "device": dev.type, "stacked_with": len(plans)}]
-            p.log = held.enter_context(store.open_log(p.run_dir / store.LOG))
-        try:
-            train_stacked(plans, dev, plans[0].cfg.train, progress=not kwargs.get("quiet", True))
-        except TrainingDiverged as exc:
-            warn(f"{exc}; training the seeds {[p.cfg.seed for p in plans]} one by one instead")
-            for p in plans:
-                (p.run_dir / store.TRAIN_STATE).unlink(missing_ok=True)
-            return set()
-        except BaseException as exc:
-            status = ({"status": "interrupted", "message": "Ctrl-C"} if isinstance(exc, KeyboardInterrupt) else
-                      {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "time": time.time()})
-            for p in plans:
-                store.write_json(p.run_dir / store.STATUS, status)
-            raise
-        return {p.cfg.seed for p in plans}
+def _outcome(r) -> str:
+    stacked = r.metrics.get("train", {}).get("stacked_with")
+    return f"trained (stacked with {stacked})" if r.outcome == "trained" and stacked else r.outcome

@@ -213,16 +213,6 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
-def process_start_time(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, from /proc; None where unknown), so that a
-    recorded pid taken over by another process is not mistaken for the run's."""
-    try:
-        with open(f"/proc/{int(pid)}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, ValueError, IndexError, TypeError):
-        return None
-
-
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 

@@ -89,6 +89,9 @@ class Task:
     #: R² only says the model sees its own inputs. ``None`` (a plugin that does not say): every ``[B]`` or
     #: ``[B, k]`` latent that is not per position; ``()``: the task has no identifiable rule to probe.
     rule_latents: ClassVar[tuple[str, ...] | None] = None
+    #: the registry this task was built from (set by :func:`iclbench.build.build`), whose baselines for it
+    #: are the run's, the probes' included; None: the process-wide registry
+    registry = None
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -165,8 +168,8 @@ def on_host(fn: Callable, *tensors: torch.Tensor) -> torch.Tensor:
 
     Tasks' baselines and the probes solve batches of k×k systems with k of a few units, one per sequence and
     prefix. On CUDA they go to cuSOLVER's batched routines, and ``pinv(hermitian=True)`` (batched eigh) fails
-    with CUSOLVER_STATUS_INTERNAL_ERROR past about 32k matrices: an evaluation batch of 4096 affine sequences
-    holds 65,536 (seen on an H200 with torch 2.11, 2026-11-28; the same limit is reported in mujocolab/mjlab#732).
+    with CUSOLVER_STATUS_INTERNAL_ERROR past about 32k matrices (an evaluation batch of 4096 affine sequences
+    holds 65,536).
     Matrices this small gain nothing from a GPU, so they are always solved where CI tests them. Used by the
     built-in tasks' least-squares and Bayes baselines and by the probes' ridge fits; plugins may call it too."""
     device = tensors[0].device

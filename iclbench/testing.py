@@ -99,6 +99,8 @@ def check_probe(probe, task=DEFAULT_TASK, model=DEFAULT_MODEL, registry: Registr
     reg = _registry(registry)
     cls = reg.probe(probe) if isinstance(probe, str) else probe
     task = _instance(reg.task, task)
+    if getattr(task, "registry", None) is None:  # the probe's baselines come from this registry
+        task.registry = reg
     model_cls = reg.model(model) if isinstance(model, str) else model
     net = model_cls(model_cls.Options(), task.d_in, task.d_out, task.context_len).eval()
     owner = reg.owner("probe", cls.name)

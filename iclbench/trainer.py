@@ -1,17 +1,23 @@
-"""Training loop: data drawn on the device from a seeded generator, AdamW, warmup + cosine, clipping, an
-optional curriculum declared by the task, resumable checkpoints, opt-in ``torch.compile``."""
+"""The training loop, one for one model or N seeds trained together: data drawn on the device from each seed's
+generator, warmup + cosine, an optional curriculum declared by the task, the loss checked for divergence and
+logged, resumable checkpoints. How a step is computed is the stepper's business (:class:`iclbench.step.OneModel`
+for one model, :class:`iclbench.stacked.StackedSeeds` for N); logging, checkpoints and divergence happen here,
+once, for each seed."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .config import TrainOptions
 from .errors import ICLBenchError, TrainingDiverged
+from .options import TrainOptions
+from .stacked import StackedSeeds
+from .step import OneModel, compile_error, mask_index
 from .task import Batch, Task
 
 
@@ -51,82 +57,6 @@ def learning_rate(step: int, o: TrainOptions) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast only when asked for (``train.precision=bf16``). ``auto`` is fp32 on every device: on an H200
-    the default job (gpt3l, batch 64) trained 1.14x faster in fp32 than under bf16 autocast, to the same loss
-    (BENCHMARKS.md, "CUDA"), because a d_model-64 step is bound by kernel launches, not by GEMM throughput."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def normalized_error(pred: torch.Tensor, batch: Batch, normalizer: torch.Tensor) -> torch.Tensor:
-    """Per-sequence, per-position squared error over the prior-mean error: ``[B, T]``."""
-    return (pred.float() - batch.targets.float()).pow(2).mean(-1) / normalizer
-
-
-def scored_positions(mask: torch.Tensor) -> torch.Tensor | None:
-    """The indices of the scored positions of a ``[T]`` mask, or ``None`` when every position is scored.
-    Syncs with the device once: the trainer calls it once per curriculum stage, never per step."""
-    if bool(mask.all()):
-        return None
-    return mask.nonzero().flatten()
-
-
-def training_loss(pred: torch.Tensor, batch: Batch, normalizer: torch.Tensor,
-                  scored: torch.Tensor | None) -> torch.Tensor:
-    """The training objective: mean normalized error over the scored positions (``scored``: their indices,
-    ``None`` for all). ``index_select`` with an index tensor kept on the device takes the place of boolean
-    indexing, which syncs; the values and their order are the same, so the loss is bitwise unchanged."""
-    err = normalized_error(pred, batch, normalizer)
-    return (err if scored is None else err.index_select(1, scored)).mean()
-
-
-def make_optimizer(model: torch.nn.Module, o: TrainOptions) -> torch.optim.Optimizer:
-    """AdamW; its fused kernel (one pass over all weights) on devices that have one."""
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.99),
-                             fused=fused)
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, normalizer: torch.Tensor,
-               lr: float, o: TrainOptions, scored: torch.Tensor | None | str = "mask") -> torch.Tensor:
-    """One optimisation step on ``batch``; returns the loss as a tensor (the caller decides when to sync).
-    ``iclbench bench`` times exactly this function for every model it compares. ``scored``: the indices of
-    the scored positions (:func:`scored_positions`), or ``"mask"`` to derive them from ``batch.mask``
-    (one sync). Nothing in here waits for the device."""
-    if isinstance(scored, str):
-        scored = scored_positions(batch.mask)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    with autocast(batch.inputs.device, o.precision):
-        pred = model(batch.inputs)
-    loss = training_loss(pred, batch, normalizer, scored)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if o.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip, foreach=True)
-    opt.step()
-    return loss.detach()
-
-
-def compile_model(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
-    """``torch.compile(model)``, sharing its parameters; a failure is one line, not a compiler traceback.
-    On CUDA with mode ``reduce-overhead``: the compiled forward and backward are captured as CUDA graphs
-    (the step has no host sync, so capture is possible); elsewhere the default mode, as before."""
-    cuda = device is not None and device.type == "cuda"
-    try:
-        return torch.compile(model, mode="reduce-overhead") if cuda else torch.compile(model)
-    except Exception as exc:
-        raise compile_error(exc) from None
-
-
-def compile_error(exc: Exception) -> ICLBenchError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return ICLBenchError(f"--compile is not supported here ({type(exc).__name__}: {first[:200]}); "
-                         "run without --compile")
-
-
 class Stage:
     """One curriculum stage: its task, and what the step needs from it kept on the device — the
     normalizer (computed once, not per step) and the scored positions (found from the stage's first batch;
@@ -140,7 +70,7 @@ class Stage:
     def scored(self, batch: Batch) -> torch.Tensor | None:
         if isinstance(self._scored, str):
             first = torch.arange(batch.mask.shape[0], device=batch.mask.device) >= self.loss_from
-            self._scored = scored_positions(batch.mask & first)  # once per stage, not per step
+            self._scored = mask_index(batch.mask & first)  # once per stage, not per step
         return self._scored
 
 
@@ -166,107 +96,185 @@ class Curriculum:
 
 
 class DeviceLoss:
-    """The running loss and the first non-finite step, accumulated on the device without a sync; read
-    (one sync) every ``log_every`` steps and before a checkpoint. The sum is float64 (float32 on MPS),
-    which adds float32 losses exactly as the Python float it replaces did."""
+    """Each seed's running loss and first non-finite step, accumulated on the device without a sync; read
+    (one sync) every ``log_every`` steps and before a checkpoint. The sums are float64 (float32 on MPS),
+    which adds float32 losses exactly as a Python float would."""
 
-    def __init__(self, device: torch.device, running: float = 0.0):
+    def __init__(self, device: torch.device, running: list[float]):
         dtype = torch.float32 if device.type == "mps" else torch.float64
+        n = len(running)
         self.sum = torch.tensor(running, dtype=dtype, device=device)
-        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet
-        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
-        self.last = torch.full((), float("nan"), device=device)
+        self.bad_step = torch.zeros(n, dtype=torch.int64, device=device)  # 0: none yet
+        self.bad_loss = torch.zeros(n, dtype=torch.float32, device=device)
+        self.last = torch.full((n,), float("nan"), device=device)
 
     def add(self, loss: torch.Tensor, step_number: int):
+        """``loss``: ``[N]``, one per seed."""
         self.sum += loss
         first = ~torch.isfinite(loss) & (self.bad_step == 0)
         self.bad_step = torch.where(first, step_number, self.bad_step)
         self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
         self.last = loss
 
-    def read(self) -> tuple[float, int, float, float]:
-        """``(sum, first non-finite step or 0, its loss, last loss)``: one transfer."""
+    def read(self) -> tuple[list[float], list[int], list[float], list[float]]:
+        """Per seed: ``(sum, first non-finite step or 0, its loss, last loss)``: one transfer."""
         total, bad, bad_loss, last = torch.stack([self.sum.double(), self.bad_step.double(),
                                                   self.bad_loss.double(), self.last.double()]).tolist()
-        return total, int(bad), bad_loss, last
+        return total, [int(b) for b in bad], bad_loss, last
 
 
-def train(model: torch.nn.Module, task: Task, o: TrainOptions, seed: int, device: torch.device, *,
-          log: Callable[[int, dict], None] = lambda step, m: None, progress: bool = False,
-          resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
-    """Train ``model`` in place; return timing figures. Raises :class:`TrainingDiverged` on NaN/inf.
+@dataclass
+class TrainingState:
+    """Where an unfinished run's training stands (``train_state.pt``): mid-training, all a resumed run needs
+    to continue bit for bit (weights, AdamW state, the data generator, the unlogged part of the running
+    loss); once trained, the training figures (``trained``), so that a run killed while evaluating or
+    probing is not trained again. ``log_offset``: the length of ``train.log`` at this point; ``segments``:
+    the thread count and device of each stretch of training."""
 
-    Every ``o.checkpoint_every`` steps ``checkpoint(state)`` receives the whole training state (model,
-    optimizer, step, the data generator's RNG state, the unlogged part of the running loss); passing that
-    dict back as ``resume`` continues exactly where it was taken, so an interrupted run ends with the same
-    numbers as one that never stopped (same device).
-    """
+    step: int
+    device: str
+    model: dict | None = None
+    optimizer: dict | None = None
+    generator: torch.Tensor | None = None
+    running_loss: float = 0.0
+    window_tokens: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    trained: dict | None = None
+    log_offset: int = 0
+    segments: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """What ``train_state.pt`` holds: tensors, numbers, strings, lists and dicts only (no pickled class)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, data) -> "TrainingState":
+        if not isinstance(data, dict) or "step" not in data or "device" not in data:
+            raise ValueError("not a training state")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Trainee:
+    """One seed in the loop: its model (trained in place), its seed (its data stream), where its training
+    curve goes (``log(step, metrics)``) and its checkpoints (``checkpoint(state)``), and the state to resume."""
+    model: torch.nn.Module
+    seed: int
+    log: Callable[[int, dict], None] = lambda step, metrics: None
+    checkpoint: Callable[[TrainingState], None] | None = None
+    resume: TrainingState | None = None
+
+
+def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device: torch.device, *,
+                   progress: bool = False) -> list[dict | TrainingDiverged]:
+    """Train every trainee's model in place on ``task``, one model alone or N seeds stacked into one
+    (:class:`~iclbench.stacked.StackedSeeds`, fresh starts only); return per seed its training figures, or
+    the :class:`TrainingDiverged` that stopped it (a stacked seed that diverges leaves the others training).
+
+    Every ``o.log_every`` steps each seed's ``log`` gets its mean loss; every ``o.checkpoint_every`` steps its
+    ``checkpoint`` gets its whole :class:`TrainingState`; passed back as ``resume``, that state continues
+    exactly where it was taken, so an interrupted run ends with the same numbers as one that never stopped
+    (same device). Each seed draws exactly the batches its separate run would (its own generator)."""
     from tqdm.auto import tqdm
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    opt = make_optimizer(model, o)
-    first, running, window_tokens, tokens_done, elapsed = 0, 0.0, 0, 0, 0.0
+    n = len(trainees)
+    resume = trainees[0].resume
+    if n > 1 and any(t.resume is not None for t in trainees):
+        raise ValueError("stacked seeds start afresh; resume each alone")
+    gens = [torch.Generator(device=device).manual_seed(t.seed) for t in trainees]
+    for t in trainees:
+        t.model.train()
+    stepper = OneModel(trainees[0].model, o, device) if n == 1 else StackedSeeds([t.model for t in trainees], o)
+    first, running, window_tokens, tokens_done, elapsed = 0, [0.0] * n, 0, 0, 0.0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        gen.set_state(resume["generator"])
-        first, running, window_tokens = resume["step"], resume["running_loss"], resume["window_tokens"]
-        tokens_done, elapsed = resume["tokens"], resume["elapsed_s"]
-    step_model = compile_model(model, device) if o.compile else model
+        stepper.load(0, resume.model, resume.optimizer)
+        gens[0].set_state(resume.generator)
+        first, running, window_tokens = resume.step, [resume.running_loss], resume.window_tokens
+        tokens_done, elapsed = resume.tokens, resume.elapsed_s
     stages = Curriculum(task, o.steps, device, task.score_from if o.loss_positions == "scored" else 0)
-    model.train()
-    bar = tqdm(total=o.steps, initial=first, disable=not progress, desc=f"train {task.name}", unit="step",
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=o.steps, initial=first, disable=not progress, unit="step", leave=False, dynamic_ncols=True,
+               desc=f"train {task.name}" if n == 1 else f"train {n} seeds stacked")
     start = window_start = time.perf_counter()
     acc = DeviceLoss(device, running)
-    loss_value = float("nan")
+    outcomes: list = [None] * n
+    last = [float("nan")] * n
 
-    def check() -> tuple[float, float]:
-        """Sync once: raise on a non-finite loss since the last check, else ``(running sum, last loss)``."""
-        total, bad, bad_loss, last = acc.read()
-        if bad:
-            log(bad, {"loss": bad_loss, "lr": learning_rate(bad - 1, o)})
-            raise TrainingDiverged(f"training diverged at step {bad}: loss is {bad_loss}; "
-                                   "try a lower --set train.lr")
-        return total, last
+    def check() -> list[float]:
+        """Sync once: stop each seed whose loss went non-finite since the last check (its log gets that
+        step), and return the running sums."""
+        nonlocal last
+        totals, bad, bad_loss, last = acc.read()
+        for i, t in enumerate(trainees):
+            if bad[i] and outcomes[i] is None:
+                t.log(bad[i], {"loss": bad_loss[i], "lr": learning_rate(bad[i] - 1, o)})
+                outcomes[i] = TrainingDiverged(bad[i], bad_loss[i])
+        return totals
 
     try:
         for step in range(first, o.steps):
             stage = stages(step)
-            batch = stage.task.sample(o.batch_size, gen, device)
+            batches = [stage.task.sample(o.batch_size, g, device) for g in gens]
             try:
-                loss = train_step(step_model, opt, batch, stage.normalizer, learning_rate(step, o), o,
-                                  stage.scored(batch))
+                losses = stepper.step(batches, stage.normalizer, learning_rate(step, o), stage.scored(batches[0]))
             except Exception as exc:  # torch.compile fails lazily, on the first call
                 if o.compile and step == first and not isinstance(exc, ICLBenchError):
                     raise compile_error(exc) from None
                 raise
-            acc.add(loss, step + 1)
-            window_tokens += batch.inputs.shape[0] * batch.inputs.shape[1]
+            acc.add(losses, step + 1)
+            window_tokens += batches[0].inputs.shape[0] * batches[0].inputs.shape[1]
             bar.update(1)
             done = step + 1
             if done % o.log_every == 0 or done == o.steps:
-                running, loss_value = check()
+                totals = check()
+                if all(outcomes):
+                    break
                 now = time.perf_counter()
-                metrics = {"loss": running / ((step % o.log_every) + 1), "lr": learning_rate(step, o),
-                           "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                           "elapsed_s": elapsed + now - start}
-                log(done, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                for t, total, outcome in zip(trainees, totals, outcomes):
+                    if outcome is None:
+                        t.log(done, {"loss": total / ((step % o.log_every) + 1), "lr": learning_rate(step, o),
+                                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                                     "elapsed_s": elapsed + now - start})
+                if n == 1:
+                    bar.set_postfix(loss=f"{totals[0] / ((step % o.log_every) + 1):.4g}")
                 tokens_done += window_tokens
                 window_tokens, window_start = 0, now
                 acc.sum.zero_()
-            if checkpoint and o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps:
-                running, _ = check()  # never checkpoint a diverged state
-                checkpoint({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "generator": gen.get_state(), "running_loss": running,
-                            "window_tokens": window_tokens, "tokens": tokens_done,
-                            "elapsed_s": elapsed + time.perf_counter() - start, "device": device.type})
+            if o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps:
+                totals = check()  # never checkpoint a diverged state
+                if all(outcomes):
+                    break
+                for i, (t, total) in enumerate(zip(trainees, totals)):
+                    if outcomes[i] is None and t.checkpoint is not None:
+                        weights, optimizer = stepper.state(i)
+                        t.checkpoint(TrainingState(
+                            step=done, device=device.type, model=weights, optimizer=optimizer,
+                            generator=gens[i].get_state(), running_loss=total, window_tokens=window_tokens,
+                            tokens=tokens_done, elapsed_s=elapsed + time.perf_counter() - start))
     finally:
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = elapsed + time.perf_counter() - start
-    model.eval()
-    return {"steps": o.steps, "final_loss": loss_value, "train_time_s": wall,
-            "tokens_per_s": tokens_done / max(wall, 1e-9), "resumed_from_step": first}
+    stepper.finish([t.model for t in trainees])
+    for i, t in enumerate(trainees):
+        t.model.eval()
+        if outcomes[i] is None:
+            outcomes[i] = {"steps": o.steps, "final_loss": last[i], "train_time_s": wall,
+                           "tokens_per_s": tokens_done / max(wall, 1e-9), "resumed_from_step": first}
+            if n > 1:
+                outcomes[i]["stacked_with"] = n
+    return outcomes
+
+
+def train(model: torch.nn.Module, task: Task, o: TrainOptions, seed: int, device: torch.device, *,
+          log: Callable[[int, dict], None] = lambda step, m: None, progress: bool = False,
+          resume: TrainingState | None = None,
+          checkpoint: Callable[[TrainingState], None] | None = None) -> dict:
+    """Train one model in place (:func:`train_together` with N = 1); return its training figures. Raises
+    :class:`TrainingDiverged` on a non-finite loss."""
+    outcome, = train_together([Trainee(model, seed, log, checkpoint, resume)], task, o, device, progress=progress)
+    if isinstance(outcome, TrainingDiverged):
+        raise outcome
+    return outcome

@@ -4,7 +4,7 @@ import torch
 
 from iclbench.task import Task
 from iclbench.tasks.affine import AffineOptions, AffineTask
-from iclbench.trainer import normalized_error
+from iclbench.step import normalized_error
 
 
 def sample(task, n=4096, seed=0):

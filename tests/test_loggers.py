@@ -13,8 +13,8 @@ import iclbench
 from conftest import overrides, tiny_run
 from iclbench.config import resolve
 from iclbench.errors import ICLBenchError
-from iclbench.leaderboard import find_runs
 from iclbench.registry import get_registry
+from iclbench.rundir import find_runs
 
 #: a run of a few seconds: no probes, no OOD; the loss logged every 5 steps
 FAST = overrides(tiny_run(cheap=True, train__log_every=5))

@@ -24,6 +24,7 @@ from iclbench.config import resolve
 from iclbench.errors import ICLBenchError, TrainingDiverged
 from iclbench.leaderboard import collect, render
 from iclbench.registry import get_registry
+from iclbench.rundir import load_run
 
 #: the cheapest run that still writes every file kind: no OOD shifts, no probes, a small evaluation set
 FAST = overrides(tiny_run(cheap=True))
@@ -106,14 +107,24 @@ def test_a_killed_sweep_takes_its_workers_with_it(tmp_path):
     driver.kill()  # kill -9 of the driver only, not its process group
     driver.wait()
     deadline = time.monotonic() + 15
-    while runner.process_alive(worker) and time.monotonic() < deadline:
+    while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    alive = runner.process_alive(worker)
+    alive = _alive(worker)
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the worker outlived its driver"
     with store.run_lock(status.parent):  # and left nothing locked
         pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:  # gone
+        return False
+    return True
 
 
 # --- files: atomic, never through a symlink, the umask's mode, no stale temporaries ------------------------
@@ -208,13 +219,18 @@ def test_thread_count_recorded_per_segment_and_a_change_warned(tmp_path, monkeyp
 
 
 def test_thread_change_warning_text(tmp_path, capsys):
-    state = {"step": 10, "device": "cpu", "log_offset": 0, "segments": [{"from_step": 0, "threads": 97}]}
+    from iclbench.rundir import OpenRun, RunDir
+    from iclbench.trainer import TrainingState
+
+    cfg = resolve(get_registry(), task="affine", model="gpt1l", overrides=FAST)
+    run = OpenRun(RunDir(tmp_path), cfg, get_registry(), torch.device("cpu"), None, None)
+    run.earlier = TrainingState(step=10, device="cpu", log_offset=0, segments=[{"from_step": 0, "threads": 97}])
     (tmp_path / store.LOG).write_text("")
-    state, log, segments = runner._continue_from(tmp_path, torch.device("cpu"), None, state)
-    log.close()
+    run.start()
+    run.log.close()
     err = capsys.readouterr().err
     assert f"with {torch.get_num_threads()} torch threads, but its steps up to 10 ran with 97" in err
-    assert segments[-1] == {"from_step": 10, "threads": torch.get_num_threads(), "device": "cpu"}
+    assert run.segments[-1] == {"from_step": 10, "threads": torch.get_num_threads(), "device": "cpu"}
 
 
 def test_sweep_keeps_a_runs_thread_count(tmp_path):
@@ -257,7 +273,8 @@ DAMAGE = {
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
 def test_every_reader_skips_a_damaged_run_with_a_warning(complete, tmp_path, kind):
-    from iclbench.probing import collect_probe, save_probes
+    from iclbench.probing import collect_probe
+    from iclbench.rundir import RunDir
     from iclbench.report import build_report
 
     results = tmp_path / "results"
@@ -274,7 +291,7 @@ def test_every_reader_skips_a_damaged_run_with_a_warning(complete, tmp_path, kin
                          tmp_path / "report", results)  # report
     assert complete.name in md.read_text()
     if kind.startswith("probes-json"):  # iclbench probe: what it just computed is stored, not lost
-        record = save_probes(bad, {"p": {"summary": {"x": 1}}})
+        record = RunDir(bad).save_probes({"p": {"summary": {"x": 1}}})
         assert record["probes"] == {"p": {"summary": {"x": 1}}}
 
 
@@ -285,7 +302,7 @@ def test_truncated_weights_and_missing_log_are_one_line_or_a_fresh_start(complet
     with pytest.raises(ICLBenchError, match="looks complete but cannot be read"):
         fast_run(tmp_path / "out")
     with pytest.raises(ICLBenchError, match="damaged weights"):
-        runner.load_run(run_dir)  # iclbench probe
+        load_run(run_dir)  # iclbench probe
     (run_dir / store.METRICS).unlink()
     (run_dir / store.LOG).unlink()
     store.save_training_state(run_dir / store.TRAIN_STATE, {"step": 5, "device": "cpu", "log_offset": 10})

@@ -19,8 +19,8 @@ from iclbench.config import TrainOptions
 from iclbench.errors import ICLBenchError
 from iclbench.models.gpt import GPT, GPTOptions
 from iclbench.registry import get_registry
-from iclbench.runner import earlier_attempt
-from iclbench.trainer import train
+from iclbench.rundir import OpenRun, RunDir
+from iclbench.trainer import TrainingState, train
 
 CPU = torch.device("cpu")
 
@@ -43,9 +43,9 @@ def test_resumed_training_is_bitwise_the_uninterrupted_one(tmp_path):
     path = tmp_path / "state.pt"
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), task, o, seed=3, device=CPU, log=interrupt_at_20,
-              checkpoint=lambda state: store.save_training_state(path, state))
-    state = store.load_training_state(path)  # the checkpoint at step 15, through the real file format
-    assert state["step"] == 15
+              checkpoint=lambda state: store.save_training_state(path, state.to_dict()))
+    state = TrainingState.from_dict(store.load_training_state(path))  # the checkpoint at step 15, as a file
+    assert state.step == 15
     resumed, resumed_log = fresh_model(), {}  # a new process would start from a fresh model too
     stats = train(resumed, task, o, seed=3, device=CPU, resume=state,
                   log=lambda step, m: resumed_log.update({step: m["loss"]}))
@@ -115,19 +115,26 @@ def test_resume_with_nothing_to_resume_is_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
 
 
+def earlier_attempt(run_dir, device, *, force):
+    """What :meth:`RunDir.open` finds an earlier attempt left in ``run_dir``."""
+    run = OpenRun(RunDir(run_dir), None, None, device, None, None)
+    run.find_earlier(force=force)
+    return run.earlier
+
+
 def test_checkpoint_from_another_device_or_a_live_process_is_refused(tmp_path):
     store.write_json(tmp_path / store.STATUS, {"status": "interrupted"})
     store.save_training_state(tmp_path / store.TRAIN_STATE, {"step": 5, "device": "cuda"})
     with pytest.raises(ICLBenchError, match="written on cuda, this run is on cpu"):
-        earlier_attempt(tmp_path, CPU, resume=False, force=False)
-    assert earlier_attempt(tmp_path, CPU, resume=True, force=True) is None  # --force starts afresh
+        earlier_attempt(tmp_path, CPU, force=False)
+    assert earlier_attempt(tmp_path, CPU, force=True) is None  # --force starts afresh
     # a stale status whose pid now belongs to another (live) process does not block the run: the lock decides
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         store.write_json(tmp_path / store.STATUS, {"status": "running", "pid": sleeper.pid,
                                                    "host": socket.gethostname()})
         with pytest.raises(ICLBenchError, match="written on cuda"):
-            earlier_attempt(tmp_path, CPU, resume=False, force=False)
+            earlier_attempt(tmp_path, CPU, force=False)
     finally:
         sleeper.kill()
         sleeper.wait()

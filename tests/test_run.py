@@ -10,7 +10,8 @@ import iclbench
 from conftest import TINY, cli
 from iclbench.config import resolve
 from iclbench.registry import get_registry
-from iclbench.runner import evaluation_batch, load_run
+from iclbench.evaluate import evaluation_batch
+from iclbench.rundir import load_run
 from iclbench.evaluate import predict
 
 
@@ -48,7 +49,7 @@ def test_run_directory_is_complete_and_reloadable(trained):
     assert log[-1]["event"] == "trained" and any(r.get("step") == 400 for r in log)
     # the checkpoint reproduces the recorded error
     cfg, task, model = load_run(d)
-    batch = evaluation_batch(task, cfg, torch.device("cpu"))
+    batch = evaluation_batch(task, cfg.eval, torch.device("cpu"))
     err = ((predict(model, batch) - batch.targets).pow(2).mean(-1) / task.normalizer())[:, 3:].mean()
     assert float(err) == pytest.approx(m["summary"]["model"]["mean"], rel=1e-4)
 

@@ -10,7 +10,7 @@ from iclbench.config import TrainOptions
 from iclbench.models.gpt import GPT, GPTOptions
 from iclbench.registry import get_registry
 from iclbench.stacked import StackedSeeds
-from iclbench.trainer import make_optimizer, scored_positions, train_step
+from iclbench.step import make_optimizer, mask_index, train_step
 
 
 def test_stacked_seeds_match_separate_runs_after_several_steps():
@@ -27,7 +27,7 @@ def test_stacked_seeds_match_separate_runs_after_several_steps():
     opts = [make_optimizer(m, o) for m in separate]
     for step in range(4):
         batches = [task.sample(o.batch_size, g) for g in gens]
-        scored = scored_positions(batches[0].mask)
+        scored = mask_index(batches[0].mask)
         assert scored is not None
         together = stacked.step(batches, norm, 1e-3 * (step + 1), scored)
         alone = [train_step(m, opt, b, norm, 1e-3 * (step + 1), o, scored) for m, opt, b in zip(separate, opts, batches)]
@@ -136,3 +136,50 @@ def test_a_killed_stacked_job_resumes_seed_by_seed(tmp_path, monkeypatch):
     assert [o for _, o, _ in resumed] == ["resumed"] * 2
     for (_, _, m1), (_, _, m2) in zip(resumed, reference):
         assert m1["summary"]["model"]["mean"] == pytest.approx(m2["summary"]["model"]["mean"], rel=1e-3)
+
+
+
+@pytest.fixture
+def seed_1_diverges_at_step_7(monkeypatch):
+    """Of three stacked seeds, seed 1's loss turns NaN at the 7th step (the others' stay as they are)."""
+    from iclbench import stacked
+
+    real, calls = stacked.StackedSeeds.step, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        losses = real(self, *args, **kwargs)
+        calls["n"] += 1
+        return torch.where(torch.arange(3) == 1, float("nan"), losses) if calls["n"] == 7 else losses
+
+    monkeypatch.setattr(stacked.StackedSeeds, "step", poisoned)
+
+
+def test_a_stacked_seed_that_diverges_stops_alone_and_the_others_train_on(seed_1_diverges_at_step_7):
+    """The loop checks each seed's loss: a seed whose loss turns non-finite gets that step logged and a
+    TrainingDiverged; the other seeds keep training to the end, logged as before."""
+    from iclbench.errors import TrainingDiverged
+    from iclbench.trainer import Trainee, train_together
+
+    task = get_registry().task("affine")(None)
+    logged = {seed: [] for seed in range(3)}
+    trainees = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = GPT(GPTOptions(n_layers=1, d_model=16, n_heads=2, d_mlp=16), 1, 1, task.context_len)
+        trainees.append(Trainee(model, seed, log=lambda step, m, seed=seed: logged[seed].append(step)))
+    out = train_together(trainees, task, TrainOptions(steps=20, batch_size=4, warmup=0, log_every=5),
+                         torch.device("cpu"))
+    assert isinstance(out[1], TrainingDiverged) and out[1].step == 7 and "diverged at step 7" in str(out[1])
+    assert logged[1] == [5, 7] and logged[0] == logged[2] == [5, 10, 15, 20]
+    assert out[0]["stacked_with"] == out[2]["stacked_with"] == 3 and out[0]["steps"] == 20
+
+
+def test_a_diverged_stacked_seed_is_recorded_so_and_the_others_complete(tmp_path, seed_1_diverges_at_step_7):
+    from iclbench import store
+    from iclbench.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="diverged at step 7"):
+        _seeds(tmp_path, True)
+    dirs = sorted(tmp_path.iterdir())
+    assert [store.read_json(d / store.STATUS)["status"] for d in dirs] == ["complete", "diverged", "complete"]
+    assert "diverged at step 7" in store.read_json(dirs[1] / store.STATUS)["message"]

@@ -133,16 +133,16 @@ def test_divergence_is_found_on_the_device_and_names_the_first_bad_step():
 
 
 def test_masked_loss_without_boolean_indexing_is_bitwise_the_same():
-    from iclbench.trainer import scored_positions, training_loss
+    from iclbench.step import mask_index, training_loss
 
     gen = torch.Generator().manual_seed(1)
     pred, targets = torch.randn(5, 9, 2, generator=gen), torch.randn(5, 9, 2, generator=gen)
     mask = torch.arange(9) >= 3
     batch, norm = Batch(targets, targets, mask), torch.rand(9, generator=gen) + 0.5
     old = ((pred - targets).pow(2).mean(-1) / norm)[:, mask].mean()
-    assert torch.equal(training_loss(pred, batch, norm, scored_positions(mask)), old)
+    assert torch.equal(training_loss(pred, batch, norm, mask_index(mask)), old)
     full = Batch(targets, targets, torch.ones(9, dtype=torch.bool))
-    assert scored_positions(full.mask) is None
+    assert mask_index(full.mask) is None
     assert torch.equal(training_loss(pred, full, norm, None), ((pred - targets).pow(2).mean(-1) / norm).mean())
 
 
@@ -151,7 +151,8 @@ def test_the_training_step_never_waits_for_the_device():
     once the stage's scored positions are known; seen through the dispatcher, so it holds for any device."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from iclbench.trainer import DeviceLoss, make_optimizer, scored_positions, train_step
+    from iclbench.step import OneModel, mask_index
+    from iclbench.trainer import DeviceLoss
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -166,11 +167,11 @@ def test_the_training_step_never_waits_for_the_device():
     o = TrainOptions(steps=2, batch_size=4)
     batch = task.sample(4, torch.Generator().manual_seed(0))
     batch.mask = torch.arange(8) >= 2
-    opt, acc, scored = make_optimizer(model, o), DeviceLoss(CPU), scored_positions(batch.mask)
+    stepper, acc, scored = OneModel(model, o, CPU), DeviceLoss(CPU, [0.0]), mask_index(batch.mask)
     norm = task.normalizer(CPU)
     with Ops() as ops:
         for step in range(2):
-            acc.add(train_step(model, opt, batch, norm, 1e-3, o, scored), step + 1)
+            acc.add(stepper.step([batch], norm, 1e-3, scored), step + 1)
     assert not ops.seen & {"_local_scalar_dense", "nonzero", "masked_select", "item", "equal", "is_nonzero"}
     assert "index_select" in ops.seen
 
@@ -183,7 +184,7 @@ def test_hf_gpt2_contender_matches_our_model_size_and_trains():
     from iclbench.bench import fixed_batches, hf_gpt2_twin, training_step
     from iclbench.config import resolve
     from iclbench.registry import get_registry
-    from iclbench.runner import build
+    from iclbench.build import build
 
     cfg = resolve(get_registry(), task="affine", model="gpt2l", device="cpu",
                   overrides=["model.d_model=32", "model.d_mlp=64", "train.batch_size=8"])

@@ -68,6 +68,10 @@ class MLflowLogger(common.Logger):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
+        if local is not None:  # the store keeps copies of runs: not runs of the results directory
+            from ..rundir import mark_not_runs
+
+            mark_not_runs(local)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"iclbench-{config.task}"
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:

@@ -34,7 +34,7 @@ def baselines(task, batch: Batch) -> dict[str, torch.Tensor]:
     """Predictions of the task's baselines plus those other plugins add for it. Oracles are left out (a name
     starting with ``oracle``, or ``fn.oracle``): they see the latents, so agreeing with them is just being
     right."""
-    entries = get_registry().task_baselines(task)
+    entries = (getattr(task, "registry", None) or get_registry()).task_baselines(task)  # the run's registry
     return {name: e.obj(batch).float() for name, e in entries.items() if not is_oracle(name, e.obj)}
 
 
