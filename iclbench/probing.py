@@ -103,12 +103,15 @@ def _label(name: str, section: dict, defaults: dict, train: dict | None = None) 
     """'gpt3l', or 'gpt3l n_layers=6' where options (or training settings) differ from the defaults."""
     import dataclasses
 
-    from .config import NOT_HASHED, TrainOptions
+    from .config import HASHED_AS, NOT_HASHED, TrainOptions
+
+    def same(k, a, b):  # equal, or one value under its two spellings (precision "auto" is "fp32")
+        return HASHED_AS.get(("train", k, a), a) == HASHED_AS.get(("train", k, b), b)
 
     changed = [f"{k}={v}" for k, v in section.items() if k in defaults and defaults[k] != v]
     train_defaults = dataclasses.asdict(TrainOptions())
     changed += [f"train.{k}={v}" for k, v in (train or {}).items()
-                if ("train", k) not in NOT_HASHED and train_defaults.get(k, v) != v]
+                if ("train", k) not in NOT_HASHED and not same(k, train_defaults.get(k, v), v)]
     return " ".join([name] + changed)
 
 

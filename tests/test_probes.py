@@ -191,3 +191,11 @@ def test_probe_seed_draws_another_sample_and_is_recorded(tiny_run):
     assert b["seed"] == 8 and a["summary"]["layers"][0]["error"] != b["summary"]["layers"][0]["error"]
     bad = cli("probe", str(d), "--probe", "ladder", "--seed", "-1")
     assert bad.returncode == 2 and "--seed" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_runs_from_before_the_precision_rename_are_labelled_as_the_default():
+    """train.precision "auto" (the old default's spelling) is "fp32": no "train.precision=auto" in row labels."""
+    from iclbench.probing import _label
+
+    assert _label("gpt3l", {}, {}, {"precision": "auto", "steps": 3000}) == "gpt3l"
+    assert _label("gpt3l", {}, {}, {"precision": "bf16"}) == "gpt3l train.precision=bf16"
