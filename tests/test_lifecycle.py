@@ -26,6 +26,9 @@ SETTINGS = {"model.d_model": 32, "model.d_mlp": 64, "eval.n_sequences": 256, "ev
             "train.log_every": 10, "train.checkpoint_every": 20}
 RUN = {"task": "affine", "model": "gpt1l", "steps": 60, "device": "cpu"}
 TIMING = ("train_time_s", "tokens_per_s", "elapsed_s", "wall_time_s", "time_s")
+#: probes whose own measurements changed after the reference was recorded (issue 21 made the fitted read-outs
+#: selective against untrained controls and rebuilt the claims; the circuit probe is new): not an engine matter
+PROBES_CHANGED = ("layer_lens", "ladder", "linear_probe", "specialization", "circuit")
 
 
 def digest(obj) -> str:
@@ -47,7 +50,8 @@ def record(run_dir: Path) -> dict:
             shift["curves"] = digest(shift["curves"])
     log = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
            for line in (run_dir / "train.log").read_text().splitlines()]
-    probes = json.loads((run_dir / "probes.json").read_text())["probes"]
+    probes = {name: entry for name, entry in json.loads((run_dir / "probes.json").read_text())["probes"].items()
+              if name not in PROBES_CHANGED}
     for name, entry in probes.items():
         entry.pop("time_s", None)
         if "table" in entry:
@@ -74,6 +78,8 @@ def test_a_single_run_and_a_stacked_run_give_the_recorded_numbers(tmp_path):
     for run in [expected["single"], *expected["stacked"]]:  # fp32's name before issue 20, hashed alike
         assert run["metrics"]["config"]["train"]["precision"] == "auto"
         run["metrics"]["config"]["train"]["precision"] = "fp32"
+        run["probes"] = {k: v for k, v in run["probes"].items() if k not in PROBES_CHANGED}
+        assert len(run["probes"]) >= 5  # ablation, attention, attribution, similarity, patching still compared
     got = json.loads(json.dumps(produce(tmp_path)))  # through JSON, as the reference was stored
     assert got["single"] == expected["single"]
     for seed, (new, old) in enumerate(zip(got["stacked"], expected["stacked"])):

@@ -30,16 +30,20 @@ class RampOptions:
     context_len: int = 8
 
 
-class RampTask(Task):
-    name = "ramp"
-    description = "arithmetic progressions x_t = x_0 + t b (test task)"
-    Options = RampOptions
-    score_from = 2
+class _WiredTask(Task):
+    """What the test tasks share: scalar inputs and outputs unless they say otherwise, a context length option."""
     d_in = d_out = 1
 
     @property
     def context_len(self):
         return self.options.context_len
+
+
+class RampTask(_WiredTask):
+    name = "ramp"
+    description = "arithmetic progressions x_t = x_0 + t b (test task)"
+    Options = RampOptions
+    score_from = 2
 
     def sample(self, n, generator, device="cpu"):
         T = self.options.context_len
@@ -99,7 +103,7 @@ class OppositeOptions:
     noise: float = 0.0
 
 
-class OppositeTask(Task):
+class OppositeTask(_WiredTask):
     """i.i.d. values x_t ~ U(-1, 1); the target is the earlier value most *opposite* to the current one,
     x_k with k = argmin_{k <= t} x_t·x_k (plus observation noise, sd ``noise``). A head attending by negative
     similarity, softmax(-c·x_q·x_k), computes it: the positive control for claim 2. ``bayes`` is the exact
@@ -109,11 +113,6 @@ class OppositeTask(Task):
     description = "retrieve the context value most opposite to the current one (test task)"
     Options = OppositeOptions
     score_from = 3
-    d_in = d_out = 1
-
-    @property
-    def context_len(self):
-        return self.options.context_len
 
     def sample(self, n, generator, device="cpu"):
         T = self.options.context_len
@@ -164,7 +163,7 @@ def opposite_gpt(strength=-200.0, layer=2, cancel=False, context_len=8) -> GPT:
     return model.eval()
 
 
-class LeakTask(Task):
+class LeakTask(_WiredTask):
     """Affine recurrences (the seed task's rule) whose input at t also carries the answer y_{t+1} in a
     second channel, so a hand-wired layer can write the answer without computing it. Its answer correlates
     with copy-last (≈ 0.87 at the scored positions), so a test that calls every layer correlating with
@@ -175,10 +174,6 @@ class LeakTask(Task):
     Options = RampOptions
     score_from = 3
     d_in, d_out = 2, 1
-
-    @property
-    def context_len(self):
-        return self.options.context_len
 
     def sample(self, n, generator, device="cpu"):
         from iclbench.tasks.affine import AffineOptions, AffineTask
