@@ -8,6 +8,7 @@ from iclbench.registry import get_registry
 REG = get_registry()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task_name", sorted(REG.tasks))
 def test_baselines_use_only_the_context_before_each_position(task_name):
     task = REG.task(task_name)()

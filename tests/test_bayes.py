@@ -58,6 +58,7 @@ def test_affine_known_answers():
     assert 0.15 < err[1] < 0.21  # the "about 0.18"
 
 
+@pytest.mark.slow
 def test_affine_noisy_quadrature_matches_importance_sampling():
     task = REG.task("affine")().with_options(noise=0.3)
     batch = task.sample(24, torch.Generator().manual_seed(2))

@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from iclbench import store
 from conftest import cli
 from iclbench.leaderboard import aggregate, collect, compare, render
@@ -63,6 +65,7 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
 
 
+@pytest.mark.slow
 def test_empty_results_dir(tmp_path):
     assert "no complete runs" in render(tmp_path)
     out = cli("leaderboard", "--results", str(tmp_path / "nothing"))
@@ -81,6 +84,7 @@ def test_excess_and_icl_score_known_values(tmp_path):
     assert abs(pick(icl, "baseline: copy_last") - 1.0) < 1e-12
 
 
+@pytest.mark.slow
 def test_filters_and_compare(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for seed, err in enumerate([0.10, 0.11, 0.09]):

@@ -73,6 +73,7 @@ def produce(out: Path, registry=None) -> dict:
     return {"single": record(single.run_dir), "stacked": [record(run_dir) for run_dir, _, _ in stacked]}
 
 
+@pytest.mark.slow
 def test_a_single_run_and_a_stacked_run_give_the_recorded_numbers(tmp_path):
     expected = json.loads(REFERENCE.read_text())
     for run in [expected["single"], *expected["stacked"]]:  # fp32's name before issue 20, hashed alike
@@ -100,6 +101,7 @@ def _events(run_dir: Path) -> list[dict]:
             for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_stacked_seeds_fire_every_lifecycle_hook_once_per_seed_as_separate_runs_do(tmp_path):
     """A third-party logger sees a stacked seed's life as a separate run's: started before training, the loss
     every ``log_every`` steps, finished; nothing twice."""

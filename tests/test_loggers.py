@@ -43,6 +43,7 @@ def logged(tmp_path_factory):
     return iclbench.run("affine", "gpt3l", steps=20, out=str(out), overrides=FAST + [("log", ["mlflow", "tensorboard"])])
 
 
+@pytest.mark.slow
 def test_mlflow_store_reads_back(logged):
     m = logged.metrics
     where = m["extra"]["mlflow"]

@@ -54,6 +54,7 @@ def test_lstm_is_causal_hookable_and_declares_no_heads():
     assert abs(sum(p.numel() for p in model.parameters()) - 151297) < 5000  # about gpt3l's size
 
 
+@pytest.mark.slow
 def test_lstm_trains_on_affine_below_copy_last(tmp_path):
     result = iclbench.run("affine", "lstm", steps=300, out=str(tmp_path), overrides=overrides(tiny_run(sizes=False)) + ["model.d_model=48"])
     s = result.metrics["summary"]

@@ -61,6 +61,7 @@ def test_ood_can_be_switched_off_without_changing_the_run_identity(tmp_path):
     assert on.eval.ood and on.config_hash == off.config.config_hash
 
 
+@pytest.mark.slow
 def test_cli_prints_the_ood_table(tmp_path):
     sets = [a for s in FAST for a in ("--set", s)]
     out = cli("run", "--task", "affine", "--model", "gpt3l", "--steps", "5", "--out", str(tmp_path), *sets)

@@ -24,6 +24,7 @@ def test_readme_links_the_guide():
     assert "docs/plugins.md" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_every_example_passes_iclbench_check(installed_plugins):
     out = cli("check", "sine", "window_mlp", "extrapolate", "resid_norm", "jsonl_log", env=installed_plugins)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -32,6 +33,7 @@ def test_every_example_passes_iclbench_check(installed_plugins):
         assert line in out.stdout
 
 
+@pytest.mark.slow
 def test_examples_run_together(installed_plugins, tmp_path):
     """The task, model, baseline and logger in one run; then the probe on it, and a probe that does not
     apply says which hook points are missing."""
@@ -55,6 +57,7 @@ def test_examples_run_together(installed_plugins, tmp_path):
     assert "has no hook point blocks.0.attn.hook_pattern" in refused.stderr and "n_heads = 0" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_third_party_probe_presents_itself(installed_plugins, tmp_path):
     """The example probe's figure and section in the report, its numbers for a tracker and its command:
     the engine names no probe, so a third party's gets what the built-in ones get."""

@@ -21,6 +21,7 @@ def installed_example(installed_plugins):
     return installed_plugins
 
 
+@pytest.mark.slow
 def test_installed_plugin_is_listed_and_runs(installed_example, tmp_path):
     listed = cli("list", "tasks", env=installed_example)
     assert listed.returncode == 0, listed.stderr
@@ -37,12 +38,14 @@ def test_installed_plugin_is_listed_and_runs(installed_example, tmp_path):
     assert "sine" in board.stdout and "baseline: copy_last" in board.stdout
 
 
+@pytest.mark.slow
 def test_autoload_can_be_disabled_but_builtins_stay(installed_example):
     out = cli("list", "tasks", env={**installed_example, "ICLBENCH_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert out.returncode == 0
     assert "affine" in out.stdout and "sine" not in out.stdout
 
 
+@pytest.mark.slow
 def test_broken_plugin_is_reported_and_the_rest_work(tmp_path):
     dist = tmp_path / "broken_plugin-0.1.dist-info"
     dist.mkdir()

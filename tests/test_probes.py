@@ -137,6 +137,7 @@ def tiny_run(tmp_path_factory):
     return iclbench.run("affine", "gpt3l", steps=30, seed=0, out=str(out), overrides=TINY + ["eval.probes=false"])
 
 
+@pytest.mark.slow
 def test_probe_command_stores_summaries_and_tables_then_specialization_combines_them(tiny_run):
     d = tiny_run.run_dir
     assert not (d / "probes.json").exists()  # eval.probes=false
@@ -157,6 +158,7 @@ def test_probe_command_stores_summaries_and_tables_then_specialization_combines_
     (["--probe", "lens"], "unknown probe 'lens'"),
     (["--probe", "attention", "/nonexistent/run"], "not a finished run directory"),
 ])
+@pytest.mark.slow
 def test_probe_bad_input_one_line(tiny_run, args, message):
     run_dir = [] if "/nonexistent/run" in args else [str(tiny_run.run_dir)]
     out = cli("probe", *run_dir, *args)
@@ -180,6 +182,7 @@ def test_tuned_lens_after_the_last_layer_reads_out_as_well_as_the_model(tiny_run
     assert lens_err <= 1.05 * own
 
 
+@pytest.mark.slow
 def test_probe_seed_draws_another_sample_and_is_recorded(tiny_run):
     d = tiny_run.run_dir
     first = cli("probe", str(d), "--probe", "ladder", "--seed", "7")

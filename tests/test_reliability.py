@@ -74,6 +74,7 @@ def test_a_live_run_is_never_trained_beside_even_with_force(tmp_path):
     assert not (run_dir / store.LOCK).exists()  # and a clean exit removes the file
 
 
+@pytest.mark.slow
 def test_two_commands_started_together_one_writer_and_a_valid_log(tmp_path):
     args = [sys.executable, "-m", "iclbench.cli", "run", "--task", "affine", "--model", "gpt1l", "--steps", "60",
             "--out", str(tmp_path)] + [a for s in FAST + ["train.log_every=20"] for a in ("--set", s)]

@@ -20,6 +20,7 @@ def report(tmp_path_factory):
     return run, out
 
 
+@pytest.mark.slow
 def test_every_figure_is_a_real_image(report):
     import matplotlib.image as mpimg
 
@@ -49,6 +50,7 @@ def test_markdown_tables_match_the_metrics(report):
     assert "<table" in html and 'src="figures/' in html and "http" not in html.split("<body>")[1]
 
 
+@pytest.mark.slow
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     out = cli("report", str(tmp_path), "--out", str(tmp_path / "r"))
     assert out.returncode == 2 and "is not a complete run directory" in out.stderr

@@ -97,6 +97,7 @@ def test_run_killed_with_sigkill_resumes_on_rerun_to_the_same_metrics(tmp_path):
     assert not (run_dir / store.TRAIN_STATE).exists()  # complete: nothing left to resume
 
 
+@pytest.mark.slow
 def test_complete_run_is_not_retrained_unless_forced(tmp_path):
     first = iclbench.run("affine", "gpt1l", steps=10, out=str(tmp_path), overrides=TINY)
     log = (first.run_dir / store.LOG).read_text()
@@ -109,6 +110,7 @@ def test_complete_run_is_not_retrained_unless_forced(tmp_path):
     assert forced.outcome == "trained" and forced.metrics["summary"] == first.metrics["summary"]
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_is_one_line(tmp_path):
     out = cli("run", "--task", "affine", "--model", "gpt1l", "--out", str(tmp_path), "--resume")
     assert out.returncode == 2 and "nothing to resume" in out.stderr

@@ -21,6 +21,7 @@ def trained(tmp_path_factory):
     return iclbench.run("affine", "gpt3l", steps=400, seed=1, out=str(out), overrides=TINY)
 
 
+@pytest.mark.slow
 def test_small_model_learns_affine_far_below_copy_last(trained):
     s = trained.metrics["summary"]
     assert s["model"]["mean"] < 0.25 * s["copy_last"]["mean"], s
@@ -54,12 +55,14 @@ def test_run_directory_is_complete_and_reloadable(trained):
     assert float(err) == pytest.approx(m["summary"]["model"]["mean"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path):
     a = iclbench.run("affine", "gpt3l", steps=15, out=str(tmp_path / "a"), overrides=TINY)
     b = iclbench.run("affine", "gpt3l", steps=15, out=str(tmp_path / "b"), overrides=TINY)
     assert a.metrics["summary"] == b.metrics["summary"]
 
 
+@pytest.mark.slow
 def test_cli_run_prints_the_table_and_leaderboard_reads_it(tmp_path):
     sets = [a for s in TINY for a in ("--set", s)]
     out = cli("run", "--task", "affine", "--model", "gpt3l", "--steps", "20", "--out", str(tmp_path), *sets)
@@ -69,6 +72,7 @@ def test_cli_run_prints_the_table_and_leaderboard_reads_it(tmp_path):
     assert board.returncode == 0 and "gpt3l" in board.stdout and "baseline: least_squares" in board.stdout
 
 
+@pytest.mark.slow
 def test_config_file_and_quiet(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text(yaml.safe_dump({"task": {"name": "affine", "context_len": 8}, "model": "gpt3l",
@@ -87,6 +91,7 @@ def test_config_file_and_quiet(tmp_path):
     (["--task", "affine", "--model", "gpt3l", "--set", "task.nosie=1"], "unknown key 'task.nosie'"),
     (["--task", "affine", "--model", "gpt3l", "--set", "noequals"], "expects key=value"),
 ])
+@pytest.mark.slow
 def test_bad_input_one_line_nonzero_exit(args, message, tmp_path):
     out = cli("run", *args, "--out", str(tmp_path))
     assert out.returncode == 2
@@ -95,12 +100,14 @@ def test_bad_input_one_line_nonzero_exit(args, message, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written for a rejected config
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda():
     out = cli("run", "--task", "affine", "--model", "gpt3l", "--device", "cuda")
     assert out.returncode == 2 and "CUDA is not available" in out.stderr
 
 
+@pytest.mark.slow
 def test_divergence_stops_names_the_step_and_keeps_the_log(tmp_path):
     out = cli("run", "--task", "affine", "--model", "gpt3l", "--steps", "50", "--out", str(tmp_path),
               "--quiet", "--set", "train.lr=1e6", "--set", "train.grad_clip=0", "--set", "train.warmup=0")

@@ -268,7 +268,7 @@ def test_a_negative_similarity_head_in_a_layer_that_does_nothing_does_not_count(
 
 # --- an untrained network: no role, no refinement, nothing decoded ---------------------------------------------
 
-@pytest.mark.parametrize("task_name", ["affine", "logistic", "linreg"])
+@pytest.mark.parametrize("task_name", sorted(get_registry().tasks))
 def test_an_untrained_model_gets_no_role_no_refinement_and_no_claim(task_name):
     """Finding 6: a lens fitted to the targets reads a good predictor out of a random network (affine: 0.16 ->
     0.10 -> 0.09 across an untrained gpt3l's layers, whose own error is 1.2). Measured against untrained

@@ -50,6 +50,7 @@ def test_parse_seeds():
             parse_seeds(bad)
 
 
+@pytest.mark.slow
 def test_run_seeds_in_processes_writes_ordinary_runs_equal_to_one_seed_alone(tmp_path):
     import json
 
@@ -82,6 +83,7 @@ def _seeds(tmp_path, stack, seeds=(0, 1, 2), steps=40, **kw):
                      out=str(tmp_path), overrides=dict(TINY), **kw)
 
 
+@pytest.mark.slow
 def test_stacked_runs_write_ordinary_run_directories_matching_separate_runs(tmp_path):
     """``run --seeds --stack yes``: one stacked model, N run directories whose metrics match separate runs
     within float rounding; each a complete ordinary run (a rerun returns it as recorded)."""
@@ -110,6 +112,7 @@ def test_stacked_runs_write_ordinary_run_directories_matching_separate_runs(tmp_
     assert [o for _, o, _ in again] == ["complete"] * 3
 
 
+@pytest.mark.slow
 def test_a_killed_stacked_job_resumes_seed_by_seed(tmp_path, monkeypatch):
     """Killed after its checkpoint at step 20: each seed holds an ordinary checkpoint, and a rerun continues
     each seed from it (not stacked again) to metrics that match the uninterrupted stacked job."""

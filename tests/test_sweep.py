@@ -99,6 +99,7 @@ def test_bad_experiment_names_key_and_line(tmp_path, text, message):
     assert message in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_bad_experiment_is_one_line_and_nonzero(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(BASE + "grid:\n  model.n_heads: [3]\n")
@@ -120,6 +121,7 @@ def local_sweep(tmp_path_factory):
     return exp, run_sweep(exp, "local", jobs=2, cpus_per_run=1, progress=False)
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_everything_and_records_the_failure(local_sweep):
     exp, report = local_sweep
     good, broken = exp.runs[:2], exp.runs[2]
@@ -135,6 +137,7 @@ def test_local_sweep_runs_everything_and_records_the_failure(local_sweep):
     assert "2 ran, 0 skipped (already complete), 1 failed" in report.summary()
 
 
+@pytest.mark.slow
 def test_rerun_skips_complete_runs_and_retries_failed_ones(local_sweep):
     exp, _ = local_sweep
     before = {r.name: (r.run_dir / "metrics.json").stat().st_mtime_ns for r in exp.runs[:2]}

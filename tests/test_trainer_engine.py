@@ -89,6 +89,7 @@ def test_saved_activation_bytes_counts_what_backward_keeps_and_not_the_weights()
     assert saved_activation_bytes(layer, lambda: layer(x).sum().backward()) == 16 * 8 * 4
 
 
+@pytest.mark.slow
 def test_bench_prints_throughput_and_memory():
     out = cli("bench", "--task", "affine", "--model", "gpt1l", "--rounds", "1", "--steps", "1", "--no-tl",
               "--set", "train.batch_size=8", "--scaling", "--scaling-models", "gpt1l",

@@ -5,6 +5,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_tutorial_notebook_runs(tmp_path):
     for module in ("nbclient", "nbformat", "ipykernel"):
         pytest.importorskip(module, reason=f"{module} is not installed: the tutorial needs Jupyter "
