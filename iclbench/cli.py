@@ -189,7 +189,9 @@ def cmd_leaderboard(args) -> int:
         for path in args.compare:
             if not os.path.isdir(path):
                 raise ICLBenchError(f"--compare: {path!r} is not a directory (give two results or run directories)")
-        print(render_compare(args.compare[0], args.compare[1], args.format, args.metric, args.score_from))
+        table = render_compare(args.compare[0], args.compare[1], args.format, args.metric, args.score_from)
+        if table:
+            print(table)
         return 0
     print(render(results_dir(args.results), args.format, metric=args.metric, score_from=args.score_from,
                  tasks=args.task or (), models=args.model or (), include_unstable=args.include_unstable))

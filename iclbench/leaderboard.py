@@ -3,8 +3,9 @@
 Cells are the mean over seeds of the summary metric (normalized error averaged over positions >= the
 task's ``score_from``), with the number of seeds. Runs of one name under different configurations are kept
 apart: a model row is (model name, hash of model+train config), a task column is (task name, hash of
-task+eval config); a hash is shown only where a name occurs with more than one configuration. Baselines
-are rows of their own ("baseline: least_squares").
+task+eval config), labelled by the settings that differ from the defaults ("affine noise=0.1", "gpt2l
+train.steps=600"; :mod:`iclbench.labels`), with the short hash added only where two configurations would read
+the same; the CSV/JSON tables keep the hashes. Baselines are rows of their own ("baseline: least_squares").
 """
 
 from __future__ import annotations
@@ -17,10 +18,47 @@ import pandas as pd
 
 from .contracts import is_oracle  # by name here: runs record the others in metrics["oracles"]
 from .errors import ICLBenchError
+from .labels import run_labels
 from .rundir import RunDir, find_runs
 from .store import DamagedRun, unstable_reason
 
-FORMATS = ("github", "plain", "csv", "json", "latex")
+FORMATS = ("github", "markdown", "plain", "csv", "json", "latex")
+#: what a format name means to tabulate: "markdown" is GitHub's pipe table; LaTeX gets booktabs rules
+TABLEFMT = {"markdown": "github", "latex": "latex_booktabs"}
+#: characters LaTeX without extra packages does not typeset, and what it does instead
+LATEX_SYMBOLS = {"±": r"$\pm$", "→": r"$\to$", "—": "---", "–": "--", "≥": r"$\geq$", "≤": r"$\leq$",
+                 "−": "-", "×": r"$\times$", "√": r"$\surd$"}
+
+
+def tabulate_table(df: pd.DataFrame, fmt: str, **kw) -> str:
+    """``tabulate`` in a user-facing format name: "markdown" as GitHub's, LaTeX with booktabs rules
+    (\\toprule, \\midrule, \\bottomrule) and every symbol (±, →, —, ...) written the way LaTeX typesets it,
+    so that the table compiles as is."""
+    from tabulate import tabulate
+
+    if fmt != "latex":
+        return tabulate(df, tablefmt=TABLEFMT.get(fmt, fmt), **kw)
+    # tabulate escapes $ and \\ in cells, so each symbol travels as a plain token and is swapped in after
+    tokens = {sym: f"ICLBSYM{i}X" for i, sym in enumerate(LATEX_SYMBOLS)}
+
+    def plain(value):
+        if not isinstance(value, str):
+            return value
+        for sym, token in tokens.items():
+            value = value.replace(sym, token)
+        return value
+
+    df = df.map(plain) if hasattr(df, "map") else df.applymap(plain)
+    df.index = [plain(str(i)) for i in df.index]
+    headers = kw.pop("headers", "keys")
+    if headers != "keys":
+        headers = [plain(str(h)) for h in headers]
+    else:
+        df.columns = [plain(str(c)) for c in df.columns]
+    text = tabulate(df, tablefmt="latex_booktabs", headers=headers, **kw)
+    for sym, token in tokens.items():
+        text = text.replace(token, LATEX_SYMBOLS[sym])
+    return text
 
 
 METRIC_HELP = {
@@ -61,6 +99,7 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
     every run's context is an error."""
     rows = []
     past = []
+    registry = None
     for run_dir in find_runs(results):
         try:
             m = RunDir(run_dir).metrics()
@@ -70,6 +109,14 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
                      "shows it)")
                 continue
             groups = m.get("groups", {"task": m["config_hash"], "model": m["config_hash"]})
+            if registry is None:
+                from .registry import get_registry
+
+                registry = get_registry()
+            try:  # the settings that differ from the defaults, for people; the hashes are for machines
+                task_label, model_label = run_labels(m["config"], registry)
+            except (KeyError, TypeError, AttributeError):  # an older or hand-made run: its names
+                task_label, model_label = m["task"], m["model"]
             curves = m.get("curves", {}).get("predictors", {})
             positions = m.get("curves", {}).get("positions", [])
             if score_from is None:
@@ -99,8 +146,10 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
                     "kind": "model" if is_model else "baseline",
                     "name": m["model"] if is_model else name,
                     "config": groups["model"] if is_model else "",
+                    "config_label": model_label if is_model else name,
                     "task": m["task"],
                     "task_config": groups["task"],
+                    "task_config_label": task_label,
                     "seed": m["seed"],
                     "value": value,
                     "ci_half": half,
@@ -114,8 +163,8 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
         raise ICLBenchError(f"--from {score_from} is past the last scored position of every run under {results}")
     for message in past:  # a healthy run, just shorter than K: not called damaged
         warn(message)
-    return pd.DataFrame(rows, columns=["run", "kind", "name", "config", "task", "task_config", "seed",
-                                       "value", "ci_half", "learned"])
+    return pd.DataFrame(rows, columns=["run", "kind", "name", "config", "config_label", "task", "task_config",
+                                       "task_config_label", "seed", "value", "ci_half", "learned"])
 
 
 def _seeds_learned(labels: pd.Series) -> str:
@@ -129,16 +178,28 @@ def _seeds_learned(labels: pd.Series) -> str:
     return ", ".join(f"{k} {v}/{len(labels)}" for k, v in counts.items())
 
 
-def _labels(df: pd.DataFrame, name_col: str, cfg_col: str, within: list[str] = ()) -> pd.Series:
-    """'name', or 'name@hash' where one name has several configurations (within one ``within`` group: a
-    model row is split only where one task column holds several of its configurations, so a task's own
-    training defaults, e.g. a lower lr for regression, do not split the row)."""
+def _labels(df: pd.DataFrame, name_col: str, cfg_col: str, readable_col: str, within: list[str] = (),
+            bare: bool = False) -> pd.Series:
+    """Each configuration by its readable label ('gpt2l train.steps=600': the settings that differ from the
+    defaults), with '@hash' added where two configurations read the same.
+
+    A name is split into several labels only where one ``within`` group holds several of its configurations
+    (a model row is split only where one task column holds several of its configurations, so that one model
+    trained on several tasks stays one row); a name kept whole shows its readable label where all its
+    configurations read the same, else the bare name. ``bare``: an unsplit name shows the bare name (so that
+    two sides of a comparison, each with one configuration, line up)."""
+    if df.empty:
+        return df[name_col]
     n_cfg = df.groupby([*within, name_col])[cfg_col].transform("nunique")
-    ambiguous = n_cfg.groupby(df[name_col]).transform("max") > 1  # then every row of that name gets its hash
-    return df[name_col].where(~ambiguous, df[name_col] + "@" + df[cfg_col])
+    ambiguous = n_cfg.groupby(df[name_col]).transform("max") > 1  # then every row of that name is split
+    clash = df.groupby([*within, readable_col])[cfg_col].transform("nunique").groupby(
+        df[readable_col]).transform("max") > 1  # two configurations that read the same in one group: hashes
+    readable = df[readable_col].where(~clash, df[readable_col] + "@" + df[cfg_col])
+    one = readable.groupby(df[name_col]).transform("nunique") == 1
+    return readable.where(ambiguous | (one & (not bare)), df[name_col])
 
 
-def aggregate(runs: pd.DataFrame, tasks=(), models=()) -> pd.DataFrame:
+def aggregate(runs: pd.DataFrame, tasks=(), models=(), bare: bool = False) -> pd.DataFrame:
     """One row per (row label, task label): mean and sd over seeds, seed count, and a CI half-width.
 
     Baselines do not depend on the model or seed, only on the task config and evaluation set; a baseline's
@@ -155,9 +216,12 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=()) -> pd.DataFrame:
         df = df[(df.kind == "baseline") | df.name.isin(models)]
     if df.empty:
         return pd.DataFrame(columns=columns)
-    df["task_label"] = _labels(df, "task", "task_config")
+    for col, fallback in (("config_label", "name"), ("task_config_label", "task")):
+        if col not in df:  # a table collected before these labels existed
+            df[col] = df[fallback]
+    df["task_label"] = _labels(df, "task", "task_config", "task_config_label", bare=bare)
     model_rows = df[df.kind == "model"].copy()
-    model_rows["row"] = _labels(model_rows, "name", "config", within=["task_label"])
+    model_rows["row"] = _labels(model_rows, "name", "config", "config_label", within=["task_label"], bare=bare)
     base = df[df.kind == "baseline"].copy()
     base["row"] = "baseline: " + base["name"]
     df = pd.concat([model_rows, base])
@@ -204,8 +268,6 @@ def _machine_readable(df: pd.DataFrame, fmt: str) -> str | None:
 def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=sys.stderr),
            metric: str = "error", score_from: int | None = None, tasks=(), models=(),
            include_unstable: bool = False) -> str:
-    from tabulate import tabulate
-
     agg = aggregate(collect(results, warn, metric, score_from, include_unstable), tasks, models)
     tidy = _machine_readable(agg, fmt)
     if tidy is not None:
@@ -217,7 +279,7 @@ def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=
     title = f"{metric}{where}: {METRIC_HELP[metric]}; mean ± sd over seeds (n = seeds)"
     if (agg["learned"] != "").any():
         title += f"; {LEARNED_HELP}"
-    body = tabulate(table, headers=["model"] + list(table.columns), tablefmt=fmt, disable_numparse=True)
+    body = tabulate_table(table, fmt, headers=["model"] + list(table.columns), disable_numparse=True)
     return body if fmt == "latex" else f"{title}\n\n{body}"
 
 
@@ -229,8 +291,9 @@ def compare(a: Path, b: Path, metric: str = "error", score_from: int | None = No
     if ra.empty or rb.empty:
         return pd.DataFrame(columns=["row", "task", "A", "B", "B - A", "exceeds CI"])
     # each side labelled on its own: a name with one configuration per side is matched by name, so two
-    # configurations (say two learning rates) can be compared; hashes appear only where a side has several
-    merged = aggregate(ra).merge(aggregate(rb), on=["kind", "row", "task"], suffixes=("_a", "_b"))
+    # configurations (say two learning rates) can be compared; settings appear only where a side has several
+    merged = aggregate(ra, bare=True).merge(aggregate(rb, bare=True), on=["kind", "row", "task"],
+                                            suffixes=("_a", "_b"))
     merged["delta"] = merged["mean_b"] - merged["mean_a"]
     ci = (merged["ci_half_a"] ** 2 + merged["ci_half_b"] ** 2) ** 0.5
     merged["exceeds"] = [("n/a" if pd.isna(c) else ("yes" if abs(d) > c else "no"))
@@ -239,15 +302,38 @@ def compare(a: Path, b: Path, metric: str = "error", score_from: int | None = No
         ["row", "task", "A", "B", "B - A", "exceeds CI"]]
 
 
-def render_compare(a: Path, b: Path, fmt: str = "github", metric: str = "error",
-                   score_from: int | None = None) -> str:
-    from tabulate import tabulate
+def _run_configs(results: Path) -> list[dict]:
+    configs = []
+    for run_dir in find_runs(results):
+        try:
+            configs.append(RunDir(run_dir).metrics()["config"])
+        except (DamagedRun, KeyError, TypeError, ValueError, OSError):
+            pass  # collect() has warned about it
+    return [c for c in configs if isinstance(c, dict) and c]
 
+
+def compare_caption(a: Path, b: Path, metric: str = "error", score_from: int | None = None) -> str:
+    """What a comparison shows: the metric, which side is A and which B, and the settings that differ."""
+    from .labels import differing_settings
+
+    where = f" (positions t >= {score_from})" if score_from is not None else ""
+    lines = [f"comparing {metric}{where}: A = {a}, B = {b}"]
+    differ = differing_settings(_run_configs(Path(a)), _run_configs(Path(b)))
+    lines.append("settings that differ (A → B): " + "; ".join(differ) if differ
+                 else "no setting differs between A and B (seeds or code aside)")
+    return "\n".join(lines)
+
+
+def render_compare(a: Path, b: Path, fmt: str = "github", metric: str = "error",
+                   score_from: int | None = None, caption=lambda msg: print(msg, file=sys.stderr)) -> str:
+    """The comparison table alone (stdout: ``> table.tex`` holds nothing else); its caption, with the
+    settings that differ between A and B, goes to ``caption`` (stderr by default)."""
+    caption(compare_caption(a, b, metric, score_from))
     df = compare(a, b, metric, score_from)
     tidy = _machine_readable(df, fmt)
     if tidy is not None:
         return tidy
     if df.empty:
-        return f"nothing in common between {a} and {b}"
-    return (f"{metric}: A = {a}, B = {b}\n\n"
-            + tabulate(df, headers="keys", tablefmt=fmt, showindex=False, floatfmt=".4f"))
+        caption(f"nothing in common between {a} and {b}")
+        return ""
+    return tabulate_table(df, fmt, headers="keys", showindex=False, floatfmt=".4f")

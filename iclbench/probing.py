@@ -17,6 +17,8 @@ import torch
 
 from . import store
 from .errors import ICLBenchError, warn
+from .labels import config_label as _label  # noqa: F401  (tests and plugins import it from here)
+from .labels import run_labels
 from .registry import Registry, get_registry
 from .rundir import PROBES_DIR, PROBES_JSON, RunDir, find_runs
 from .trainer import resolve_device
@@ -99,29 +101,6 @@ def describe(outcomes: dict, registry: Registry | None = None) -> str:
 
 # --- across runs ---------------------------------------------------------------------------------------
 
-def _label(name: str, section: dict, defaults: dict, train: dict | None = None) -> str:
-    """'gpt3l', or 'gpt3l n_layers=6' where options (or training settings) differ from the defaults."""
-    import dataclasses
-
-    from .config import HASHED_AS, NOT_HASHED, TrainOptions
-
-    def same(k, a, b):  # equal, or one value under its two spellings (precision "auto" is "fp32")
-        return HASHED_AS.get(("train", k, a), a) == HASHED_AS.get(("train", k, b), b)
-
-    changed = [f"{k}={v}" for k, v in section.items() if k in defaults and defaults[k] != v]
-    train_defaults = dataclasses.asdict(TrainOptions())
-    changed += [f"train.{k}={v}" for k, v in (train or {}).items()
-                if ("train", k) not in NOT_HASHED and not same(k, train_defaults.get(k, v), v)]
-    return " ".join([name] + changed)
-
-
-def _defaults(registry: Registry, table: str, name: str) -> dict:
-    import dataclasses
-
-    entries = getattr(registry, table)
-    return dataclasses.asdict(entries[name].obj.Options()) if name in entries else {}
-
-
 def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
                   registry: Registry | None = None) -> pd.DataFrame:
     """One row per run under ``results`` that stored ``probe``: run, task, model (labelled by the options
@@ -140,13 +119,11 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
             if not isinstance(entry["summary"], dict):
                 raise TypeError(f"{PROBES_JSON}: the summary of '{probe}' is not a mapping")
             metrics = RunDir(run_dir).metrics()
-            cfg = metrics["config"]
-            task, model = cfg["task"]["name"], cfg["model"]["name"]
+            task, model = run_labels(metrics["config"], registry)
             excess = ((metrics.get("curves") or {}).get("predictors", {}).get("model") or {}).get("excess_bayes") or {}
             rows.append({"run": str(run_dir), "seed": metrics["seed"], "summary": entry["summary"],
                          "learned": excess.get("learned"), "excess_bayes": excess.get("mean"),
-                         "task": _label(task, cfg["task"], _defaults(registry, "tasks", task)),
-                         "model": _label(model, cfg["model"], _defaults(registry, "models", model), cfg["train"])})
+                         "task": task, "model": model})
         except (store.DamagedRun, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             warn(f"iclbench: warning: skipping run directory {run_dir}: {exc}")
     return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes"])
@@ -154,8 +131,8 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
 
 def cross_run(results, probe: str, fmt: str = "github", registry: Registry | None = None) -> str:
     """A probe's cross-run table over every run under ``results`` (a probe's own command prints it), as
-    text in ``fmt`` (a tabulate format, csv or json)."""
-    from tabulate import tabulate
+    text in ``fmt`` (a tabulate format, "markdown", csv or json; LaTeX as the leaderboard writes it)."""
+    from .leaderboard import tabulate_table
 
     registry = registry or get_registry()
     cls = registry.probe(probe)
@@ -169,4 +146,4 @@ def cross_run(results, probe: str, fmt: str = "github", registry: Registry | Non
         return table.to_csv(index=False)
     if fmt == "json":
         return table.to_json(orient="records", indent=2)
-    return tabulate(table, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)
+    return tabulate_table(table, fmt, headers="keys", showindex=False, disable_numparse=True)

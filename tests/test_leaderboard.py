@@ -8,13 +8,13 @@ from conftest import cli
 from iclbench.leaderboard import aggregate, collect, compare, render
 
 
-def fake_run(root: Path, task, model, seed, err, base=0.5, task_cfg="t1", model_cfg="m1", ci=0.0):
+def fake_run(root: Path, task, model, seed, err, base=0.5, task_cfg="t1", model_cfg="m1", ci=0.0, config=None):
     """A run whose curves are flat at ``err`` (model) and ``base`` (copy_last) over positions 0..3, with an
-    oracle at 0 and the zero predictor at 1.0."""
+    oracle at 0 and the zero predictor at 1.0 (``config``: its resolved config, {} by default)."""
     d = root / f"{task}-{model}-{model_cfg}{task_cfg}-s{seed}"
     flat = lambda v: {"mean": v, "ci": [v - ci, v + ci], "curve": [v] * 4}  # noqa: E731
     store.write_json(d / "metrics.json", {
-        "task": task, "model": model, "seed": seed, "config_hash": model_cfg + task_cfg, "config": {},
+        "task": task, "model": model, "seed": seed, "config_hash": model_cfg + task_cfg, "config": config or {},
         "groups": {"task": task_cfg, "model": model_cfg},
         "summary": {"model": flat(err), "copy_last": flat(base), "oracle": flat(0.0)},
         "curves": {"positions": [0, 1, 2, 3], "predictors": {"model": flat(err), "copy_last": flat(base),
@@ -114,3 +114,72 @@ def test_a_tasks_own_training_defaults_do_not_split_a_model_row(tmp_path):
     fake_run(tmp_path, "linreg", "gpt1l", 0, 0.2, model_cfg="y")
     agg = aggregate(collect(tmp_path))
     assert set(agg[agg.kind == "model"].row) == {"gpt1l"}
+
+
+def resolved(task, model, *overrides):
+    from iclbench.config import resolve
+    from iclbench.registry import get_registry
+
+    cfg = resolve(get_registry(), task=task, model=model, overrides=list(overrides))
+    return cfg, {"task_cfg": cfg.section_hash("task", "eval"), "model_cfg": cfg.section_hash("model", "train"),
+                 "config": cfg.to_dict()}
+
+
+def test_rows_and_columns_are_labelled_by_the_settings_that_differ(tmp_path):
+    for noise in (None, "0.1"):
+        for steps in (None, "600"):
+            sets = [f"task.noise={noise}"] * bool(noise) + [f"train.steps={steps}"] * bool(steps)
+            _, kw = resolved("affine", "gpt2l", *sets)
+            fake_run(tmp_path, "affine", "gpt2l", 0, 0.1, **kw)
+    agg = aggregate(collect(tmp_path))
+    assert set(agg.task) == {"affine", "affine noise=0.1"}
+    assert set(agg[agg.kind == "model"].row) == {"gpt2l", "gpt2l train.steps=600"}
+    assert "@" not in render(tmp_path, "github")
+    tidy = json.loads(render(tmp_path, "json"))
+    assert {r["task"] for r in tidy} == {"affine", "affine noise=0.1"}
+
+
+def test_configurations_that_read_the_same_keep_their_hash(tmp_path):
+    _, kw = resolved("affine", "gpt2l", "train.steps=600")
+    fake_run(tmp_path, "affine", "gpt2l", 0, 0.1, **kw)
+    fake_run(tmp_path, "affine", "gpt2l", 0, 0.2, **{**kw, "model_cfg": "other"})  # same settings, other hash
+    rows = set(aggregate(collect(tmp_path)).query("kind == 'model'").row)
+    assert rows == {f"gpt2l train.steps=600@{kw['model_cfg']}", "gpt2l train.steps=600@other"}
+
+
+def test_a_model_trained_alike_on_every_task_reads_as_one_labelled_row(tmp_path):
+    for task in ("affine", "linreg"):
+        _, kw = resolved(task, "gpt2l", "train.steps=600")
+        fake_run(tmp_path, task, "gpt2l", 0, 0.1, **kw)
+    agg = aggregate(collect(tmp_path))
+    assert set(agg[agg.kind == "model"].row) == {"gpt2l train.steps=600"}
+
+
+def test_compare_writes_only_the_table_to_stdout_and_says_which_settings_differ(tmp_path, capsys):
+    from iclbench.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, lr, err in ((a, "0.001", 0.1), (b, "0.0001", 0.3)):
+        _, kw = resolved("affine", "gpt3l", f"train.lr={lr}")
+        fake_run(root, "affine", "gpt3l", 0, err, **kw)
+    assert main(["leaderboard", "--compare", str(a), str(b), "--format", "latex"]) == 0
+    out, err = capsys.readouterr()
+    assert out.lstrip().startswith("\\begin{tabular}") and "error:" not in out
+    assert "gpt3l" in out  # one configuration a side: matched by name
+    assert f"A = {a}, B = {b}" in err and "train.lr: 0.001 → 0.0001" in err
+    assert not err.startswith("error")
+
+
+def test_paste_ready_latex_and_markdown(tmp_path, capsys):
+    from iclbench.cli import main
+
+    fake_run(tmp_path, "affine", "gpt3l", 0, 0.01)
+    fake_run(tmp_path, "affine", "gpt3l", 1, 0.03)
+    fake_run(tmp_path, "linreg", "gpt1l", 0, 0.2)  # the gpt1l × affine cell is empty ("—")
+    latex = render(tmp_path, "latex")
+    assert all(rule in latex for rule in ("\\toprule", "\\midrule", "\\bottomrule")) and "\\hline" not in latex
+    assert "$\\pm$" in latex and "---" in latex and "baseline: copy\\_last" in latex
+    assert not any(sym in latex for sym in "±→—") and latex.isascii()
+    assert main(["leaderboard", "--results", str(tmp_path), "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out == render(tmp_path, "github") + "\n" and "|" in out

@@ -192,7 +192,7 @@ def verdict_table(summary: dict) -> pd.DataFrame:
 def iclbench_add_commands(subparsers):
     s = subparsers.add_parser("specialization", help="role per layer and the seed paper's claims, tasks x models")
     s.add_argument("--results", default="results", help="results directory (default: results)")
-    s.add_argument("--format", default="github", choices=("github", "plain", "csv", "json", "latex"))
+    s.add_argument("--format", default="github", choices=("github", "markdown", "plain", "csv", "json", "latex"))
     s.set_defaults(iclbench_command=specialization_command)
 
 
