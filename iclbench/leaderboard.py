@@ -19,7 +19,7 @@ import pandas as pd
 from .contracts import is_oracle  # by name here: runs record the others in metrics["oracles"]
 from .errors import ICLBenchError
 from .labels import run_labels
-from .rundir import RunDir, find_runs
+from .rundir import RunDir, distinct_runs, find_runs
 from .store import DamagedRun, unstable_reason
 
 FORMATS = ("github", "markdown", "plain", "csv", "json", "latex")
@@ -100,7 +100,7 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
     rows = []
     past = []
     registry = None
-    for run_dir in find_runs(results):
+    for run_dir in distinct_runs(find_runs(results), lambda msg: warn(f"iclbench: warning: {msg}")):
         try:
             m = RunDir(run_dir).metrics()
             unstable = m.get("unstable") or unstable_reason(m)

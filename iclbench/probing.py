@@ -20,7 +20,7 @@ from .errors import ICLBenchError, warn
 from .labels import config_label as _label  # noqa: F401  (tests and plugins import it from here)
 from .labels import run_labels
 from .registry import Registry, get_registry
-from .rundir import PROBES_DIR, PROBES_JSON, RunDir, find_runs
+from .rundir import PROBES_DIR, PROBES_JSON, RunDir, distinct_runs, find_runs
 from .trainer import resolve_device
 
 
@@ -109,7 +109,7 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
     task has no Bayes baseline)."""
     registry = registry or get_registry()
     rows = []
-    for run_dir in find_runs(Path(results)):
+    for run_dir in distinct_runs(find_runs(Path(results)), lambda msg: warn(f"iclbench: warning: {msg}")):
         if not (run_dir / PROBES_JSON).exists():
             continue
         try:

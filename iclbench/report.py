@@ -320,10 +320,23 @@ def probe_section(doc: Document, run_dir: Path, metrics: dict):
                  f"{' '.join(str(exc).split())[:200]}")
 
 
+def section_title(metrics: dict) -> str:
+    """'affine noise=0.1 × gpt2l train.steps=600': task and model by the settings that distinguish them
+    (:func:`iclbench.labels.run_labels`, as the leaderboard labels them); the bare names for a run that
+    recorded no configuration."""
+    from .labels import run_labels
+
+    try:
+        task, model = run_labels(metrics["config"])
+    except (KeyError, TypeError, AttributeError):
+        task, model = metrics["task"], metrics["model"]
+    return f"{task} × {model}"
+
+
 def run_section(doc: Document, run_dir: Path):
     metrics = store.read_run(run_dir)
     slug = run_dir.name
-    doc.heading(f"{metrics['task']} × {metrics['model']}, seed {metrics['seed']} ({slug})",
+    doc.heading(f"{section_title(metrics)}, seed {metrics['seed']} ({slug})",
                 anchor=doc.run_anchors.get(str(Path(run_dir).resolve())))
     t = metrics["train"]
     doc.text(f"{t['steps']} training steps on {metrics['provenance']['device']} in {t['train_time_s']:.1f} s "
@@ -391,6 +404,9 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
         from .errors import ICLBenchError
 
         raise ICLBenchError(f"report output {str(out)!r}: {str(blocker)!r} exists and is not a directory")
+    from .rundir import distinct_runs
+
+    run_dirs = distinct_runs(run_dirs)  # a copy of a run is not another seed: one section
     doc = Document(out, "iclbench report", run_anchors=run_anchors(run_dirs))
     roots = [results] if results is not None else sorted({Path(d).parent for d in run_dirs})
     frames = [collect(r) for r in roots]
@@ -441,6 +457,14 @@ def _first_anchor(runs: pd.DataFrame, anchors: dict[str, str]) -> str | None:
     return None
 
 
+def _labelled(tidy: pd.DataFrame, name: str, cfg: str, readable: str, label) -> pd.Series:
+    """The rows of ``tidy`` that :func:`iclbench.leaderboard.aggregate` may have labelled ``label``: by name,
+    by readable label, either with '@hash'."""
+    readable_col = tidy[readable] if readable in tidy else tidy[name]
+    return ((tidy[name] == label) | (readable_col == label) | (tidy[name] + "@" + tidy[cfg] == label)
+            | (readable_col + "@" + tidy[cfg] == label))
+
+
 def leaderboard_links(table: pd.DataFrame, tidy: pd.DataFrame, anchors: dict[str, str]) -> dict:
     """Each leaderboard cell -> the section of its (lowest-seed) run; a model's name -> its first run."""
     links = {}
@@ -451,10 +475,10 @@ def leaderboard_links(table: pd.DataFrame, tidy: pd.DataFrame, anchors: dict[str
         if str(row).startswith("baseline: "):
             mine = tidy[(tidy.kind == "baseline") & (tidy.name == str(row)[len("baseline: "):])]
         else:
-            mine = tidy[(tidy.kind == "model") & ((tidy.name == row) | (tidy.name + "@" + tidy.config == row))]
+            mine = tidy[(tidy.kind == "model") & _labelled(tidy, "name", "config", "config_label", row)]
         links[(i, "model")] = _first_anchor(mine, anchors)
         for task in tasks:
-            cell = mine[(mine.task == task) | (mine.task + "@" + mine.task_config == task)]
+            cell = mine[_labelled(mine, "task", "task_config", "task_config_label", task)]
             links[(i, task)] = _first_anchor(cell, anchors)
     return {k: v for k, v in links.items() if v}
 

@@ -52,6 +52,39 @@ def find_runs(results: Path) -> list[Path]:
                               and folder.is_relative_to(results)))
 
 
+#: the copies already warned about in this process (a report reads one results directory several times)
+_COPIES_WARNED: set[str] = set()
+
+
+def distinct_runs(run_dirs, warn=warn) -> list[Path]:
+    """``run_dirs`` with each copy of a run left out: a complete run with the config hash and seed of one
+    listed before it (say a results folder copied into a second folder under the same results directory)
+    is one run, not another seed. Warns once, in one line, naming the copies; runs without readable
+    metrics are kept (whoever reads them says what is wrong)."""
+    kept, seen, copies = [], {}, []
+    for run_dir in run_dirs:
+        try:
+            m = store.read_json(Path(run_dir) / store.METRICS)
+            key = (m.get("task"), m.get("model"), m["config_hash"], m["seed"])
+            hash(key)
+        except (store.DamagedRun, KeyError, TypeError, ValueError, OSError):
+            kept.append(run_dir)
+            continue
+        if key in seen:
+            copies.append(f"{run_dir} (a copy of {seen[key]})")
+            continue
+        seen[key] = run_dir
+        kept.append(run_dir)
+    if copies:
+        shown = "; ".join(copies[:3]) + (f"; and {len(copies) - 3} more" if len(copies) > 3 else "")
+        message = (f"{len(copies)} run director{'y is a copy' if len(copies) == 1 else 'ies are copies'} of "
+                   f"another run (same configuration and seed), counted once: {shown}")
+        if message not in _COPIES_WARNED:
+            _COPIES_WARNED.add(message)
+            warn(message)
+    return kept
+
+
 def mark_not_runs(folder: Path) -> None:
     """Mark ``folder`` as one whose run-like files are not runs: a tracker's store under a results directory,
     which keeps copies of the runs it logged (:func:`find_runs` passes over it)."""

@@ -183,3 +183,60 @@ def test_paste_ready_latex_and_markdown(tmp_path, capsys):
     assert main(["leaderboard", "--results", str(tmp_path), "--format", "markdown"]) == 0
     out = capsys.readouterr().out
     assert out == render(tmp_path, "github") + "\n" and "|" in out
+
+
+def test_copies_of_a_run_are_counted_once_with_one_warning(tmp_path):
+    import shutil
+
+    first = tmp_path / "first"
+    for seed in (0, 1):
+        fake_run(first, "affine", "gpt3l", seed, 0.01 + seed / 100)
+    shutil.copytree(first, tmp_path / "copy")  # the same runs again, in a second folder
+    fake_run(tmp_path / "copy", "affine", "gpt3l", 2, 0.03)  # a genuinely new seed there
+    warnings = []
+    agg = aggregate(collect(tmp_path, warn=warnings.append))
+    row = agg[agg.row == "gpt3l"].iloc[0]
+    assert row["n_seeds"] == 3 and abs(row["mean"] - 0.02) < 1e-12
+    assert len(warnings) == 1 and "2 run directories are copies" in warnings[0]
+    assert "\n" not in warnings[0] and "counted once" in warnings[0]
+
+
+def test_copies_count_once_in_probe_tables_and_report_sections(tmp_path, capsys):
+    import shutil
+
+    from iclbench.probing import collect_probe
+    from iclbench.rundir import distinct_runs, find_runs
+
+    _, kw = resolved("affine", "gpt2l", "task.noise=0.1")
+    for seed in (0, 1):
+        d = fake_run(tmp_path / "first", "affine", "gpt2l", seed, 0.1, **kw)
+        store.write_json(d / "probes.json", {"probes": {"some_probe": {"summary": {"x": seed}}}})
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    runs = collect_probe(tmp_path, "some_probe")
+    assert sorted(runs.seed) == [0, 1] and set(runs.task) == {"affine noise=0.1"}
+    assert capsys.readouterr().err.count("counted once") == 1
+    kept = distinct_runs(find_runs(tmp_path))  # what the report makes its sections of
+    assert [p.parent.name for p in kept] == ["copy", "copy"]
+    assert capsys.readouterr().err == ""  # warned once in this process already
+
+
+def test_a_report_section_names_the_settings_that_distinguish_its_run():
+    from iclbench.report import section_title
+
+    _, kw = resolved("affine", "gpt2l", "task.noise=0.1", "train.steps=600")
+    assert section_title({"task": "affine", "model": "gpt2l", "config": kw["config"]}) == \
+        "affine noise=0.1 × gpt2l train.steps=600"
+    assert section_title({"task": "affine", "model": "gpt2l", "config": {}}) == "affine × gpt2l"
+
+
+def test_report_leaderboard_cells_link_to_runs_under_readable_labels(tmp_path):
+    from iclbench.leaderboard import wide
+    from iclbench.report import leaderboard_links, run_anchors
+
+    _, kw = resolved("affine", "gpt2l", "task.noise=0.1", "train.steps=600")
+    run = fake_run(tmp_path, "affine", "gpt2l", 0, 0.1, **kw)
+    tidy = collect(tmp_path)
+    table = wide(aggregate(tidy)).reset_index().rename(columns={"row": "model"})
+    assert list(table.columns) == ["model", "affine noise=0.1"]
+    links = leaderboard_links(table, tidy, run_anchors([run]))
+    assert links[(0, "model")] == links[(0, "affine noise=0.1")] == run_anchors([run])[str(run.resolve())]

@@ -44,7 +44,11 @@ def test_markdown_tables_match_the_metrics(report):
         row = re.search(rf"^\| {re.escape(label)}\s+\|\s+([0-9.]+) \|\s+([0-9.]+) \|\s+([0-9.]+) \|", md, re.M)
         assert row, f"no summary row for {label}"
         assert [float(v) for v in row.groups()] == [round(s["mean"], 4), round(s["ci"][0], 4), round(s["ci"][1], 4)]
-    board = re.search(r"^\| gpt3l\s+\| ([0-9.]+) \(n=1\)", md, re.M)
+    from iclbench.labels import run_labels
+
+    row_label = run_labels(m["config"])[1]  # "gpt3l train.steps=30 ...": the settings it was run with
+    assert row_label.startswith("gpt3l ") and "train.steps=30" in row_label
+    board = re.search(rf"^\| {re.escape(row_label)}\s+\| ([0-9.]+) \(n=1\)", md, re.M)
     assert board and float(board.group(1)) == round(m["summary"]["model"]["mean"], 4)
     html = (out / "report.html").read_text()
     assert "<table" in html and 'src="figures/' in html and "http" not in html.split("<body>")[1]
