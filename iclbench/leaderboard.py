@@ -208,7 +208,7 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=(), bare: bool = False) -> pd
     run's own bootstrap interval.
     """
     keys = ["kind", "row", "task_label"]
-    columns = ["kind", "row", "task", "mean", "sd", "n_seeds", "ci_half", "learned"]
+    columns = ["kind", "row", "task", "mean", "sd", "n_seeds", "ci_half", "learned", "config", "task_config"]
     df = runs.copy()
     if tasks:
         df = df[df.task.isin(tasks)]
@@ -236,6 +236,10 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=(), bare: bool = False) -> pd
         learned=("learned", _seeds_learned))
     spread = 1.96 * out["sd"] / out["n_seeds"].clip(lower=1) ** 0.5
     out["ci_half"] = spread.where(out["n_seeds"] >= 2, out["boot"])
+    # the hashes behind each label, for machines (CSV/JSON): "," between several (one row over several tasks)
+    hashes = df.groupby(keys, as_index=False)[["config", "task_config"]].agg(
+        lambda s: ",".join(sorted({str(v) for v in s if v})))
+    out = out.merge(hashes, on=keys, how="left")
     out = out.drop(columns="boot").rename(columns={"task_label": "task"})
     out["kind"] = pd.Categorical(out["kind"], ["model", "baseline"], ordered=True)
     return out.sort_values(["kind", "row", "task"]).reset_index(drop=True)[columns]

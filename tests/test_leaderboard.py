@@ -39,7 +39,8 @@ def test_mean_over_seeds_with_counts_and_configs_kept_apart(tmp_path):
     text = render(tmp_path, "github")
     assert "0.0200 ± 0.0141 (n=2)" in text and "| baseline: copy_last" in text
     assert json.loads(render(tmp_path, "json"))[0]["kind"] == "model"
-    assert render(tmp_path, "csv").splitlines()[0] == "kind,row,task,mean,sd,n_seeds,ci_half,learned"
+    assert render(tmp_path, "csv").splitlines()[0] == ("kind,row,task,mean,sd,n_seeds,ci_half,learned,config,"
+                                                       "task_config")
     assert "\\begin{tabular}" in render(tmp_path, "latex")
 
 
@@ -137,6 +138,8 @@ def test_rows_and_columns_are_labelled_by_the_settings_that_differ(tmp_path):
     assert "@" not in render(tmp_path, "github")
     tidy = json.loads(render(tmp_path, "json"))
     assert {r["task"] for r in tidy} == {"affine", "affine noise=0.1"}
+    assert all(len(r["task_config"]) == 8 for r in tidy)  # the hashes stay, for machines
+    assert {len(r["config"]) for r in tidy} == {0, 8}  # baselines have no model configuration
 
 
 def test_configurations_that_read_the_same_keep_their_hash(tmp_path):
