@@ -100,6 +100,31 @@ def _cell(value, floatfmt: str) -> tuple[str, bool]:
     return text, bool(_NUMBER.match(text))
 
 
+_NEGATIVE_ZERO = re.compile(r"(?<![\w.])-(0(?:\.0+)?)(?![\d.])")
+
+
+def no_negative_zero(text: str) -> str:
+    """'-0.0000 [-0.0000, -0.0000]' as '0.0000 [0.0000, 0.0000]': a value that rounds to zero has no sign."""
+    return _NEGATIVE_ZERO.sub(r"\1", text) if isinstance(text, str) else text
+
+
+def _without_negative_zeros(df: pd.DataFrame, floatfmt: str) -> pd.DataFrame:
+    """``df`` with each float that ``floatfmt`` would write as -0.000… made 0.0, and each text cleaned by
+    :func:`no_negative_zero` (the tables stored with the document are left as they are)."""
+    import numbers
+
+    def clean(v):
+        if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral)):
+            try:
+                text = format(v, floatfmt)
+            except (TypeError, ValueError):
+                return v
+            return 0.0 if text.startswith("-") and float(text) == 0 else v
+        return no_negative_zero(v)
+
+    return df.map(clean) if hasattr(df, "map") else df.applymap(clean)
+
+
 def _html_table(df: pd.DataFrame, floatfmt: str, links: dict) -> str:
     """A table in its own scrolling box: sticky header row, numbers right-aligned, every name escaped;
     ``links[(row, column)]`` makes that cell a link to ``#anchor``."""
@@ -179,11 +204,12 @@ class Document:
                 level, text = value[:2]
                 lines += ["#" * level + " " + text, ""]
             elif kind == "text":
-                lines += [value, ""]
+                lines += [no_negative_zero(value), ""]
             elif kind == "bullets":
-                lines += [f"- {item}" for item in value] + [""]
+                lines += [f"- {no_negative_zero(item)}" for item in value] + [""]
             elif kind == "table":
                 df, floatfmt = value[:2]
+                df = _without_negative_zeros(df, floatfmt)
                 lines += [tabulate(df, headers="keys", tablefmt="github", showindex=False, floatfmt=floatfmt), ""]
             elif kind == "figure":
                 rel, caption = value[:2]
@@ -200,13 +226,14 @@ class Document:
                 ident = f' id="{html.escape(anchor, quote=True)}"' if anchor else ""
                 body.append(f"<h{level}{ident}>{html.escape(text)}</h{level}>")
             elif kind == "text":
-                body.append(f"<p>{_inline(value)}</p>")
+                body.append(f"<p>{_inline(no_negative_zero(value))}</p>")
             elif kind == "bullets":
-                body.append('<ul class="summary">' + "".join(f"<li>{_inline(i)}</li>" for i in value) + "</ul>")
+                body.append('<ul class="summary">' + "".join(f"<li>{_inline(no_negative_zero(i))}</li>"
+                                                             for i in value) + "</ul>")
             elif kind == "table":
                 df, floatfmt = value[:2]
                 links = {k: a for k, a in (value[2] if len(value) > 2 else {}).items() if a in anchors}
-                body.append(_html_table(df, floatfmt, links))
+                body.append(_html_table(_without_negative_zeros(df, floatfmt), floatfmt, links))
             elif kind == "figure":
                 from urllib.parse import quote
 

@@ -243,3 +243,18 @@ def test_report_leaderboard_cells_link_to_runs_under_readable_labels(tmp_path):
     assert list(table.columns) == ["model", "affine noise=0.1"]
     links = leaderboard_links(table, tidy, run_anchors([run]))
     assert links[(0, "model")] == links[(0, "affine noise=0.1")] == run_anchors([run])[str(run.resolve())]
+
+
+def test_the_report_writes_no_negative_zeros(tmp_path):
+    import pandas as pd
+
+    from iclbench.report import Document, no_negative_zero
+
+    assert no_negative_zero("-0.0000 [-0.0000, -0.0000]") == "0.0000 [0.0000, 0.0000]"
+    assert no_negative_zero("-0.0001, -0.00001, 1e-0, x-0.0, -1.0000") == "-0.0001, -0.00001, 1e-0, x-0.0, -1.0000"
+    doc = Document(tmp_path, "t")
+    doc.text("oracle -0.0000 [-0.0000, -0.0000]")
+    doc.table(pd.DataFrame({"name": ["oracle", "model"], "error": [-1e-7, -0.25], "ci": ["[-0.0000, 0.0]", "x"]}))
+    md, page = doc.markdown(), doc.html()
+    assert "-0.0000" not in md and "-0.0000" not in page
+    assert "-0.2500" in md and "-0.2500" in page
