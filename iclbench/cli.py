@@ -81,15 +81,17 @@ def format_ood(metrics: dict, fmt: str = "github") -> str:
     names = ["model"]
     for summary in [metrics["summary"]] + [e["summary"] for e in metrics.get("ood", {}).values() if "summary" in e]:
         names += [n for n in summary if n not in names]  # a shift may add a baseline (ridge once noisy)
-    rows = []
+    rows, notes = [], []
     for shift, entry in metrics.get("ood", {}).items():
-        if "skipped" in entry:
-            rows.append([shift, f"skipped: {entry['skipped']}"] + [""] * (len(names) - 1))
+        if "skipped" in entry:  # why, under the table: a sentence in a cell would widen its column
+            rows.append([shift, "skipped (below)"] + [""] * (len(names) - 1))
+            notes.append(f"{shift}: skipped: {entry['skipped']}")
         else:
             rows.append([shift] + [f"{entry['summary'][n]['mean']:.4f}" if n in entry["summary"] else ""
                                    for n in names])
-    return tabulate(rows, headers=["shift"] + [f"{n} ({metrics['model']})" if n == "model" else n
-                                               for n in names], tablefmt=fmt, disable_numparse=True)
+    table = tabulate(rows, headers=["shift"] + [f"{n} ({metrics['model']})" if n == "model" else n
+                                                for n in names], tablefmt=fmt, disable_numparse=True)
+    return "\n".join([table, *notes])
 
 
 def format_curves(metrics: dict, fmt: str = "github") -> str:

@@ -258,3 +258,16 @@ def test_the_report_writes_no_negative_zeros(tmp_path):
     md, page = doc.markdown(), doc.html()
     assert "-0.0000" not in md and "-0.0000" not in page
     assert "-0.2500" in md and "-0.2500" in page
+
+
+def test_an_ood_skip_message_does_not_widen_the_table():
+    from iclbench.cli import format_ood
+
+    flat = {"mean": 0.1, "ci": [0.1, 0.1]}
+    reason = "sequence of 32 positions is longer than the model's context of 16 " * 2
+    m = {"model": "gpt3l", "summary": {"model": flat, "bayes": flat},
+         "ood": {"scale_x2": {"summary": {"model": flat, "bayes": flat}}, "long": {"skipped": reason.strip()}}}
+    lines = format_ood(m).splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 4 and max(map(len, table)) < 60
+    assert lines[-1] == f"long: skipped: {reason.strip()}"
