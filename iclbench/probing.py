@@ -129,9 +129,11 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
     return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes"])
 
 
-def cross_run(results, probe: str, fmt: str = "github", registry: Registry | None = None) -> str:
+def cross_run(results, probe: str, fmt: str = "github", registry: Registry | None = None,
+              columns=None) -> str:
     """A probe's cross-run table over every run under ``results`` (a probe's own command prints it), as
-    text in ``fmt`` (a tabulate format, "markdown", csv or json; LaTeX as the leaderboard writes it)."""
+    text in ``fmt`` (a tabulate format, "markdown", csv or json; LaTeX as the leaderboard writes it);
+    ``columns``: only these of the table's columns (those it has), in this order."""
     from .leaderboard import tabulate_table
 
     registry = registry or get_registry()
@@ -142,6 +144,8 @@ def cross_run(results, probe: str, fmt: str = "github", registry: Registry | Non
     table = cls.cross_run_table(runs)
     if table is None:
         raise ICLBenchError(f"probe '{probe}' has no cross-run table")
+    if columns:
+        table = table[[c for c in columns if c in table.columns]]
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "json":

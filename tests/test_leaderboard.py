@@ -271,3 +271,23 @@ def test_an_ood_skip_message_does_not_widen_the_table():
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 4 and max(map(len, table)) < 60
     assert lines[-1] == f"long: skipped: {reason.strip()}"
+
+
+def test_the_specialization_table_for_a_paper_is_narrow(tmp_path, capsys):
+    from iclbench.cli import main
+
+    est = {"mean": 0.5, "ci": [0.4, 0.6]}
+    summary = {"roles": ["copy_last", "bayes"], "claim_1": {"verdict": "n/a"},
+               "claim_2": {"verdict": "holds", "any_later_layer": "holds"},
+               "refines_with_depth": {"verdict": "holds", "relative_gain": est}, "model_error": est}
+    _, kw = resolved("affine", "gpt2l", "task.noise=0.1")
+    for seed in (0, 1):
+        d = fake_run(tmp_path, "affine", "gpt2l", seed, 0.1, **kw)
+        store.write_json(d / "probes.json", {"probes": {"specialization": {"summary": summary}}})
+    assert main(["specialization", "--results", str(tmp_path), "--format", "latex"]) == 0
+    latex = capsys.readouterr().out
+    header = latex.splitlines()[2]
+    assert header.count("&") == 6 and "layer 0" not in latex and "\\toprule" in latex
+    assert "affine noise=0.1" in latex and "refinement first" not in latex
+    assert main(["specialization", "--results", str(tmp_path), "--format", "csv"]) == 0
+    assert "layer 0" in capsys.readouterr().out  # the details stay in CSV

@@ -19,6 +19,8 @@ from .stats import NA
 
 #: the cross-run table's columns for both claims together and for refinement with depth
 PATTERN, REFINES = CLAIM_LABELS[3], CLAIM_LABELS[4]
+#: the narrow table for a paper (``iclbench specialization --table paper``, LaTeX's default); the rest in CSV
+PAPER_COLUMNS = ("task", "model", "seeds", "learned", PATTERN, REFINES, "model error")
 
 
 class Specialization(specialization.Specialization):
@@ -193,6 +195,9 @@ def iclbench_add_commands(subparsers):
     s = subparsers.add_parser("specialization", help="role per layer and the seed paper's claims, tasks x models")
     s.add_argument("--results", default="results", help="results directory (default: results)")
     s.add_argument("--format", default="github", choices=("github", "markdown", "plain", "csv", "json", "latex"))
+    s.add_argument("--table", choices=("full", "paper"), help="full: every column (roles per layer, each claim, "
+                   "key numbers); paper: " + ", ".join(PAPER_COLUMNS) + " (default: paper for --format latex, "
+                   "else full)")
     s.set_defaults(iclbench_command=specialization_command)
 
 
@@ -201,5 +206,7 @@ def specialization_command(args) -> int:
     from iclbench.cli import results_dir
     from iclbench.probing import cross_run
 
-    print(cross_run(results_dir(args.results), Specialization.name, args.format))
+    narrow = (args.table or ("paper" if args.format == "latex" else "full")) == "paper"
+    print(cross_run(results_dir(args.results), Specialization.name, args.format,
+                    columns=PAPER_COLUMNS if narrow else None))
     return 0
