@@ -106,7 +106,7 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
     """One row per run under ``results`` that stored ``probe``: run, task, model (labelled by the options
     that differ from the defaults), seed, summary, and whether the run learned its task (``learned``: the
     Bayes-excess label of :func:`iclbench.evaluate.learned_label`; ``excess_bayes``: its mean; None where the
-    task has no Bayes baseline)."""
+    task has no Bayes baseline) and ``error``: the run's headline error, the leaderboard's number."""
     registry = registry or get_registry()
     rows = []
     for run_dir in distinct_runs(find_runs(Path(results)), lambda msg: warn(f"iclbench: warning: {msg}")):
@@ -121,12 +121,14 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
             metrics = RunDir(run_dir).metrics()
             task, model = run_labels(metrics["config"], registry)
             excess = ((metrics.get("curves") or {}).get("predictors", {}).get("model") or {}).get("excess_bayes") or {}
+            error = ((metrics.get("summary") or {}).get("model") or {}).get("mean")
             rows.append({"run": str(run_dir), "seed": metrics["seed"], "summary": entry["summary"],
-                         "learned": excess.get("learned"), "excess_bayes": excess.get("mean"),
+                         "learned": excess.get("learned"), "excess_bayes": excess.get("mean"), "error": error,
                          "task": task, "model": model})
         except (store.DamagedRun, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             warn(f"iclbench: warning: skipping run directory {run_dir}: {exc}")
-    return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes"])
+    return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes",
+                                       "error"])
 
 
 def cross_run(results, probe: str, fmt: str = "github", registry: Registry | None = None,

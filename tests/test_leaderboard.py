@@ -291,3 +291,22 @@ def test_the_specialization_table_for_a_paper_is_narrow(tmp_path, capsys):
     assert "affine noise=0.1" in latex and "refinement first" not in latex
     assert main(["specialization", "--results", str(tmp_path), "--format", "csv"]) == 0
     assert "layer 0" in capsys.readouterr().out  # the details stay in CSV
+
+
+def test_the_specialization_table_gives_the_leaderboards_error(tmp_path):
+    from iclbench.probing import collect_probe
+    from iclbench.registry import get_registry
+
+    probe_set = {"mean": 0.9, "ci": [0.8, 1.0]}  # the probe's own sample: not what the leaderboard reports
+    summary = {"roles": ["copy_last"], "claim_1": {"verdict": "n/a"},
+               "claim_2": {"verdict": "n/a", "any_later_layer": "n/a"},
+               "refines_with_depth": {"verdict": "n/a", "relative_gain": probe_set}, "model_error": probe_set}
+    _, kw = resolved("affine", "gpt2l")
+    for seed, err in ((0, 0.004), (1, 0.006)):
+        d = fake_run(tmp_path, "affine", "gpt2l", seed, err, **kw)
+        store.write_json(d / "probes.json", {"probes": {"specialization": {"summary": summary}}})
+    runs = collect_probe(tmp_path, "specialization")
+    table = get_registry().probe("specialization").cross_run_table(runs)
+    board = aggregate(collect(tmp_path))
+    mean = float(board[board.row == "gpt2l"]["mean"].iloc[0])
+    assert table["model error"].iloc[0].startswith(f"{mean:.4f} [")

@@ -413,7 +413,11 @@ class Specialization(Probe):
             row["refinement first→last"] = seed_interval(  # n/a with one block: nothing to compare
                 [s["refines_with_depth"]["relative_gain"]["mean"] for s in summaries
                  if s["refines_with_depth"]["verdict"] != NA], REFINE_MARGIN)
-            row["model error"] = seed_interval([s["model_error"]["mean"] for s in every], None, digits=4)
+            # the evaluation's headline error (``runs.error``, the leaderboard's number) where the runs give it,
+            # so that one model has one error in every table; else the probe's own, on its probe sequences
+            evaluated = [v for v in group.get("error", ()) if isinstance(v, (int, float)) and v == v]
+            row["model error"] = seed_interval(evaluated if len(evaluated) == len(every) else
+                                               [s["model_error"]["mean"] for s in every], None, digits=4)
             row["excess over Bayes"] = seed_interval(
                 [v for v in group["excess_bayes"] if isinstance(v, (int, float)) and v == v], None, digits=4)
             rows.append(row)
