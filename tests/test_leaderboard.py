@@ -310,3 +310,12 @@ def test_the_specialization_table_gives_the_leaderboards_error(tmp_path):
     board = aggregate(collect(tmp_path))
     mean = float(board[board.row == "gpt2l"]["mean"].iloc[0])
     assert table["model error"].iloc[0].startswith(f"{mean:.4f} [")
+
+
+def test_loggers_record_the_readable_label_beside_the_hash():
+    from iclbench.loggers.common import flat_config
+
+    cfg, _ = resolved("affine", "gpt2l", "task.noise=0.1", "train.steps=600")
+    params = flat_config(cfg)
+    assert params["label"] == "affine noise=0.1 × gpt2l train.steps=600"
+    assert params["config_hash"] == cfg.config_hash

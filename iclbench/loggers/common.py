@@ -38,7 +38,17 @@ def flat_config(config) -> dict[str, object]:
     walk("", config.to_dict())
     out["config_hash"] = config.config_hash
     out["run_name"] = config.run_name
+    out["label"] = label(config)
     return out
+
+
+def label(config) -> str:
+    """'affine noise=0.1 × gpt2l train.steps=600': the run's configuration as the leaderboard, the report and
+    ``iclbench specialization`` name it (:func:`iclbench.labels.run_labels`)."""
+    from ..labels import run_labels
+
+    task, model = run_labels(config.to_dict())
+    return f"{task} × {model}"
 
 
 def _num(v) -> float | None:

@@ -85,7 +85,8 @@ class MLflowLogger(common.Logger):
                     raise
                 experiment_id = experiment.experiment_id
         tags = {"iclbench.task": config.task, "iclbench.model": config.model, "iclbench.seed": str(config.seed),
-                "iclbench.config_hash": config.config_hash, "iclbench.run_dir": str(Path(run_dir).resolve())}
+                "iclbench.config_hash": config.config_hash, "iclbench.run_dir": str(Path(run_dir).resolve()),
+                "iclbench.label": common.label(config)}
         run = client.create_run(experiment_id, run_name=config.run_name, tags=tags)
         return State(client, run.info.run_id, uri, experiment_id, local, int(config.train.steps))
 
