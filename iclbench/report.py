@@ -285,7 +285,8 @@ def error_curve_figure(metrics: dict):
     ax.set_ylabel("normalized squared error (1 = prior mean)")
     ax.set_title(f"In-context error on {metrics['task']}: {metrics['model']}, seed {metrics['seed']} "
                  f"({int(100 * curves.get('confidence', 0.95))}% bootstrap CI)")
-    ax.legend(fontsize=8, loc="upper right")
+    # under the axes, not over them: a legend inside hides whichever curves run beneath it
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     ax.grid(alpha=0.3)
     return fig
 

@@ -319,3 +319,19 @@ def test_loggers_record_the_readable_label_beside_the_hash():
     params = flat_config(cfg)
     assert params["label"] == "affine noise=0.1 × gpt2l train.steps=600"
     assert params["config_hash"] == cfg.config_hash
+
+
+def test_the_error_plots_legend_hides_no_curve():
+    from iclbench.report import error_curve_figure
+
+    flat = lambda v: {"curve": [v] * 4, "curve_lo": [v] * 4, "curve_hi": [v] * 4}  # noqa: E731
+    names = ["model", "bayes", "least_squares", "copy_last", "averaging", "ridge", "knn"]
+    metrics = {"task": "affine", "model": "gpt3l", "seed": 0,
+               "curves": {"positions": [0, 1, 2, 3], "score_from": 1,
+                          "predictors": {n: flat(0.1 * (i + 1)) for i, n in enumerate(names)}}}
+    fig = error_curve_figure(metrics)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, plot = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert not legend.overlaps(plot) and legend.y1 <= plot.y0
+    assert len(ax.get_legend().get_texts()) == len(names) + 1  # every curve and the prior mean
