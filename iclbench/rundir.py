@@ -59,13 +59,13 @@ _COPIES_WARNED: set[str] = set()
 def distinct_runs(run_dirs, warn=warn) -> list[Path]:
     """``run_dirs`` with each copy of a run left out: a complete run with the config hash and seed of one
     listed before it (say a results folder copied into a second folder under the same results directory)
-    is one run, not another seed. Warns once, in one line, naming the copies; runs without readable
-    metrics are kept (whoever reads them says what is wrong)."""
+    is one run, not another seed. Warns once, in one line, naming the copies; incomplete or damaged runs
+    are kept (whoever reads them says what is wrong), so a damaged copy never hides a healthy run."""
     kept, seen, copies = [], {}, []
     for run_dir in run_dirs:
         try:
-            m = store.read_json(Path(run_dir) / store.METRICS)
-            key = (m.get("task"), m.get("model"), m["config_hash"], m["seed"])
+            m = store.read_run(Path(run_dir))
+            key = (m["task"], m["model"], m["config_hash"], m["seed"])
             hash(key)
         except (store.DamagedRun, KeyError, TypeError, ValueError, OSError):
             kept.append(run_dir)

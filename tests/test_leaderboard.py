@@ -335,3 +335,15 @@ def test_the_error_plots_legend_hides_no_curve():
     legend, plot = ax.get_legend().get_window_extent(), ax.get_window_extent()
     assert not legend.overlaps(plot) and legend.y1 <= plot.y0
     assert len(ax.get_legend().get_texts()) == len(names) + 1  # every curve and the prior mean
+
+
+def test_a_damaged_copy_never_hides_the_healthy_run(tmp_path):
+    import shutil
+
+    good = fake_run(tmp_path / "b", "affine", "gpt3l", 0, 0.01)
+    bad = shutil.copytree(good, tmp_path / "a" / good.name)  # found first
+    metrics = json.loads((bad / "metrics.json").read_text())
+    (bad / "metrics.json").write_text(json.dumps({**metrics, "summary": [1]}))
+    warnings = []
+    table = collect(tmp_path, warn=warnings.append)
+    assert set(table.run) == {str(good)} and len(warnings) == 1 and "damaged" in warnings[0]

@@ -281,6 +281,8 @@ def test_every_reader_skips_a_damaged_run_with_a_warning(complete, tmp_path, kin
     results = tmp_path / "results"
     good = shutil.copytree(complete, results / complete.name)
     bad = shutil.copytree(complete, results / ("zz-" + complete.name))
+    metrics = json.loads((bad / store.METRICS).read_text())  # another seed: not a copy of good, counted once
+    (bad / store.METRICS).write_text(json.dumps({**metrics, "seed": metrics["seed"] + 1}))
     DAMAGE[kind](bad)
     warnings = []
     table = collect(results, warn=warnings.append)  # leaderboard (never blocks on a FIFO)
