@@ -17,7 +17,6 @@ import torch
 
 from . import store
 from .errors import ICLBenchError, warn
-from .labels import config_label as _label  # noqa: F401  (tests and plugins import it from here)
 from .labels import run_labels
 from .registry import Registry, get_registry
 from .rundir import PROBES_DIR, PROBES_JSON, RunDir, distinct_runs, find_runs

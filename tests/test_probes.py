@@ -198,7 +198,7 @@ def test_probe_seed_draws_another_sample_and_is_recorded(tiny_run):
 
 def test_runs_from_before_the_precision_rename_are_labelled_as_the_default():
     """train.precision "auto" (the old default's spelling) is "fp32": no "train.precision=auto" in row labels."""
-    from iclbench.probing import _label
+    from iclbench.labels import config_label as _label
 
     assert _label("gpt3l", {}, {}, {"precision": "auto", "steps": 3000}) == "gpt3l"
     assert _label("gpt3l", {}, {}, {"precision": "bf16"}) == "gpt3l train.precision=bf16"
