@@ -119,7 +119,7 @@ class RunDir:
                 rel = f"{PROBES_DIR}/{name}.csv"
                 buffer = io.StringIO()
                 outcome["table"].to_csv(buffer, index=False)
-                store.write_atomic(self.path / rel, buffer.getvalue())
+                store.write_atomic(self.path / rel, buffer.getvalue(), root=self.path)
                 entry["table"] = rel
             probes[name] = entry
         record = {"probes": probes, "provenance": store.provenance(torch.device("cpu")) | {"written": time.time()}}

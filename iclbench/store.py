@@ -58,12 +58,43 @@ def _write_error(path: Path, exc: OSError, what: str = "write"):
     return ICLBenchError(f"cannot {what} {str(path)!r}: {reason}")
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+def real_dirs(path: Path, root: Path) -> None:
+    """Make every folder below ``root`` down to ``path`` (inclusive) a real directory: a symlink in the way
+    (to a directory or not, dangling or not) is removed, its target untouched, and a directory made in its
+    place, so nothing written under ``root`` lands outside it. Something else in the way (a file) is one line."""
+    from .errors import ICLBenchError
+
+    path, root = Path(path), Path(root)
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        raise ValueError(f"{path} is not under {root}") from None
+    if ".." in rel.parts:
+        raise ICLBenchError(f"cannot write {str(path)!r}: it leaves {str(root)!r}")
+    folder = root
+    for part in rel.parts:
+        folder = folder / part
+        try:
+            if folder.is_symlink():
+                folder.unlink()
+            folder.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _write_error(folder, exc, "create the directory") from None
+        if folder.is_symlink() or not folder.is_dir():
+            raise ICLBenchError(f"cannot write under {str(folder)!r}: it exists and is not a directory")
+
+
+def write_atomic(path: Path, data: bytes | str, root: Path | None = None) -> None:
     """Write ``path`` whole or not at all: a temporary file in the same directory (created exclusively, so
     never through a symlink), fsynced, given the umask's mode, renamed over ``path`` (a symlink there is
-    replaced, its target untouched). An OS error (disk full, read-only, not a directory) is one line
-    naming the file."""
+    replaced, its target untouched). With ``root``, every folder between ``root`` and ``path`` is made a real
+    directory first (:func:`real_dirs`: a symlinked ``probes/`` or ``figures/`` is replaced, never written
+    through). An OS error (disk full, read-only, not a directory) is one line naming the file."""
     path = Path(path)
+    if root is not None:
+        real_dirs(path.parent, root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)

@@ -328,7 +328,7 @@ def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
             parts = Path(rel).parts
             if Path(rel).is_absolute() or ".." in parts or not parts:
                 raise ICLBenchError(f"a worker returned the file {rel!r}, which is outside its run directory")
-            store.write_atomic(run_dir / rel, files[rel])
+            store.write_atomic(run_dir / rel, files[rel], root=run_dir)
 
 
 # --- executors: submit runs, wait for some to finish ------------------------------------------------------
