@@ -47,6 +47,8 @@ def cmd_run(args) -> int:
 
     if args.compile:
         args.overrides.append("train.compile=true")
+    if args.jobs is not None and args.jobs < 1:
+        raise ICLBenchError(f"--jobs must be >= 1, got {args.jobs}")
     if args.seeds is not None:
         return run_many_seeds(args)
     result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,

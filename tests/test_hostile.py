@@ -3,6 +3,7 @@ internal error on a hostile input. Each test reproduces a case of benchmarks/hos
 fix; each takes a few seconds at most."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import cli
+from iclbench import cli as cli_module
 from iclbench import store
 from iclbench.errors import ICLBenchError
 from iclbench.report import Document
@@ -20,10 +22,18 @@ def one_line_refusal(proc, *words):
     """A non-zero exit with one line on stderr (no traceback) holding each of ``words``."""
     err = proc.stderr.strip()
     assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "internal error" not in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     for word in words:
         assert word in err, err
     return err
+
+
+def main(capsys, *argv):
+    """``iclbench ARGV`` in this process (no interpreter to start): its exit code and output."""
+    code = cli_module.main(list(argv))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
 # --- nothing written through a symlinked folder --------------------------------------------------------------
@@ -69,3 +79,37 @@ def test_symlinked_folder_deeper_down_and_a_file_in_the_way(tmp_path):
     with pytest.raises(ICLBenchError, match="not a directory"):
         store.write_atomic(root / "file" / "f.txt", "x", root=root)
     assert (root / "file").read_text() == "keep"
+
+
+# --- sizes that drive memory or time: bounded before anything is allocated or trained ---------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "model.n_layers=100000"], ["model.n_layers=100000", "at most 256"]),
+    (["--set", "model.n_heads=4096", "--set", "model.d_model=8192"], ["model.n_heads=4096", "at most 1,024"]),
+    (["--set", "model.d_model=1048576"], ["model.d_model", "at most 65,536"]),
+    (["--set", "model.d_mlp=10000000"], ["model.d_mlp", "at most 262,144"]),
+    (["--set", "eval.bootstrap=10000000000"], ["eval.bootstrap", "at most 100,000"]),
+    (["--set", "eval.n_sequences=100000000"], ["eval.n_sequences", "at most 10,000,000"]),
+    (["--set", "train.steps=10000000000"], ["train.steps", "at most 1,000,000,000"]),
+    (["--steps", "99999999999999999999"], ["train.steps=99999999999999999999", "at most"]),
+    (["--seeds", "0-99999999999"], ["--seeds", "at most 10,000"]),
+    (["--seeds", "0-3", "--jobs", "0"], ["--jobs must be >= 1"]),
+    (["--jobs", "0"], ["--jobs must be >= 1"]),
+])
+def test_sizes_are_bounded_before_anything_is_built(tmp_path, capsys, args, words):
+    one_line_refusal(main(capsys, "run", "--task", "affine", "--model", "gpt1l", "--out", str(tmp_path), *args),
+                     *words)
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_bootstrap_resamples_are_checked_against_memory(tmp_path, monkeypatch):
+    from iclbench import build as build_module
+    from iclbench.config import resolve
+    from iclbench.registry import get_registry
+
+    registry = get_registry()
+    cfg = resolve(registry, task="affine", model="gpt1l", out=str(tmp_path),
+                  overrides=["eval.bootstrap=100000", "eval.n_sequences=10000000"])
+    monkeypatch.setattr(build_module, "memory_bytes", lambda device: 2 ** 34)  # 16 GiB
+    with pytest.raises(ICLBenchError, match="bootstrap resamples"):
+        build_module.build(registry, cfg, __import__("torch").device("cpu"))
