@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -208,8 +209,15 @@ def _resolve(registry: Registry, settings: list[Setting], out: str | None) -> Ru
     return resolve(registry, task=task, model=model, out=out, overrides=list(named.items()))
 
 
-def load_experiment(path: str | Path, registry: Registry | None = None, out: str | None = None) -> Experiment:
-    """Parse and validate an experiment file; every run's config is resolved here, before anything runs."""
+#: the most runs an experiment may expand to unless told otherwise (``--max-runs``); counted before expanding
+MAX_RUNS = 100000
+
+
+def load_experiment(path: str | Path, registry: Registry | None = None, out: str | None = None,
+                    max_runs: int = MAX_RUNS) -> Experiment:
+    """Parse and validate an experiment file; every run's config is resolved here, before anything runs. An
+    experiment of more than ``max_runs`` runs (the variants times the grid, counted before expanding it) is
+    refused in one line."""
     registry = registry or get_registry()
     path = Path(path)
     reader = _Reader(path)
@@ -255,6 +263,12 @@ def load_experiment(path: str | Path, registry: Registry | None = None, out: str
                                         f"also sets (line {grid_keys[s.key].line}); set it in one place")
             variants.append(entry)
 
+    count = len(variants) * math.prod(len(values) for values in grid)
+    if count > max_runs:
+        sizes = " × ".join(str(n) for n in ([len(variants)] if len(variants) > 1 else [])
+                           + [len(values) for values in grid])
+        raise ICLBenchError(f"{path}: the experiment expands to {sizes} = {count:,} runs, more than the limit of "
+                            f"{max_runs:,}; shrink the grid, or raise the limit with --max-runs")
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     duplicates = 0

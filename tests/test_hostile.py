@@ -113,3 +113,22 @@ def test_bootstrap_resamples_are_checked_against_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(build_module, "memory_bytes", lambda device: 2 ** 34)  # 16 GiB
     with pytest.raises(ICLBenchError, match="bootstrap resamples"):
         build_module.build(registry, cfg, __import__("torch").device("cpu"))
+
+
+# --- a sweep grid is counted before it is expanded --------------------------------------------------------
+
+def test_sweep_grid_counted_before_expanding(tmp_path, capsys):
+    grid = "\n".join(f"  task.{k}: [{', '.join(str(v / 100) for v in range(10))}]"
+                     for k in ("a_low", "b_max", "x0_max", "noise", "a_high"))
+    (tmp_path / "big.yaml").write_text("base: {task: affine, model: gpt1l}\ngrid:\n" + grid
+                                       + "\n  seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+                                       + "  train.steps: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n")
+    err = one_line_refusal(main(capsys, "sweep", str(tmp_path / "big.yaml"), "--dry-run", "--out", str(tmp_path)),
+                           "10,000,000 runs", "--max-runs", "100,000")
+    assert "10 × 10 × 10 × 10 × 10 × 10 × 10" in err
+    (tmp_path / "small.yaml").write_text("base: {task: affine, model: gpt1l}\ngrid:\n  seed: [0, 1, 2]\n")
+    one_line_refusal(main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "2"),
+                     "3 runs", "limit of 2")
+    assert main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "3").returncode == 0
+    one_line_refusal(main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "0"),
+                     "--max-runs must be >= 1")
