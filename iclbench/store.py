@@ -153,9 +153,9 @@ def open_log(path: Path, keep: int | None = None):
     return os.fdopen(fd, "a", buffering=1)
 
 
-def read_regular(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file; a FIFO, device or directory raises :class:`DamagedRun`
-    instead of blocking a reader."""
+def open_regular(path: Path):
+    """``path`` opened for reading (binary) if it is a regular file; a FIFO, device or directory raises
+    :class:`DamagedRun` instead of blocking the reader (opened non-blocking, checked before reading)."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -164,7 +164,14 @@ def read_regular(path: Path) -> bytes:
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory with its own error
         os.close(fd)
         raise DamagedRun(f"{path.name} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; a FIFO, device or directory raises :class:`DamagedRun`
+    instead of blocking a reader."""
+    path = Path(path)
+    with open_regular(path) as f:
         try:
             return f.read()
         except OSError as exc:
@@ -260,8 +267,11 @@ def save_state_dict(path: Path, state: dict[str, torch.Tensor], metadata: dict[s
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file; :class:`DamagedRun` where ``path`` is not a regular file (a FIFO
+    would block the reader, a directory give an internal error)."""
     from safetensors.torch import load_file
 
+    open_regular(path).close()
     return load_file(str(path))
 
 
@@ -274,7 +284,29 @@ def save_training_state(path: Path, state: dict) -> None:
 
 
 def load_training_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The training state :func:`save_training_state` wrote (no arbitrary unpickling); :class:`DamagedRun`
+    where ``path`` is not a regular file."""
+    with open_regular(path) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def remove_file(path: Path) -> None:
+    """Remove what is at ``path`` where a file of the run belongs (a file, a symlink, a FIFO, an empty
+    directory), so that it can be written afresh; a directory with something in it is one line naming it."""
+    from .errors import ICLBenchError
+
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        try:
+            path.rmdir()
+        except OSError:
+            raise ICLBenchError(f"{str(path)!r} is a directory where iclbench keeps a file; move it away and "
+                                "rerun") from None
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise _write_error(path, exc, "remove") from None
 
 
 def git_commit() -> str | None:

@@ -337,7 +337,7 @@ def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
     complete only when everything else is in place. A path that would leave the run directory is refused."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with store.run_lock(run_dir):
-        (run_dir / store.METRICS).unlink(missing_ok=True)
+        store.remove_file(run_dir / store.METRICS)
         for rel in sorted(files, key=lambda r: r == store.METRICS):
             parts = Path(rel).parts
             if Path(rel).is_absolute() or ".." in parts or not parts:

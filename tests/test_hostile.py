@@ -132,3 +132,76 @@ def test_sweep_grid_counted_before_expanding(tmp_path, capsys):
     assert main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "3").returncode == 0
     one_line_refusal(main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "0"),
                      "--max-runs must be >= 1")
+
+
+# --- a FIFO or a directory where a file of the run belongs: never blocks, never an internal error ----------
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) where a reader blocks opening a FIFO."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("blocked: a reader opened a FIFO")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("name", [store.CHECKPOINT, store.TRAIN_STATE])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_weights_and_training_state_readers_want_a_regular_file(tmp_path, no_hang, name, kind):
+    path = tmp_path / name
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    read = store.load_state_dict if name == store.CHECKPOINT else store.load_training_state
+    with pytest.raises(store.DamagedRun, match="not a regular file"):
+        read(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from test_reliability import fast_run
+
+    return fast_run(tmp_path_factory.mktemp("finished")).run_dir
+
+
+def test_probe_on_a_fifo_weights_file_is_one_line(finished, tmp_path, capsys, no_hang):
+    import shutil
+
+    run_dir = tmp_path / finished.name
+    shutil.copytree(finished, run_dir)
+    (run_dir / store.CHECKPOINT).unlink()
+    os.mkfifo(run_dir / store.CHECKPOINT)
+    one_line_refusal(main(capsys, "probe", str(run_dir)), "damaged weights", "not a regular file")
+    (run_dir / store.CHECKPOINT).unlink()
+    (run_dir / store.CHECKPOINT).mkdir()
+    one_line_refusal(main(capsys, "probe", str(run_dir)), "damaged weights", "not a regular file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_resume_over_a_fifo_or_directory_training_state_starts_afresh(tmp_path, capsys, no_hang, kind):
+    from test_reliability import fast_run, run_dir_of
+
+    run_dir = run_dir_of(tmp_path)
+    run_dir.mkdir(parents=True)
+    store.write_json(run_dir / store.STATUS, {"status": "interrupted", "message": "Ctrl-C"})
+    state = run_dir / store.TRAIN_STATE
+    os.mkfifo(state) if kind == "fifo" else state.mkdir()
+    result = fast_run(tmp_path, resume=True)
+    assert result.outcome == "trained" and state.is_file() is False and not state.exists()
+    assert "damaged checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_directory_where_metrics_belong_is_one_line(tmp_path, capsys):
+    from test_reliability import FAST, run_dir_of
+
+    run_dir = run_dir_of(tmp_path)
+    (run_dir / store.METRICS).mkdir(parents=True)
+    (run_dir / store.METRICS / "keep").write_text("x")
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", str(tmp_path), "--force"]
+    one_line_refusal(main(capsys, *args, *[a for item in FAST for a in ("--set", item)]),
+                     "is a directory where iclbench keeps a file")
+    assert (run_dir / store.METRICS / "keep").read_text() == "x"
