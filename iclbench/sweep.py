@@ -438,6 +438,10 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise ICLBenchError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    if not 1 <= int(port) <= 65535:
+        raise ICLBenchError(f"--address {address!r}: invalid port {int(port)}, a port is 1 to 65535")
+    if not host.strip("[]"):
+        raise ICLBenchError(f"--address {address!r}: no host; expected HOST:PORT, ray://HOST:PORT or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:

@@ -205,3 +205,16 @@ def test_a_full_directory_where_metrics_belong_is_one_line(tmp_path, capsys):
     one_line_refusal(main(capsys, *args, *[a for item in FAST for a in ("--set", item)]),
                      "is a directory where iclbench keeps a file")
     assert (run_dir / store.METRICS / "keep").read_text() == "x"
+
+
+# --- a Ray address that cannot be one -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("address, words", [("127.0.0.1:99999", ["invalid port 99999", "1 to 65535"]),
+                                            ("ray://127.0.0.1:0", ["invalid port 0"]),
+                                            (":6379", ["no host"])])
+def test_an_impossible_ray_address_is_one_line(address, words):
+    from iclbench.sweep import check_reachable
+
+    with pytest.raises(ICLBenchError) as info:
+        check_reachable(address)
+    assert all(w in str(info.value) for w in words) and "\n" not in str(info.value)
