@@ -218,3 +218,15 @@ def test_an_impossible_ray_address_is_one_line(address, words):
     with pytest.raises(ICLBenchError) as info:
         check_reachable(address)
     assert all(w in str(info.value) for w in words) and "\n" not in str(info.value)
+
+
+# --- a key written twice in a config file ------------------------------------------------------------------
+
+def test_a_duplicate_key_in_a_config_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "twice.yaml").write_text("task: affine\nmodel: gpt1l\ntask: regression\n")
+    one_line_refusal(main(capsys, "run", "--config", str(tmp_path / "twice.yaml"), "--out", str(tmp_path)),
+                     "line 3", "key 'task' is written twice (first on line 1)")
+    (tmp_path / "nested.yaml").write_text("task: {name: affine, noise: 0.1, noise: 0.2}\nmodel: gpt1l\n")
+    one_line_refusal(main(capsys, "run", "--config", str(tmp_path / "nested.yaml"), "--out", str(tmp_path)),
+                     "key 'noise' is written twice")
+    assert not any(p.is_dir() for p in tmp_path.iterdir())
