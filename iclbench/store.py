@@ -71,6 +71,10 @@ def real_dirs(path: Path, root: Path) -> None:
         raise ValueError(f"{path} is not under {root}") from None
     if ".." in rel.parts:
         raise ICLBenchError(f"cannot write {str(path)!r}: it leaves {str(root)!r}")
+    try:  # root itself is the user's to place (a symlink to another disk is fine)
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(root, exc, "create the directory") from None
     folder = root
     for part in rel.parts:
         folder = folder / part

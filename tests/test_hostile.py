@@ -230,3 +230,15 @@ def test_a_duplicate_key_in_a_config_file_is_one_line(tmp_path, capsys):
     one_line_refusal(main(capsys, "run", "--config", str(tmp_path / "nested.yaml"), "--out", str(tmp_path)),
                      "key 'noise' is written twice")
     assert not any(p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_a_report_into_a_new_directory_still_writes_its_figures(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = Document(tmp_path / "new" / "report", "t")
+    fig, _ = plt.subplots()
+    doc.figure(fig, "f", "a figure")
+    assert (tmp_path / "new" / "report" / "figures" / "f.png").is_file()
