@@ -67,6 +67,8 @@ def main() -> int:
     good = iclbench.run("affine", "gpt1l", steps=20, out=str(work / "seed"), overrides=FAST).run_dir
     victim = work / "outside.txt"
     victim.write_text("precious\n")
+    outside = work / "outside"  # a folder outside every results directory: must stay empty
+    outside.mkdir(exist_ok=True)
 
     def results_with(damage, name="zz-damaged"):
         root = work / "cases" / f"{len(cases_run)}"
@@ -113,11 +115,18 @@ def main() -> int:
         "config.yaml fifo": lambda d: fifo(d / store.CONFIG),
         "weights truncated": lambda d: (d / store.CHECKPOINT).write_bytes((d / store.CHECKPOINT).read_bytes()[:64]),
         "xss name": lambda d: None,
+        # issue 25: a FIFO or a directory where a file of the run belongs, a symlinked folder
+        "weights fifo": lambda d: fifo(d / store.CHECKPOINT),
+        "weights directory": lambda d: ((d / store.CHECKPOINT).unlink(), (d / store.CHECKPOINT).mkdir()),
+        "train_state fifo": lambda d: ((d / store.METRICS).unlink(), fifo(d / store.TRAIN_STATE)),
+        "train_state directory": lambda d: ((d / store.METRICS).unlink(), (d / store.TRAIN_STATE).mkdir()),
+        "probes symlinked outside": lambda d: (shutil.rmtree(d / "probes", ignore_errors=True),
+                                               (d / "probes").symlink_to(outside, target_is_directory=True)),
     }
     cases_run: list[tuple[str, bool, bool, str]] = []
 
     def record(name, code, err, ok_dir):
-        lost = digest(ok_dir) != good_digest or victim.read_text() != "precious\n"
+        lost = digest(ok_dir) != good_digest or victim.read_text() != "precious\n" or any(outside.iterdir())
         cases_run.append((name, clean(code, err), lost, " ".join(err.split())[:160]))
 
     good_digest = digest(good)
@@ -159,6 +168,10 @@ def main() -> int:
         "lr 10": ["--set", "train.lr=10"], "lr 1e6": ["--set", "train.lr=1e6", "--set", "train.grad_clip=0"],
         "steps 0": ["--steps", "0"], "unknown key": ["--set", "model.nope=1"], "device cuda:99": ["--device", "cuda:99"],
         "resume nothing": ["--resume"],
+        # issue 25: sizes that drive memory or time, bounded before anything is built
+        "n_layers 1e5": ["--set", "model.n_layers=100000"], "bootstrap 1e10": ["--set", "eval.bootstrap=10000000000"],
+        "steps 1e20": ["--steps", "99999999999999999999"], "seeds 1e11": ["--seeds", "0-99999999999"],
+        "jobs 0": ["--seeds", "0-1", "--jobs", "0"],
     }.items():
         run_case(f"run: {name}", lambda out, extra=extra: base(out, *extra))
     (work / "deep.yaml").write_text("[" * 50000)
@@ -168,6 +181,23 @@ def main() -> int:
     for f in ("deep", "binary", "list", "fifo"):
         run_case(f"run --config {f}", ["run", "--config", work / f"{f}.yaml"])
         run_case(f"sweep {f}", ["sweep", work / f"{f}.yaml", "--dry-run"])
+    (work / "twice.yaml").write_text("task: affine\nmodel: gpt1l\ntask: regression\n")
+    run_case("run --config with a key twice", ["run", "--config", work / "twice.yaml"])
+    (work / "huge.yaml").write_text("base: {task: affine, model: gpt1l}\ngrid:\n" + "".join(
+        f"  task.{k}: [{', '.join(str(v / 100) for v in range(10))}]\n"
+        for k in ("a_low", "b_max", "x0_max", "noise", "a_high")) + "  seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+        "  train.steps: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n")
+    run_case("sweep of 10^7 runs", ["sweep", work / "huge.yaml", "--dry-run"])
+    run_case("ray port 99999", lambda out: ["sweep", work / "exp.yaml", "--executor", "ray", "--address",
+                                            "127.0.0.1:99999"],
+             lambda out: (work / "exp.yaml").write_text(f"base: {{task: affine, model: gpt1l, out: {out}}}\n"
+                                                         "runs: [{seed: 0}]\n"))
+
+    def symlinked_figures(out):
+        (out / "report").mkdir()
+        (out / "report" / "figures").symlink_to(outside, target_is_directory=True)
+    run_case("report --out with figures/ symlinked outside",
+             lambda out: ["report", "--results", good.parent, "--out", out / "report"], symlinked_figures)
     run_case("leaderboard --from past", ["leaderboard", "--results", good.parent, "--from", "999"])
     run_case("leaderboard missing dir", ["leaderboard", "--results", work / "nope"])
     run_case("report --out a file", ["report", "--results", good.parent, "--out", victim])

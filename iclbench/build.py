@@ -42,10 +42,15 @@ def check_sizes(cfg: RunConfig, task, model_cls, device: torch.device) -> None:
     width = 4 * task.context_len * (task.d_in + task.d_out)
     sizes["a training batch (train.batch_size)"] = cfg.train.batch_size * width
     sizes["the evaluation set (eval.n_sequences)"] = cfg.eval.n_sequences * width
-    for what, size in sizes.items():
-        if size > limit:
+    checks = [(what, size, limit, device) for what, size in sizes.items()]
+    # the bootstrap's resampling counts ([bootstrap, n_sequences]: int64 indices, float32 counts and ones, a
+    # float64 copy) are drawn on the CPU, whatever the run's device
+    checks.append(("the bootstrap resamples (eval.bootstrap × eval.n_sequences)",
+                   24 * cfg.eval.bootstrap * cfg.eval.n_sequences, memory_bytes(torch.device("cpu")), "cpu"))
+    for what, size, room, where in checks:
+        if room and size > room:
             raise ICLBenchError(f"{what} would take {size / 2 ** 30:,.1f} GiB, more than the "
-                                f"{limit / 2 ** 30:,.1f} GiB of {device}; choose smaller sizes")
+                                f"{room / 2 ** 30:,.1f} GiB of {where}; choose smaller sizes")
 
 
 def build(registry: Registry, cfg: RunConfig, device: torch.device):

@@ -47,6 +47,8 @@ def cmd_run(args) -> int:
 
     if args.compile:
         args.overrides.append("train.compile=true")
+    if args.jobs is not None and args.jobs < 1:
+        raise ICLBenchError(f"--jobs must be >= 1, got {args.jobs}")
     if args.seeds is not None:
         return run_many_seeds(args)
     result = run(args.task, args.model, config=args.config, steps=args.steps, seed=args.seed,
@@ -243,13 +245,18 @@ def _add_sweep(sub):
                    "default: start a local one")
     p.add_argument("--out", help="results directory for every run (default: base.out, else results)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="refuse an experiment of more runs than this (default: 100000), counted before expanding")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import load_experiment, plan_table, run_sweep
+    from .sweep import MAX_RUNS, load_experiment, plan_table, run_sweep
 
-    experiment = load_experiment(args.experiment, out=args.out)
+    max_runs = MAX_RUNS if args.max_runs is None else args.max_runs
+    if max_runs < 1:
+        raise ICLBenchError(f"--max-runs must be >= 1, got {max_runs}")
+    experiment = load_experiment(args.experiment, out=args.out, max_runs=max_runs)
     if args.dry_run:
         print(plan_table(experiment))
         return 0

@@ -80,7 +80,31 @@ class RunConfig:
         return f"{self.task}-{self.model}-{self.config_hash}-s{self.seed}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that writes a key twice (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: the safe loader refuses it in its own words
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is written twice (first on line {first}); keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A config file's mapping; malformed YAML, a key written twice, or a file that is not a regular text file
+    is one line naming it."""
     path = Path(path)
     from .store import DamagedRun, read_regular
 
@@ -91,7 +115,7 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError:
         raise ICLBenchError(f"config file {str(path)!r} is not UTF-8 text (a binary file?)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except RecursionError:
         raise ICLBenchError(f"malformed YAML in {path}: nested too deeply") from None
     except yaml.YAMLError as exc:

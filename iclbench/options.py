@@ -53,8 +53,30 @@ def coerce(value: Any, default: Any, where: str) -> Any:
     raise ICLBenchError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
+#: the largest value an integer option of these names may take, whichever task or model declares it (and the
+#: engine's train and eval options): the sizes that drive memory or time, refused before anything is
+#: allocated or trained (a model of 100000 layers took minutes just to be built, 10^10 bootstrap resamples
+#: failed only after training). Generous: far above anything that trains on one machine.
+SIZE_LIMITS = {
+    "n_layers": 256, "n_heads": 1024, "d_model": 65536, "d_mlp": 262144, "d_head": 65536,
+    "n_ctx": 65536, "context_len": 65536,
+    "steps": 10 ** 9, "batch_size": 10 ** 6,
+    "n_sequences": 10 ** 7, "bootstrap": 100000,
+}
+
+
+def check_limits(options, where: str) -> None:
+    """One line naming the first integer option of ``options`` above its :data:`SIZE_LIMITS` bound."""
+    for f in dataclasses.fields(options):
+        value, limit = getattr(options, f.name), SIZE_LIMITS.get(f.name)
+        if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise ICLBenchError(f"{where}.{f.name}={value} is too large: at most {limit:,} (iclbench's bound on "
+                                f"{f.name}, which drives memory and time)")
+
+
 def build_options(cls, overrides: dict[str, Any], where: str):
-    """Instantiate the dataclass ``cls`` with ``overrides`` validated against its fields."""
+    """Instantiate the dataclass ``cls`` with ``overrides`` validated against its fields (and, for sizes,
+    against :data:`SIZE_LIMITS`)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = cls()
     values = {}
@@ -69,6 +91,7 @@ def build_options(cls, overrides: dict[str, Any], where: str):
             check()
     except (ValueError, TypeError) as exc:
         raise ICLBenchError(f"{where}: {exc}") from None
+    check_limits(options, where)
     return options
 
 

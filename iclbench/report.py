@@ -191,7 +191,7 @@ class Document:
         plt.close(fig)
         rel = f"figures/{self.prefix}{name}.png"
         data = buf.getvalue()
-        store.write_atomic(self.out / rel, data)
+        store.write_atomic(self.out / rel, data, root=self.out)
         size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))  # PNG IHDR: width, height
         self.blocks.append(("figure", (rel, caption, size)))
 

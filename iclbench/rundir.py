@@ -152,7 +152,7 @@ class RunDir:
                 rel = f"{PROBES_DIR}/{name}.csv"
                 buffer = io.StringIO()
                 outcome["table"].to_csv(buffer, index=False)
-                store.write_atomic(self.path / rel, buffer.getvalue())
+                store.write_atomic(self.path / rel, buffer.getvalue(), root=self.path)
                 entry["table"] = rel
             probes[name] = entry
         record = {"probes": probes, "provenance": store.provenance(torch.device("cpu")) | {"written": time.time()}}
@@ -276,9 +276,9 @@ class OpenRun:
                      f"{before}, e.g. OMP_NUM_THREADS={before}, to keep them reproducible)")
         if not self.trained:
             self.segments.append(segment)
-        (self.path / store.METRICS).unlink(missing_ok=True)  # the directory now describes this run
+        store.remove_file(self.path / store.METRICS)  # the directory now describes this run
         if state is None:
-            (self.path / store.TRAIN_STATE).unlink(missing_ok=True)
+            store.remove_file(self.path / store.TRAIN_STATE)
         store.write_yaml(self.path / store.CONFIG, self.cfg.to_dict())
         store.write_json(self.path / store.STATUS, {"status": "running", "started": time.time(), "pid": os.getpid(),
                                                     "host": socket.gethostname(), "threads": threads}
@@ -371,7 +371,7 @@ class OpenRun:
         wall = metrics["wall_time_s"]
         store.write_json(self.path / store.STATUS, {"status": "unstable", "message": unstable, "wall_time_s": wall}
                          if unstable else {"status": "complete", "wall_time_s": wall})
-        (self.path / store.TRAIN_STATE).unlink(missing_ok=True)  # complete: nothing left to resume
+        store.remove_file(self.path / store.TRAIN_STATE)  # complete: nothing left to resume
         self.running = False
         self.registry.notify("iclbench_run_finished", run_dir=self.path, config=self.cfg, metrics=metrics)
 

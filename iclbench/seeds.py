@@ -17,8 +17,13 @@ import os
 from .errors import ICLBenchError
 
 
+#: the most seeds one ``--seeds`` may name (each is a run of its own); counted before the range is expanded
+MAX_SEEDS = 10000
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-9"``, ``"0,3,7"`` or a mix (``"0-2,10"``) → the seeds, in order, without repeats."""
+    """``"0-9"``, ``"0,3,7"`` or a mix (``"0-2,10"``) → the seeds, in order, without repeats; at most
+    :data:`MAX_SEEDS`, counted before any range is expanded."""
     seeds: list[int] = []
     try:
         for part in (p.strip() for p in str(text).split(",")):
@@ -29,6 +34,9 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = int(lo), int(hi)
                 if hi < lo:
                     raise ValueError
+                if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                    raise ICLBenchError(f"--seeds {text!r} names {len(seeds) + hi - lo + 1:,} seeds or more: at "
+                                        f"most {MAX_SEEDS:,} (one run each)")
                 seeds += range(lo, hi + 1)
             else:
                 seeds.append(int(part))
@@ -36,6 +44,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ICLBenchError(f"--seeds expects seeds like 0-9 or 0,3,7, got {text!r}") from None
     if not seeds:
         raise ICLBenchError(f"--seeds expects at least one seed, got {text!r}")
+    if len(seeds) > MAX_SEEDS:
+        raise ICLBenchError(f"--seeds {text!r} names {len(seeds):,} seeds: at most {MAX_SEEDS:,} (one run each)")
     return list(dict.fromkeys(seeds))
 
 
@@ -64,6 +74,8 @@ def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None =
     from .runner import run, run_configs
     from .trainer import resolve_device
 
+    if jobs is not None and jobs < 1:
+        raise ICLBenchError(f"--jobs must be >= 1, got {jobs}")
     registry = registry or get_registry()
     cfgs = [resolve(registry, config=kwargs.get("config"), task=kwargs.get("task"), model=kwargs.get("model"),
                     steps=kwargs.get("steps"), seed=s, device=kwargs.get("device"), out=kwargs.get("out"),

@@ -58,12 +58,47 @@ def _write_error(path: Path, exc: OSError, what: str = "write"):
     return ICLBenchError(f"cannot {what} {str(path)!r}: {reason}")
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+def real_dirs(path: Path, root: Path) -> None:
+    """Make every folder below ``root`` down to ``path`` (inclusive) a real directory: a symlink in the way
+    (to a directory or not, dangling or not) is removed, its target untouched, and a directory made in its
+    place, so nothing written under ``root`` lands outside it. Something else in the way (a file) is one line."""
+    from .errors import ICLBenchError
+
+    path, root = Path(path), Path(root)
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        raise ValueError(f"{path} is not under {root}") from None
+    if ".." in rel.parts:
+        raise ICLBenchError(f"cannot write {str(path)!r}: it leaves {str(root)!r}")
+    try:  # root itself is the user's to place (a symlink to another disk is fine)
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(root, exc, "create the directory") from None
+    folder = root
+    for part in rel.parts:
+        folder = folder / part
+        try:
+            if folder.is_symlink():
+                folder.unlink()
+            folder.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _write_error(folder, exc, "create the directory") from None
+        if folder.is_symlink() or not folder.is_dir():
+            raise ICLBenchError(f"cannot write under {str(folder)!r}: it exists and is not a directory")
+
+
+def write_atomic(path: Path, data: bytes | str, root: Path | None = None) -> None:
     """Write ``path`` whole or not at all: a temporary file in the same directory (created exclusively, so
     never through a symlink), fsynced, given the umask's mode, renamed over ``path`` (a symlink there is
-    replaced, its target untouched). An OS error (disk full, read-only, not a directory) is one line
-    naming the file."""
+    replaced, its target untouched). With ``root``, every folder between ``root`` and ``path`` is made a real
+    directory first (:func:`real_dirs`: a symlinked ``probes/`` or ``figures/`` is replaced, never written
+    through). An OS error (disk full, read-only, not a directory) is one line naming the file."""
     path = Path(path)
+    if root is not None:
+        real_dirs(path.parent, root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -122,9 +157,9 @@ def open_log(path: Path, keep: int | None = None):
     return os.fdopen(fd, "a", buffering=1)
 
 
-def read_regular(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file; a FIFO, device or directory raises :class:`DamagedRun`
-    instead of blocking a reader."""
+def open_regular(path: Path):
+    """``path`` opened for reading (binary) if it is a regular file; a FIFO, device or directory raises
+    :class:`DamagedRun` instead of blocking the reader (opened non-blocking, checked before reading)."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -133,7 +168,14 @@ def read_regular(path: Path) -> bytes:
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory with its own error
         os.close(fd)
         raise DamagedRun(f"{path.name} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; a FIFO, device or directory raises :class:`DamagedRun`
+    instead of blocking a reader."""
+    path = Path(path)
+    with open_regular(path) as f:
         try:
             return f.read()
         except OSError as exc:
@@ -229,8 +271,11 @@ def save_state_dict(path: Path, state: dict[str, torch.Tensor], metadata: dict[s
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file; :class:`DamagedRun` where ``path`` is not a regular file (a FIFO
+    would block the reader, a directory give an internal error)."""
     from safetensors.torch import load_file
 
+    open_regular(path).close()
     return load_file(str(path))
 
 
@@ -243,7 +288,29 @@ def save_training_state(path: Path, state: dict) -> None:
 
 
 def load_training_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The training state :func:`save_training_state` wrote (no arbitrary unpickling); :class:`DamagedRun`
+    where ``path`` is not a regular file."""
+    with open_regular(path) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def remove_file(path: Path) -> None:
+    """Remove what is at ``path`` where a file of the run belongs (a file, a symlink, a FIFO, an empty
+    directory), so that it can be written afresh; a directory with something in it is one line naming it."""
+    from .errors import ICLBenchError
+
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        try:
+            path.rmdir()
+        except OSError:
+            raise ICLBenchError(f"{str(path)!r} is a directory where iclbench keeps a file; move it away and "
+                                "rerun") from None
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise _write_error(path, exc, "remove") from None
 
 
 def git_commit() -> str | None:

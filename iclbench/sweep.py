@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -208,8 +209,15 @@ def _resolve(registry: Registry, settings: list[Setting], out: str | None) -> Ru
     return resolve(registry, task=task, model=model, out=out, overrides=list(named.items()))
 
 
-def load_experiment(path: str | Path, registry: Registry | None = None, out: str | None = None) -> Experiment:
-    """Parse and validate an experiment file; every run's config is resolved here, before anything runs."""
+#: the most runs an experiment may expand to unless told otherwise (``--max-runs``); counted before expanding
+MAX_RUNS = 100000
+
+
+def load_experiment(path: str | Path, registry: Registry | None = None, out: str | None = None,
+                    max_runs: int = MAX_RUNS) -> Experiment:
+    """Parse and validate an experiment file; every run's config is resolved here, before anything runs. An
+    experiment of more than ``max_runs`` runs (the variants times the grid, counted before expanding it) is
+    refused in one line."""
     registry = registry or get_registry()
     path = Path(path)
     reader = _Reader(path)
@@ -255,6 +263,12 @@ def load_experiment(path: str | Path, registry: Registry | None = None, out: str
                                         f"also sets (line {grid_keys[s.key].line}); set it in one place")
             variants.append(entry)
 
+    count = len(variants) * math.prod(len(values) for values in grid)
+    if count > max_runs:
+        sizes = " × ".join(str(n) for n in ([len(variants)] if len(variants) > 1 else [])
+                           + [len(values) for values in grid])
+        raise ICLBenchError(f"{path}: the experiment expands to {sizes} = {count:,} runs, more than the limit of "
+                            f"{max_runs:,}; shrink the grid, or raise the limit with --max-runs")
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     duplicates = 0
@@ -323,12 +337,12 @@ def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
     complete only when everything else is in place. A path that would leave the run directory is refused."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with store.run_lock(run_dir):
-        (run_dir / store.METRICS).unlink(missing_ok=True)
+        store.remove_file(run_dir / store.METRICS)
         for rel in sorted(files, key=lambda r: r == store.METRICS):
             parts = Path(rel).parts
             if Path(rel).is_absolute() or ".." in parts or not parts:
                 raise ICLBenchError(f"a worker returned the file {rel!r}, which is outside its run directory")
-            store.write_atomic(run_dir / rel, files[rel])
+            store.write_atomic(run_dir / rel, files[rel], root=run_dir)
 
 
 # --- executors: submit runs, wait for some to finish ------------------------------------------------------
@@ -424,6 +438,10 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise ICLBenchError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    if not 1 <= int(port) <= 65535:
+        raise ICLBenchError(f"--address {address!r}: invalid port {int(port)}, a port is 1 to 65535")
+    if not host.strip("[]"):
+        raise ICLBenchError(f"--address {address!r}: no host; expected HOST:PORT, ray://HOST:PORT or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:

@@ -379,8 +379,12 @@ def test_hostile_inputs_get_one_line(tmp_path, capsys):
     cases = [
         (["run", "--task", "affine", "--model", "gpt1l", "--seed", str(2 ** 63)], "seed must be an integer"),
         (["run", "--task", "affine", "--model", "gpt1l", "--set", "out=[1]"], "out must be a directory name"),
-        (["run", "--task", "affine", "--model", "gpt1l", "--set", "model.d_model=4000000"], "GiB"),
-        (["run", "--task", "affine", "--model", "gpt1l", "--set", "train.batch_size=10000000000"], "GiB"),
+        (["run", "--task", "affine", "--model", "gpt1l", "--set", "model.d_model=4000000"], "at most 65,536"),
+        # within every size bound, still far more memory than any machine has (weights of ~2 * 10^13 parameters)
+        (["run", "--task", "affine", "--model", "gpt1l", "--set", "model.n_layers=256", "--set",
+          "model.d_model=65536", "--set", "model.d_mlp=262144"], "GiB"),
+        (["run", "--task", "affine", "--model", "gpt1l", "--set", "train.batch_size=10000000000"],
+         "at most 1,000,000"),
         (["run", "--config", str(tmp_path / "deep.yaml")], "nested too deeply"),
         (["run", "--config", str(tmp_path / "binary.yaml")], "not UTF-8"),
         (["sweep", str(tmp_path / "deep.yaml"), "--dry-run"], "nested too deeply"),

@@ -1,0 +1,244 @@
+"""The second hostile battery (issue 25): nothing written outside a results directory, nothing that hangs, no
+internal error on a hostile input. Each test reproduces a case of benchmarks/hostile.py and fails without its
+fix; each takes a few seconds at most."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import cli
+from iclbench import cli as cli_module
+from iclbench import store
+from iclbench.errors import ICLBenchError
+from iclbench.report import Document
+from iclbench.rundir import RunDir
+
+
+def one_line_refusal(proc, *words):
+    """A non-zero exit with one line on stderr (no traceback) holding each of ``words``."""
+    err = proc.stderr.strip()
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "internal error" not in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def main(capsys, *argv):
+    """``iclbench ARGV`` in this process (no interpreter to start): its exit code and output."""
+    code = cli_module.main(list(argv))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
+# --- nothing written through a symlinked folder --------------------------------------------------------------
+
+def test_symlinked_probes_folder_is_replaced_never_written_through(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_dir = tmp_path / "results" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "probes").symlink_to(outside, target_is_directory=True)
+    RunDir(run_dir).save_probes({"p": {"summary": {"x": 1.0}, "table": pd.DataFrame({"a": [1, 2]})}})
+    assert list(outside.iterdir()) == []
+    assert not (run_dir / "probes").is_symlink() and (run_dir / "probes" / "p.csv").is_file()
+
+
+def test_symlinked_figures_folder_is_replaced_never_written_through(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "figures").symlink_to(outside, target_is_directory=True)
+    doc = Document(out, "t")
+    fig, _ = plt.subplots()
+    doc.figure(fig, "f", "a figure")
+    assert list(outside.iterdir()) == []
+    assert not (out / "figures").is_symlink() and (out / "figures" / "f.png").is_file()
+
+
+def test_symlinked_folder_deeper_down_and_a_file_in_the_way(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "b").symlink_to(outside, target_is_directory=True)
+    store.write_atomic(root / "a" / "b" / "c" / "f.txt", "x", root=root)
+    assert list(outside.iterdir()) == [] and (root / "a" / "b" / "c" / "f.txt").read_text() == "x"
+    (root / "file").write_text("keep")
+    with pytest.raises(ICLBenchError, match="not a directory"):
+        store.write_atomic(root / "file" / "f.txt", "x", root=root)
+    assert (root / "file").read_text() == "keep"
+
+
+# --- sizes that drive memory or time: bounded before anything is allocated or trained ---------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "model.n_layers=100000"], ["model.n_layers=100000", "at most 256"]),
+    (["--set", "model.n_heads=4096", "--set", "model.d_model=8192"], ["model.n_heads=4096", "at most 1,024"]),
+    (["--set", "model.d_model=1048576"], ["model.d_model", "at most 65,536"]),
+    (["--set", "model.d_mlp=10000000"], ["model.d_mlp", "at most 262,144"]),
+    (["--set", "eval.bootstrap=10000000000"], ["eval.bootstrap", "at most 100,000"]),
+    (["--set", "eval.n_sequences=100000000"], ["eval.n_sequences", "at most 10,000,000"]),
+    (["--set", "train.steps=10000000000"], ["train.steps", "at most 1,000,000,000"]),
+    (["--steps", "99999999999999999999"], ["train.steps=99999999999999999999", "at most"]),
+    (["--seeds", "0-99999999999"], ["--seeds", "at most 10,000"]),
+    (["--seeds", "0-3", "--jobs", "0"], ["--jobs must be >= 1"]),
+    (["--jobs", "0"], ["--jobs must be >= 1"]),
+])
+def test_sizes_are_bounded_before_anything_is_built(tmp_path, capsys, args, words):
+    one_line_refusal(main(capsys, "run", "--task", "affine", "--model", "gpt1l", "--out", str(tmp_path), *args),
+                     *words)
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_bootstrap_resamples_are_checked_against_memory(tmp_path, monkeypatch):
+    from iclbench import build as build_module
+    from iclbench.config import resolve
+    from iclbench.registry import get_registry
+
+    registry = get_registry()
+    cfg = resolve(registry, task="affine", model="gpt1l", out=str(tmp_path),
+                  overrides=["eval.bootstrap=100000", "eval.n_sequences=10000000"])
+    monkeypatch.setattr(build_module, "memory_bytes", lambda device: 2 ** 34)  # 16 GiB
+    with pytest.raises(ICLBenchError, match="bootstrap resamples"):
+        build_module.build(registry, cfg, __import__("torch").device("cpu"))
+
+
+# --- a sweep grid is counted before it is expanded --------------------------------------------------------
+
+def test_sweep_grid_counted_before_expanding(tmp_path, capsys):
+    grid = "\n".join(f"  task.{k}: [{', '.join(str(v / 100) for v in range(10))}]"
+                     for k in ("a_low", "b_max", "x0_max", "noise", "a_high"))
+    (tmp_path / "big.yaml").write_text("base: {task: affine, model: gpt1l}\ngrid:\n" + grid
+                                       + "\n  seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+                                       + "  train.steps: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n")
+    err = one_line_refusal(main(capsys, "sweep", str(tmp_path / "big.yaml"), "--dry-run", "--out", str(tmp_path)),
+                           "10,000,000 runs", "--max-runs", "100,000")
+    assert "10 × 10 × 10 × 10 × 10 × 10 × 10" in err
+    (tmp_path / "small.yaml").write_text("base: {task: affine, model: gpt1l}\ngrid:\n  seed: [0, 1, 2]\n")
+    one_line_refusal(main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "2"),
+                     "3 runs", "limit of 2")
+    assert main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "3").returncode == 0
+    one_line_refusal(main(capsys, "sweep", str(tmp_path / "small.yaml"), "--dry-run", "--max-runs", "0"),
+                     "--max-runs must be >= 1")
+
+
+# --- a FIFO or a directory where a file of the run belongs: never blocks, never an internal error ----------
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) where a reader blocks opening a FIFO."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("blocked: a reader opened a FIFO")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("name", [store.CHECKPOINT, store.TRAIN_STATE])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_weights_and_training_state_readers_want_a_regular_file(tmp_path, no_hang, name, kind):
+    path = tmp_path / name
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    read = store.load_state_dict if name == store.CHECKPOINT else store.load_training_state
+    with pytest.raises(store.DamagedRun, match="not a regular file"):
+        read(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from test_reliability import fast_run
+
+    return fast_run(tmp_path_factory.mktemp("finished")).run_dir
+
+
+def test_probe_on_a_fifo_weights_file_is_one_line(finished, tmp_path, capsys, no_hang):
+    import shutil
+
+    run_dir = tmp_path / finished.name
+    shutil.copytree(finished, run_dir)
+    (run_dir / store.CHECKPOINT).unlink()
+    os.mkfifo(run_dir / store.CHECKPOINT)
+    one_line_refusal(main(capsys, "probe", str(run_dir)), "damaged weights", "not a regular file")
+    (run_dir / store.CHECKPOINT).unlink()
+    (run_dir / store.CHECKPOINT).mkdir()
+    one_line_refusal(main(capsys, "probe", str(run_dir)), "damaged weights", "not a regular file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_resume_over_a_fifo_or_directory_training_state_starts_afresh(tmp_path, capsys, no_hang, kind):
+    from test_reliability import fast_run, run_dir_of
+
+    run_dir = run_dir_of(tmp_path)
+    run_dir.mkdir(parents=True)
+    store.write_json(run_dir / store.STATUS, {"status": "interrupted", "message": "Ctrl-C"})
+    state = run_dir / store.TRAIN_STATE
+    os.mkfifo(state) if kind == "fifo" else state.mkdir()
+    result = fast_run(tmp_path, resume=True)
+    assert result.outcome == "trained" and state.is_file() is False and not state.exists()
+    assert "damaged checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_directory_where_metrics_belong_is_one_line(tmp_path, capsys):
+    from test_reliability import FAST, run_dir_of
+
+    run_dir = run_dir_of(tmp_path)
+    (run_dir / store.METRICS).mkdir(parents=True)
+    (run_dir / store.METRICS / "keep").write_text("x")
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", str(tmp_path), "--force"]
+    one_line_refusal(main(capsys, *args, *[a for item in FAST for a in ("--set", item)]),
+                     "is a directory where iclbench keeps a file")
+    assert (run_dir / store.METRICS / "keep").read_text() == "x"
+
+
+# --- a Ray address that cannot be one -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("address, words", [("127.0.0.1:99999", ["invalid port 99999", "1 to 65535"]),
+                                            ("ray://127.0.0.1:0", ["invalid port 0"]),
+                                            (":6379", ["no host"])])
+def test_an_impossible_ray_address_is_one_line(address, words):
+    from iclbench.sweep import check_reachable
+
+    with pytest.raises(ICLBenchError) as info:
+        check_reachable(address)
+    assert all(w in str(info.value) for w in words) and "\n" not in str(info.value)
+
+
+# --- a key written twice in a config file ------------------------------------------------------------------
+
+def test_a_duplicate_key_in_a_config_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "twice.yaml").write_text("task: affine\nmodel: gpt1l\ntask: regression\n")
+    one_line_refusal(main(capsys, "run", "--config", str(tmp_path / "twice.yaml"), "--out", str(tmp_path)),
+                     "line 3", "key 'task' is written twice (first on line 1)")
+    (tmp_path / "nested.yaml").write_text("task: {name: affine, noise: 0.1, noise: 0.2}\nmodel: gpt1l\n")
+    one_line_refusal(main(capsys, "run", "--config", str(tmp_path / "nested.yaml"), "--out", str(tmp_path)),
+                     "key 'noise' is written twice")
+    assert not any(p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_a_report_into_a_new_directory_still_writes_its_figures(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = Document(tmp_path / "new" / "report", "t")
+    fig, _ = plt.subplots()
+    doc.figure(fig, "f", "a figure")
+    assert (tmp_path / "new" / "report" / "figures" / "f.png").is_file()
