@@ -4,13 +4,10 @@ fix; each takes a few seconds at most."""
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import cli
 from iclbench import cli as cli_module
 from iclbench import store
 from iclbench.errors import ICLBenchError
