@@ -19,7 +19,10 @@ from iclbench.probes.specialization import CLAIM_LABELS, Specialization, claim_v
 from iclbench.probing import collect_probe  # noqa: E402
 from iclbench.registry import get_registry  # noqa: E402
 
+#: the runs, or, on a machine without them, their compact records (no weights) committed beside the tables
 RUNS = ROOT / "results" / "study-verdicts-runs"
+if not RUNS.exists():
+    RUNS = ROOT / "results" / "reference" / "records" / "study-verdicts-runs"
 #: the old per-seed labels' columns (results/reference/specialization-seeds.csv, pre-issue-21 probes)
 OLD = {"claim 1: layer 0 copies": "claim 1: layer 0 copies", "claim 2 (any later layer)": "claim 2 (any later layer)",
        "paper's pattern": "paper's pattern", "refines with depth": "refines with depth"}
