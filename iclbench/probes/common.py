@@ -34,8 +34,12 @@ def baselines(task, batch: Batch) -> dict[str, torch.Tensor]:
     """Predictions of the task's baselines plus those other plugins add for it. Oracles are left out (a name
     starting with ``oracle``, or ``fn.oracle``): they see the latents, so agreeing with them is just being
     right."""
-    entries = (getattr(task, "registry", None) or get_registry()).task_baselines(task)  # the run's registry
-    return {name: e.obj(batch).float() for name, e in entries.items() if not is_oracle(name, e.obj)}
+    return {name: e.obj(batch).float() for name, e in _entries(task).items() if not is_oracle(name, e.obj)}
+
+
+def _entries(task) -> dict:
+    """The task's baseline entries from the registry the run was given (the global one otherwise)."""
+    return (getattr(task, "registry", None) or get_registry()).task_baselines(task)
 
 
 def reference_error(task, batch: Batch, found: dict | None = None) -> tuple[torch.Tensor, str]:
@@ -46,7 +50,7 @@ def reference_error(task, batch: Batch, found: dict | None = None) -> tuple[torc
     found = baselines(task, batch) if found is None else found
     if "bayes" in found and found["bayes"].shape == batch.targets.shape:
         return sq_error(found["bayes"], batch.targets, norm), "bayes"
-    for name, e in get_registry().task_baselines(task).items():
+    for name, e in _entries(task).items():
         if is_oracle(name, e.obj):
             pred = e.obj(batch).float()
             if pred.shape == batch.targets.shape:

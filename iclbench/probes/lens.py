@@ -60,13 +60,13 @@ def lens_predictions(model, task, fit_batch, test_batch) -> dict[str, dict[int, 
     return out
 
 
-def lens_distances(task, model, fit_batch, test_batch, per_sequence: bool = False):
+def lens_distances(task, model, fit_batch, test_batch, per_sequence: bool = False, found: dict | None = None):
     """``{lens: {layer: {reference: distance}}}``: normalized squared distance ``[T]`` averaged over the
     test sequences (``[B, T]`` per sequence with ``per_sequence``); references are ``target``, ``model``
     (the final output) and each baseline."""
     norm = task.normalizer(test_batch.inputs.device)
     refs = {"target": test_batch.targets, "model": model(test_batch.inputs).detach()}
-    refs.update(baselines(task, test_batch))
+    refs.update(baselines(task, test_batch) if found is None else found)
     preds = lens_predictions(model, task, fit_batch, test_batch)
     reduce = (lambda d: d) if per_sequence else (lambda d: d.mean(0))  # noqa: E731
     return {lens: {layer: {ref: reduce(sq_error(p, r, norm)) for ref, r in refs.items()}
@@ -95,11 +95,12 @@ class LayerLens(Probe):
     def run(self, model, task, generator, device):
         fit = probe_batch(task, self.n_sequences, generator, device)
         test = probe_batch(task, self.n_sequences, generator, device)
-        dist = lens_distances(task, model, fit, test, per_sequence=True)
+        found = baselines(task, test)  # once, for the distances and the reference error
+        dist = lens_distances(task, model, fit, test, per_sequence=True, found=found)
         scored = scored_positions(task, test).to(test.inputs.device)
         weights = resample_weights(len(test), generator)
         norm = task.normalizer(test.inputs.device)
-        reference = reference_error(task, test)[0][:, scored].mean(1).double().cpu()
+        reference = reference_error(task, test, found)[0][:, scored].mean(1).double().cpu()
         control_tuned = [lens_predictions(c, task, fit, test)["tuned"] for c in controls(model)]
 
         def boot(x):

@@ -57,12 +57,6 @@ def r2_over(residual, total, positions, weights=None) -> torch.Tensor:
     return (1 - (residual @ weights.T) / (total @ weights.T).clamp_min(1e-12)).mean(1)
 
 
-def probe_r2(model, task, batch) -> dict[str, torch.Tensor]:
-    """``{latent[index]: R² [n_sites, T]}`` on the held-out half."""
-    return {k: (1 - res.sum(-1) / tot.sum(-1).clamp_min(1e-12)).float()
-            for k, (res, tot) in probe_residuals(model, task, batch).items()}
-
-
 class LinearProbes(Probe):
     name = "linear_probe"
     description = ("ridge probes from each layer's residual to the task's latent parameters: held-out R², "

@@ -194,20 +194,17 @@ def similarity_removed(model, task, batch, layer: int, heads: list[int], coeffic
     scored = scored_positions(task, batch).to(batch.inputs.device)
     seen = {}
 
-    def remove(scores, hook):
+    def remove(scores, hook):  # the pattern before the removal is the softmax of the scores it receives
+        seen["before"] = scores[:, heads].softmax(-1).detach()
         scores = scores.clone()
         scores[:, heads] = scores[:, heads] - (beta * sim[:, None]).to(scores.dtype)
         return scores
 
-    def keep(name):
-        def save(pattern, hook):
-            seen[name] = pattern[:, heads].detach()
-        return save
+    def after(pattern, hook):
+        seen["after"] = pattern[:, heads].detach()
 
-    name = f"blocks.{layer}.attn.hook_pattern"
-    model.run_with_hooks(batch.inputs, [(name, keep("before"))])
     error = _patched_error(model, task, batch, [(f"blocks.{layer}.attn.hook_attn_scores", remove),
-                                                (name, keep("after"))])
+                                                (f"blocks.{layer}.attn.hook_pattern", after)])
     tv = 0.5 * (seen["after"] - seen["before"]).abs().sum(-1)  # [B, h, Tq]
     return error, tv[:, :, scored].mean((1, 2)).double().cpu()
 
