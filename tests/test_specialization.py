@@ -428,3 +428,12 @@ def test_seed_intervals_cover_at_their_stated_level(n):
     covered = sum(lo <= 0.3 <= hi for lo, hi in (stats.seed_ci(row.tolist()) for row in data)) / len(data)
     assert 0.935 <= covered <= 0.965, covered
     assert stats.seed_ci([0.5]) is None
+
+
+def test_the_opposite_tasks_answer_is_the_most_opposite_earlier_value():
+    """The positive control's Bayes baseline against an explicit loop over each prefix."""
+    batch = OppositeTask().sample(16, torch.Generator().manual_seed(0))
+    x = batch.inputs[..., 0].tolist()
+    want = [[min(seq[:t + 1], key=lambda v, q=seq[t]: q * v) for t in range(len(seq))] for seq in x]
+    assert torch.allclose(OppositeTask.answer(batch.inputs)[..., 0], torch.tensor(want))
+    assert torch.equal(batch.targets, OppositeTask.answer(batch.inputs))  # noise 0: the target is the answer
