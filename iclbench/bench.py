@@ -169,7 +169,7 @@ def stacked_seeds(cfg, device: torch.device, n: int, rounds: int, reps: int) -> 
 
     def stacked():
         b = next(cycle)
-        together.step([b] * n, norm, cfg.train.lr, scored).sum().item()
+        together.step([b] * n, norm, [cfg.train.lr] * n, scored).sum().item()
 
     return interleaved({"separate": one_by_one, "stacked": stacked}, rounds, reps, device)
 

@@ -291,6 +291,65 @@ def error_curve_figure(metrics: dict):
     return fig
 
 
+def training_log(run_dir: Path) -> list[dict]:
+    """The training curve points of ``train.log`` (a damaged line ends the reading)."""
+    import json
+
+    points = []
+    try:
+        with open(Path(run_dir) / store.LOG) as fh:
+            for line in fh:
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "step" in entry and "loss" in entry:
+                    points.append(entry)
+    except (OSError, ValueError):
+        pass
+    return points
+
+
+def stop_text(t: dict) -> str:
+    """How training ended, in words (``train.until: flat`` records it; a fixed step count says so)."""
+    stop = t.get("stop")
+    if not stop:
+        return f"Trained for a fixed {t['steps']} steps (`train.until: steps`)."
+    if stop["reason"] == "flat":
+        return (f"Stopped at step {stop['steps']}: the held-out error was flat at step {stop['decay_from']} "
+                f"(improvement over the window below the tolerance by its 95% interval), then cooled down.")
+    return (f"Stopped at the cap, step {stop['steps']}: the held-out error was still falling (or the run was not "
+            "learned) when the cooldown had to begin.")
+
+
+def learning_curve_figure(run_dir: Path, metrics: dict):
+    """Training loss (``train.log``) and, under ``train.until: flat``, the held-out error and its excess over
+    Bayes against the step, the cooldown's start and the stop marked; None when there is nothing to draw."""
+    log, stop = training_log(run_dir), metrics["train"].get("stop") or {}
+    held = stop.get("heldout") or []
+    if not log and not held:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if log:
+        ax.plot([p["step"] for p in log], [p["loss"] for p in log], lw=1.2, color="tab:grey",
+                label="training loss (normalized)")
+    if held:
+        ax.plot([h["step"] for h in held], [h["error"] for h in held], lw=2.0, color="black", marker="o", ms=2,
+                label="held-out error")
+        if held[0].get("excess") is not None:
+            ax.plot([h["step"] for h in held], [max(h["excess"], 1e-6) for h in held], lw=1.4, color="tab:red",
+                    label="held-out excess over Bayes")
+    if stop.get("decay_from"):
+        ax.axvline(stop["decay_from"], color="tab:blue", lw=0.9, ls="--", label=f"cooldown from {stop['decay_from']}")
+    if stop:
+        ax.axvline(stop["steps"], color="tab:green", lw=0.9, ls="-.", label=f"stopped ({stop['reason']})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("normalized squared error (1 = prior mean)")
+    ax.set_title(f"Learning curve: {metrics['model']} on {metrics['task']}, seed {metrics['seed']}")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def curve_table(metrics: dict) -> pd.DataFrame:
     """The per-position numbers behind :func:`error_curve_figure`, one column per predictor."""
     curves = metrics["curves"]
@@ -387,6 +446,12 @@ def run_section(doc: Document, run_dir: Path):
                    f"Normalized squared error per context position for {metrics['model']} and every baseline "
                    f"on {metrics['task']}; shaded: bootstrap CI.")
     doc.table(curve_table(metrics))
+    doc.text(stop_text(t))
+    with doc.figures_named(f"{slug}-"):
+        figure = learning_curve_figure(run_dir, metrics)
+        if figure is not None:
+            doc.figure(figure, "learning", "Training loss and, when training ran until flat, the held-out error "
+                       "scored every train.eval_every steps (its excess over Bayes in red).")
     probe_section(doc, run_dir, metrics)
     return metrics
 

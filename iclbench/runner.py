@@ -16,7 +16,7 @@ from . import store
 from .build import build, check_plugins
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged
-from .evaluate import error_curves, evaluation_batch, score
+from .evaluate import BAYES, error_curves, evaluation_batch, score
 from .probing import run_probes
 from .registry import Registry, get_registry
 from .rundir import OpenRun, RunDir, non_finite_options
@@ -86,8 +86,10 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
             r.start(stacked_with=[s.cfg.seed for s in together] if r in together else None)
         groups = ([together] if together else []) + [[r] for r in live if r not in together and not r.trained]
         for group in groups:
+            bayes = registry.task_baselines(group[0].task).get(BAYES)
             for r, outcome in zip(group, train_together([trainee(r) for r in group], group[0].task,
-                                                        group[0].cfg.train, dev, progress=not quiet)):
+                                                        group[0].cfg.train, dev, progress=not quiet,
+                                                        reference=bayes and bayes.obj)):
                 if isinstance(outcome, TrainingDiverged):
                     diverged.append(r.diverged(outcome))
                 else:
