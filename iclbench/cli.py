@@ -312,6 +312,9 @@ def _add_bench(sub):
     p.add_argument("--scaling-models", default="gpt1l,gpt2l,gpt3l,gpt6l,gpt12l", help="comma-separated")
     p.add_argument("--scaling-contexts", default="16,32,64,128,256", help="comma-separated context lengths")
     p.add_argument("--format", default="github", choices=("github", "plain"), help="table format")
+    p.add_argument("--to-learned", action="store_true", help="instead: steps and wall time to learned and to "
+                   "flat, this project's recipe against Garg et al.'s, trained until flat side by side")
+    p.add_argument("--max-steps", type=int, default=30000, help="with --to-learned: the cap of each training")
 
 
 def cmd_bench(args) -> int:

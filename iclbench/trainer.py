@@ -354,11 +354,14 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
         start the cooldown of those that are flat."""
         errors = stepper.heldout_errors(held)
         may_stop = done >= o.warmup and not stages.changes(done)
+        now = elapsed + time.perf_counter() - start
         for i in range(n):
-            due = live(i) and (done % o.eval_every == 0 or ending[i])
-            if due and flat_check(stops[i], errors[i], held, done, o, may_stop and not ending[i]) \
+            if not (live(i) and (done % o.eval_every == 0 or ending[i])):
+                continue
+            if flat_check(stops[i], errors[i], held, done, o, may_stop and not ending[i]) \
                     and stops[i].decay_from is None and done < schedules[i].last_decay:
                 stops[i].decay_from, stops[i].reason = done, "flat"
+            stops[i].history[-1]["elapsed_s"] = now  # training time so far (time to learned, to flat)
 
     step = first
     try:

@@ -90,7 +90,9 @@ def test_training_until_flat_stops_records_why_and_is_deterministic():
     task = get_registry().task("affine")()
     bayes = task.baselines()["bayes"]
     outcomes = [train(tiny_model(task), task, FLAT, seed=1, device=CPU, reference=bayes) for _ in range(2)]
-    assert outcomes[0]["stop"] == {**outcomes[1]["stop"], "time_s": outcomes[0]["stop"]["time_s"]}
+    untimed = [{**o["stop"], "time_s": 0, "heldout": [{**h, "elapsed_s": 0} for h in o["stop"]["heldout"]]}
+               for o in outcomes]
+    assert untimed[0] == untimed[1]
     stop = outcomes[0]["stop"]
     assert stop["reason"] in ("flat", "cap") and stop["steps"] == outcomes[0]["steps"] <= FLAT.max_steps
     assert [h["step"] for h in stop["heldout"]][:3] == [10, 20, 30] and stop["heldout"][-1]["step"] == stop["steps"]
@@ -118,7 +120,8 @@ def test_a_run_resumed_mid_way_stops_where_the_uninterrupted_one_did(tmp_path):
     state = TrainingState.from_dict(store.load_training_state(files[len(files) // 2]))
     resumed = tiny_model(task)
     again = train(resumed, task, o, seed=2, device=CPU, resume=state)
-    assert again["stop"]["heldout"] == whole["stop"]["heldout"] and again["steps"] == whole["steps"]
+    untimed = lambda stop: [{k: v for k, v in h.items() if k != "elapsed_s"} for h in stop["heldout"]]  # noqa: E731
+    assert untimed(again["stop"]) == untimed(whole["stop"]) and again["steps"] == whole["steps"]
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -193,3 +196,18 @@ def test_a_run_until_flat_records_its_stop_in_metrics_and_the_report_draws_the_h
     build_report([result.run_dir], tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Stopped at" in text and "learning.png" in text
+
+
+def test_bench_to_learned_reads_both_recipes_off_their_heldout_curves(capsys):
+    from iclbench.cli import main
+    from iclbench.learned import GARG, recipes
+
+    assert recipes(get_registry().task("linreg").Options())["garg"] == {**GARG, "task.curriculum": True}
+    assert "task.curriculum" not in recipes(get_registry().task("affine").Options())["garg"]
+    code = main(["bench", "--task", "affine", "--model", "gpt1l", "--to-learned", "--max-steps", "120",
+                 "--device", "cpu", "--set", "model.d_model=16", "--set", "model.d_mlp=32",
+                 "--set", "train.eval_every=20", "--set", "train.heldout=64", "--set", "train.flat_window=1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| ours " in out and "| garg " in out and "Garg et al.'s recipe over ours" in out
+    assert main(["bench", "--task", "affine", "--model", "gpt1l", "--to-learned", "--max-steps", "0"]) == 2
