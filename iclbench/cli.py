@@ -251,15 +251,20 @@ def _add_sweep(sub):
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import MAX_RUNS, load_experiment, plan_table, run_sweep
+    from .sweep import MAX_RUNS, check_runs, load_experiment, plan_table, run_sweep
 
     max_runs = MAX_RUNS if args.max_runs is None else args.max_runs
     if max_runs < 1:
         raise ICLBenchError(f"--max-runs must be >= 1, got {max_runs}")
-    experiment = load_experiment(args.experiment, out=args.out, max_runs=max_runs)
-    if args.dry_run:
-        print(plan_table(experiment))
-        return 0
+    experiment = load_experiment(args.experiment, out=args.out, max_runs=max_runs, collect_errors=args.dry_run)
+    if args.dry_run:  # every run's config checked as a run would check it before training: one line each
+        checked = check_runs(experiment, devices=args.executor == "local")
+        problems = experiment.invalid + list(checked.values())
+        if experiment.runs:
+            print(plan_table(experiment, checked))
+        for line in problems:
+            print(f"iclbench: error: invalid run: {line}", file=sys.stderr)
+        return 2 if problems else 0
     report = run_sweep(experiment, args.executor, jobs=args.jobs, cpus_per_run=args.cpus_per_run,
                        gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet)
     print(report.summary())

@@ -98,6 +98,8 @@ class Experiment:
     name: str
     runs: list[PlannedRun]
     duplicates: int = 0  # grid points that resolved to a run already planned
+    #: one line per run whose config is invalid (only when loaded with ``collect_errors``; else the first raises)
+    invalid: list[str] = field(default_factory=list)
 
     @property
     def out(self) -> Path:
@@ -214,10 +216,11 @@ MAX_RUNS = 100000
 
 
 def load_experiment(path: str | Path, registry: Registry | None = None, out: str | None = None,
-                    max_runs: int = MAX_RUNS) -> Experiment:
+                    max_runs: int = MAX_RUNS, collect_errors: bool = False) -> Experiment:
     """Parse and validate an experiment file; every run's config is resolved here, before anything runs. An
     experiment of more than ``max_runs`` runs (the variants times the grid, counted before expanding it) is
-    refused in one line."""
+    refused in one line. A run whose config is invalid raises, or with ``collect_errors`` is left out and
+    its error line kept in :attr:`Experiment.invalid` (``--dry-run`` lists them all)."""
     registry = registry or get_registry()
     path = Path(path)
     reader = _Reader(path)
@@ -270,6 +273,7 @@ def load_experiment(path: str | Path, registry: Registry | None = None, out: str
         raise ICLBenchError(f"{path}: the experiment expands to {sizes} = {count:,} runs, more than the limit of "
                             f"{max_runs:,}; shrink the grid, or raise the limit with --max-runs")
     runs: list[PlannedRun] = []
+    invalid: list[str] = []
     seen: set[str] = set()
     duplicates = 0
     for entry in variants:
@@ -281,15 +285,50 @@ def load_experiment(path: str | Path, registry: Registry | None = None, out: str
                 culprit = _blame(settings, str(exc))
                 if culprit is None:
                     which = ", ".join(str(s) for s in settings if s.origin != "base") or "base"
-                    raise ICLBenchError(f"{path}: run ({which}): {exc}") from None
-                raise ICLBenchError(f"{path} line {culprit.line} ({culprit.origin} {culprit.key}: "
-                                    f"{culprit.value!r}): {exc}") from None
+                    error = ICLBenchError(f"{path}: run ({which}): {exc}")
+                else:
+                    error = ICLBenchError(f"{path} line {culprit.line} ({culprit.origin} {culprit.key}: "
+                                          f"{culprit.value!r}): {exc}")
+                if not collect_errors:
+                    raise error from None
+                if str(error) not in invalid:  # a bad base or variant fails every grid point alike
+                    invalid.append(str(error))
+                continue
             if cfg.run_name in seen:
                 duplicates += 1
                 continue
             seen.add(cfg.run_name)
             runs.append(PlannedRun(cfg, tuple(settings)))
-    return Experiment(path, name, runs, duplicates)
+    return Experiment(path, name, runs, duplicates, invalid)
+
+
+def check_runs(experiment: Experiment, registry: Registry | None = None, devices: bool = True) -> dict[str, str]:
+    """What would fail each planned run before it trains, found without training: its device absent from
+    this machine (``devices``; not for a Ray cluster, whose workers have their own), its task that cannot be
+    built, sizes that cannot fit in memory. ``{run name: one line naming the run and why}`` (``--dry-run``)."""
+    from .build import check_sizes
+    from .trainer import resolve_device
+
+    registry = registry or get_registry()
+    problems, seen = {}, {}
+    for plan in experiment.runs:
+        cfg = plan.config
+        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out", "log")},
+                         sort_keys=True, default=str)  # seeds of one config fail alike: checked once
+        if key not in seen:
+            try:
+                device = resolve_device(cfg.device) if devices else None
+                task = registry.task(cfg.task)(cfg.task_options)
+                if device is not None:
+                    check_sizes(cfg, task, registry.model(cfg.model), device)
+                seen[key] = None
+            except ICLBenchError as exc:
+                seen[key] = " ".join(str(exc).split())
+            except Exception as exc:  # a plugin's task that cannot be built with these options
+                seen[key] = f"the task cannot be built: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        if seen[key] is not None:
+            problems[plan.name] = f"{plan.name} ({plan.label or 'base'}): {seen[key]}"
+    return problems
 
 
 # --- computing one run (in a worker) ------------------------------------------------------------------------
@@ -643,11 +682,14 @@ def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepRepo
         pass
 
 
-def plan_table(experiment: Experiment) -> str:
-    """What a sweep would do, one line per run (``--dry-run``)."""
+def plan_table(experiment: Experiment, invalid=()) -> str:
+    """What a sweep would do, one line per run (``--dry-run``); the runs named in ``invalid`` marked so."""
     from tabulate import tabulate
 
-    rows = [[p.name, "complete (skip)" if p.is_complete() else "to run", p.label] for p in experiment.runs]
+    rows = [[p.name, "invalid" if p.name in invalid else "complete (skip)" if p.is_complete() else "to run",
+             p.label] for p in experiment.runs]
     table = tabulate(rows, headers=["run", "state", "settings"], tablefmt="plain")
     dup = f" ({experiment.duplicates} duplicate grid points merged)" if experiment.duplicates else ""
-    return f"{table}\n{len(experiment.runs)} runs{dup}, results in {experiment.out}"
+    bad = len(invalid) + len(experiment.invalid)
+    bad = f", {bad} invalid (on stderr)" if bad else ""
+    return f"{table}\n{len(experiment.runs)} runs{dup}{bad}, results in {experiment.out}"

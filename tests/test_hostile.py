@@ -239,3 +239,31 @@ def test_a_report_into_a_new_directory_still_writes_its_figures(tmp_path):
     fig, _ = plt.subplots()
     doc.figure(fig, "f", "a figure")
     assert (tmp_path / "new" / "report" / "figures" / "f.png").is_file()
+
+
+# --- a sweep's --dry-run checks each run as the run would before training -----------------------------------
+
+def test_sweep_dry_run_reports_each_invalid_run_in_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, whatever this one is
+    (tmp_path / "e.yaml").write_text(
+        "base: {task: affine, model: gpt1l, train: {steps: 2}}\n"
+        "runs:\n"
+        "  - {device: cuda}\n"
+        "  - {model.d_model: 65536, model.d_mlp: 262144}\n"
+        "  - {model.bogus: 3}\n"
+        "  - {model.d_model: 99999}\n"
+        "  - {seed: 7}\n")
+    proc = main(capsys, "sweep", str(tmp_path / "e.yaml"), "--dry-run", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("iclbench: error: invalid run: ") for line in lines), lines
+    assert any("CUDA is not available" in line for line in lines)
+    assert any("GiB" in line and "model.d_model=65536" in line for line in lines)
+    assert any("line 5" in line and "unknown key 'model.bogus'" in line for line in lines)
+    assert any("line 6" in line and "d_model" in line for line in lines)
+    assert "4 invalid" in proc.stdout and "s7  to run" in proc.stdout
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    (tmp_path / "ok.yaml").write_text("base: {task: affine, model: gpt1l}\nruns:\n  - {seed: 7}\n")
+    assert main(capsys, "sweep", str(tmp_path / "ok.yaml"), "--dry-run", "--out", str(tmp_path / "r")).returncode == 0
