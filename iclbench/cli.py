@@ -243,6 +243,9 @@ def _add_sweep(sub):
     p.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs per run, fractions allowed")
     p.add_argument("--address", help="Ray cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
                    "default: start a local one")
+    p.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --address: give up joining the Ray cluster after this long, the whole start "
+                   "included (default: 60)")
     p.add_argument("--out", help="results directory for every run (default: base.out, else results)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
     p.add_argument("--max-runs", type=int, default=None,
@@ -251,7 +254,7 @@ def _add_sweep(sub):
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import MAX_RUNS, check_runs, load_experiment, plan_table, run_sweep
+    from .sweep import MAX_RUNS, RAY_START_TIMEOUT, check_runs, load_experiment, plan_table, run_sweep
 
     max_runs = MAX_RUNS if args.max_runs is None else args.max_runs
     if max_runs < 1:
@@ -266,7 +269,8 @@ def cmd_sweep(args) -> int:
             print(f"iclbench: error: invalid run: {line}", file=sys.stderr)
         return 2 if problems else 0
     report = run_sweep(experiment, args.executor, jobs=args.jobs, cpus_per_run=args.cpus_per_run,
-                       gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet)
+                       gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet,
+                       connect_timeout=RAY_START_TIMEOUT if args.connect_timeout is None else args.connect_timeout)
     print(report.summary())
     if report.not_run:
         return 130

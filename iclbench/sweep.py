@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -489,13 +490,87 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
                             f"{timeout:g}s)") from None
 
 
+#: seconds joining a Ray cluster (``--address``) may take as a whole, the reachability check and ``ray.init``
+#: together (``--connect-timeout``): something that accepts TCP but does not speak Ray kept ``ray.init``
+#: retrying for minutes
+RAY_START_TIMEOUT = 60.0
+
+
+def call_within(seconds: float, call, expired: str):
+    """``call()``'s result (or its exception) if it returns within ``seconds``; else ``ICLBenchError(expired)``.
+    The call runs in a daemon thread, which is left behind when it does not return: the process is about to
+    end with the error."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="iclbench-ray-start", daemon=True)
+    thread.start()
+    thread.join(max(0.0, seconds))
+    if thread.is_alive():
+        raise ICLBenchError(expired)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """File descriptor 2 sent to a temporary file while Ray starts: its C++ client prints its retries there
+    ("Failed to connect to GCS ... within 5 seconds") whatever the log level. What was held is shown when the
+    start succeeds and dropped when it fails (the failure is one line of ours). ``left_behind()``, for a start
+    given up on whose thread still runs: fd 2 stays held (that thread's output goes nowhere) and ``sys.stderr``,
+    where it wrote to fd 2, writes to a copy of the original descriptor."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    state = {"kept": False, "ok": False}
+
+    class Holder:
+        def left_behind(self):
+            state["kept"] = True
+
+        def succeeded(self):
+            state["ok"] = True
+
+    try:
+        yield Holder()
+    finally:
+        if state["kept"]:
+            try:
+                on_fd2 = sys.stderr.fileno() == 2
+            except (AttributeError, OSError, ValueError):  # a stream of Python's own (captured): not fd 2
+                on_fd2 = False
+            if on_fd2:
+                sys.stderr = os.fdopen(saved, "w", buffering=1)
+            else:
+                os.close(saved)
+        else:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if state["ok"]:
+                held.seek(0)
+                text = held.read().decode(errors="replace")
+                if text:
+                    sys.stderr.write(text)
+            held.close()
+
+
 class RayExecutor:
     """Each run a Ray task asking for ``cpus``/``gpus``; the worker returns the run's files."""
 
     name = "ray"
     ships_files = True
 
-    def __init__(self, address: str | None, cpus: float, gpus: float):
+    def __init__(self, address: str | None, cpus: float, gpus: float, timeout: float = RAY_START_TIMEOUT):
+        # nor are the retries of Ray's C++ client ("Failed to connect to GCS ... within 5 seconds"), read when
+        # Ray is imported; its errors still show
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         try:
             import ray
         except ImportError:
@@ -503,11 +578,32 @@ class RayExecutor:
         self.ray = ray
         self.started_here = False
         if not ray.is_initialized():
-            if address:
-                check_reachable(address)
             kwargs = {"address": address} if address else {"include_dashboard": False}
+
+            def init():
+                return ray.init(logging_level="warning", **kwargs)
+
+            # the start runs in a thread of its own (to be given up on): Ray's warning that it therefore sets no
+            # SIGTERM handler is not for the user
+            logging.getLogger("ray._private.worker").addFilter(
+                lambda record: "SIGTERM handler is not set" not in record.getMessage())
+
             try:
-                ray.init(logging_level="warning", **kwargs)
+                if address:  # the whole start within ``timeout``: reaching the address, then Ray's handshake
+                    deadline = time.monotonic() + timeout
+                    check_reachable(address, min(RAY_CONNECT_TIMEOUT, timeout))
+                    with _stderr_held() as held:
+                        try:
+                            call_within(deadline - time.monotonic(), init,
+                                        f"cannot connect to the Ray cluster at {address!r}: no answer from Ray "
+                                        f"within {timeout:g}s (the address accepts connections but does not "
+                                        "speak Ray?); --connect-timeout SECONDS waits longer")
+                        except ICLBenchError:
+                            held.left_behind()
+                            raise
+                        held.succeeded()
+                else:
+                    init()
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ICLBenchError(f"cannot connect to the Ray cluster at {address!r}: "
                                     f"{' '.join(str(exc).split())[:300]}") from None
@@ -573,7 +669,7 @@ class SweepReport:
 
 def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | None = None,
               cpus_per_run: float | None = None, gpus_per_run: float = 0, address: str | None = None,
-              progress: bool = True) -> SweepReport:
+              progress: bool = True, connect_timeout: float = RAY_START_TIMEOUT) -> SweepReport:
     """Run every incomplete run of ``experiment``; complete ones are skipped, failures recorded."""
     from tqdm.auto import tqdm
 
@@ -583,6 +679,8 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         raise ICLBenchError(f"--jobs must be >= 1, got {jobs}")
     if (cpus_per_run is not None and cpus_per_run <= 0) or gpus_per_run < 0:
         raise ICLBenchError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    if not 0 < connect_timeout <= 86400:
+        raise ICLBenchError(f"--connect-timeout must be > 0 and at most 86400 seconds, got {connect_timeout}")
     if executor == "local" and (address or gpus_per_run):
         raise ICLBenchError("--address and --gpus-per-run are for --executor ray; locally each run takes the "
                             "device its config names (device: auto picks cuda when present)")
@@ -607,7 +705,8 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         report.wall_s = time.perf_counter() - started
         return report
 
-    pool, slots, where = _start_executor(executor, len(todo), jobs, cpus_per_run, gpus_per_run, address)
+    pool, slots, where = _start_executor(executor, len(todo), jobs, cpus_per_run, gpus_per_run, address,
+                                         connect_timeout)
     print(f"{len(experiment.runs)} runs: {len(report.skipped)} already complete, {len(todo)} to run ({where})",
           file=sys.stderr)
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True,
@@ -642,14 +741,14 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
 
 
 def _start_executor(kind: str, n_runs: int, jobs: int | None, cpus_per_run: float | None, gpus_per_run: float,
-                    address: str | None):
+                    address: str | None, connect_timeout: float = RAY_START_TIMEOUT):
     """The executor, how many runs to keep in flight, and a line saying so."""
     if kind == "local":
         cores = available_cores()
         threads = max(1, int(cpus_per_run or (cores // jobs if jobs else 1)))
         pool = LocalExecutor(min(n_runs, jobs or max(1, cores // threads)), threads)
         return pool, pool.jobs, f"local: {pool.jobs} processes × {threads} torch threads"
-    pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run)
+    pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run, timeout=connect_timeout)
     slots = jobs or pool.capacity()
     return pool, slots, f"ray: up to {slots} runs at once, {pool.cpus} CPU / {pool.gpus} GPU each"
 

@@ -267,3 +267,63 @@ def test_sweep_dry_run_reports_each_invalid_run_in_one_line(tmp_path, capsys, mo
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
     (tmp_path / "ok.yaml").write_text("base: {task: affine, model: gpt1l}\nruns:\n  - {seed: 7}\n")
     assert main(capsys, "sweep", str(tmp_path / "ok.yaml"), "--dry-run", "--out", str(tmp_path / "r")).returncode == 0
+
+
+# --- a Ray address that accepts TCP but does not speak Ray --------------------------------------------------
+
+@pytest.fixture
+def mute_listener():
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers; yields its port."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_a_ray_start_that_gets_no_answer_times_out_in_one_line(tmp_path, capsys, monkeypatch, mute_listener):
+    import socket
+    import sys
+    import time
+    import types
+
+    def init(address=None, **_):  # as Ray's client against something mute: connects, then waits for an answer
+        host, port = address.rsplit(":", 1)
+        socket.create_connection((host, int(port))).recv(1)
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    (tmp_path / "e.yaml").write_text("base: {task: affine, model: gpt1l, train: {steps: 2}}\nruns: [{seed: 0}]\n")
+    started = time.monotonic()
+    proc = main(capsys, "sweep", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "r"), "--executor", "ray",
+                "--address", f"127.0.0.1:{mute_listener}", "--connect-timeout", "1", "--quiet")
+    one_line_refusal(proc, f"127.0.0.1:{mute_listener}", "no answer from Ray within 1s", "--connect-timeout")
+    assert time.monotonic() - started < 10
+    one_line_refusal(main(capsys, "sweep", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "r"), "--executor",
+                          "ray", "--address", "127.0.0.1:1", "--connect-timeout", "0"), "--connect-timeout must be > 0")
+
+
+@pytest.mark.slow
+def test_a_real_ray_start_against_a_mute_listener_times_out(tmp_path, mute_listener):
+    pytest.importorskip("ray")
+    from conftest import cli
+
+    (tmp_path / "e.yaml").write_text("base: {task: affine, model: gpt1l, train: {steps: 2}}\nruns: [{seed: 0}]\n")
+    proc = cli("sweep", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "r"), "--executor", "ray", "--address",
+               f"127.0.0.1:{mute_listener}", "--connect-timeout", "8", "--quiet", timeout=120)
+    one_line_refusal(proc, "no answer from Ray within 8s")
