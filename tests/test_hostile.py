@@ -327,3 +327,67 @@ def test_a_real_ray_start_against_a_mute_listener_times_out(tmp_path, mute_liste
     proc = cli("sweep", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "r"), "--executor", "ray", "--address",
                f"127.0.0.1:{mute_listener}", "--connect-timeout", "8", "--quiet", timeout=120)
     one_line_refusal(proc, "no answer from Ray within 8s")
+
+
+# --- a damaged run: one clear warning, wherever it is read ---------------------------------------------------
+
+def damaged_copy(finished, results, name, how):
+    """A copy of the finished run under ``results/name``, damaged ``how``: a dangling metrics.json link (with
+    probe summaries, which the report's probe sections read too), or a config ``{'task': 5}``."""
+    import json
+    import shutil
+
+    run_dir = results / name
+    shutil.copytree(finished, run_dir)
+    metrics = run_dir / store.METRICS
+    if how == "dangling":
+        from iclbench.registry import get_registry
+
+        (run_dir / "probes.json").write_text(json.dumps(
+            {"probes": {n: {"summary": {"x": 1.0}} for n in get_registry().probes}}))
+        metrics.unlink()
+        metrics.symlink_to(results / "gone" / store.METRICS)
+    else:
+        data = json.loads(metrics.read_text())
+        data["config"] = {"task": 5}
+        metrics.write_text(json.dumps(data))
+    return run_dir
+
+
+@pytest.mark.parametrize("how, words", [("dangling", ["metrics.json is a dangling link", "gone"]),
+                                        ("config", ["the recorded config's 'task' is 5", "not a mapping"])])
+def test_a_damaged_run_says_what_is_wrong(finished, tmp_path, how, words):
+    run_dir = damaged_copy(finished, tmp_path, "damaged", how)
+    with pytest.raises(store.DamagedRun) as info:
+        store.read_run(run_dir)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert "complete ()" not in str(info.value)
+
+
+def test_a_run_whose_metrics_vanished_after_completing_says_so(finished, tmp_path):
+    import shutil
+
+    shutil.copytree(finished, tmp_path / "run")
+    (tmp_path / "run" / store.METRICS).unlink()
+    store.write_json(tmp_path / "run" / store.STATUS, {"status": "complete", "message": ""})
+    with pytest.raises(store.DamagedRun, match="metrics.json is missing although status.json says the run"):
+        store.read_run(tmp_path / "run")
+
+
+def test_report_and_leaderboard_warn_once_per_damaged_run(finished, tmp_path, capsys):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(finished, results / finished.name)
+    damaged_copy(finished, results, "dangling", "dangling")
+    damaged_copy(finished, results, "config", "config")
+    proc = main(capsys, "report", "--results", str(results), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == 2, warnings
+    assert sum("dangling link" in w for w in warnings) == 1 and sum("'task' is 5" in w for w in warnings) == 1
+    for args in (["leaderboard", "--results", str(results)], ["leaderboard", "--compare", str(results),
+                                                               str(results)]):
+        proc = main(capsys, *args)
+        assert proc.returncode == 0 and "internal error" not in proc.stderr, proc.stderr
+        assert "'task' is 5" in proc.stderr and "subscriptable" not in proc.stderr
