@@ -649,6 +649,7 @@ class SweepReport:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     not_run: list[str] = field(default_factory=list)  # left when the sweep was interrupted
+    unstable: dict[str, str] = field(default_factory=dict)  # ran, but unstable (off the leaderboard): why
     wall_s: float = 0.0
 
     @property
@@ -660,9 +661,12 @@ class SweepReport:
         lines = [f"sweep {exp.name} ({exp.path}) on {self.executor}: {len(exp.runs)} runs: {len(self.ran)} ran, "
                  f"{len(self.skipped)} skipped (already complete), {len(self.failed)} failed"
                  + (f", {len(self.not_run)} not run (interrupted)" if self.not_run else "")
+                 + (f", {len(self.unstable)} unstable (left off the leaderboard)" if self.unstable else "")
                  + f" in {self.wall_s:.1f}s"]
         for name, error in self.failed.items():
             lines.append(f"  failed {name}: {error}")
+        for name, why in self.unstable.items():
+            lines.append(f"  unstable {name}: {why}")
         lines.append(f"record: {self.record_path}; table: iclbench leaderboard --results {exp.out}")
         return "\n".join(lines)
 
@@ -765,6 +769,14 @@ def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepRepo
     if outcome.error is None and plan.is_complete():
         report.ran.append(plan.name)
         record.update(state="ran", error=None)
+        try:
+            metrics = store.read_run(run_dir)
+            unstable = metrics.get("unstable") or store.unstable_reason(metrics)
+        except store.DamagedRun:
+            unstable = None
+        if unstable:
+            report.unstable[plan.name] = unstable
+            record.update(state="unstable", error=unstable)
         return
     error = " ".join((outcome.error or "the worker finished but the run directory has no metrics.json").split())
     report.failed[plan.name] = error

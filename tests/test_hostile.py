@@ -391,3 +391,77 @@ def test_report_and_leaderboard_warn_once_per_damaged_run(finished, tmp_path, ca
         proc = main(capsys, *args)
         assert proc.returncode == 0 and "internal error" not in proc.stderr, proc.stderr
         assert "'task' is 5" in proc.stderr and "subscriptable" not in proc.stderr
+
+
+# --- diverged, unstable or complete (docs/training.md) -------------------------------------------------------
+
+def test_an_absurd_but_finite_result_is_unstable():
+    metrics = {"summary": {"model": {"mean": 5.57}}, "reference": {"zero": {"mean": 1.0}},
+               "train": {"final_loss": 127.3}}
+    reason = store.unstable_reason(metrics)
+    assert "5.57" in reason and "3x the zero predictor's" in reason and "final training loss 127.3" in reason
+    assert store.unstable_reason({**metrics, "summary": {"model": {"mean": 1.4}}}) is None  # poor, not absurd
+
+
+def test_an_unstable_run_warns_at_its_end_and_stays_off_the_leaderboard(tmp_path, capsys):
+    from conftest import CHEAP, sets, tiny_run
+
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "40", "--out", str(tmp_path), "--quiet",
+            *sets(tiny_run(cheap=True)), "--set", "train.lr=10", "--set", "train.grad_clip=0",
+            "--set", "train.warmup=0"]
+    assert CHEAP["eval.probes"] is False
+    for attempt in ("trained", "found complete"):
+        proc = main(capsys, *args)
+        assert proc.returncode == 1, (attempt, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is unstable" in lines[0] and "left off the leaderboard" in lines[0], lines
+    run_dir = tmp_path / proc.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    assert store.read_json(run_dir / store.STATUS)["status"] == "unstable"
+    assert "unstable" in store.read_run(run_dir)
+    board = main(capsys, "leaderboard", "--results", str(tmp_path))
+    assert "gpt1l" not in board.stdout and "leaving out unstable run" in board.stderr
+    assert "gpt1l" in main(capsys, "leaderboard", "--results", str(tmp_path), "--include-unstable").stdout
+
+
+# --- resuming: what is wrong, and from where it resumed -----------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "dangling", "directory"])
+def test_resume_over_a_damaged_status_says_so(tmp_path, capsys, damage):
+    from test_reliability import FAST, run_dir_of
+
+    run_dir = run_dir_of(tmp_path)
+    run_dir.mkdir(parents=True)
+    status = run_dir / store.STATUS
+    if damage == "garbage":
+        status.write_text('{"status": "runn')
+    elif damage == "dangling":
+        status.symlink_to(tmp_path / "gone.json")
+    else:
+        status.mkdir()
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", str(tmp_path), "--resume"]
+    err = one_line_refusal(main(capsys, *args, *[a for item in FAST for a in ("--set", item)]),
+                           "status.json is damaged", "no checkpoint", "rerun without --resume")
+    assert "never run there" not in err
+    elsewhere = [str(tmp_path / "elsewhere") if a == str(tmp_path) else a for a in args]
+    one_line_refusal(main(capsys, *elsewhere, *[a for item in FAST for a in ("--set", item)]), "never run there")
+
+
+def test_a_run_killed_after_training_says_it_resumed_after_training(tmp_path, capsys, monkeypatch):
+    from test_reliability import FAST
+
+    from iclbench import runner
+
+    evaluate = runner.evaluate
+
+    def killed(*a, **k):  # as a kill while evaluating or probing leaves it: trained, not evaluated
+        raise KeyboardInterrupt
+
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", str(tmp_path),
+            *[a for item in FAST for a in ("--set", item)]]
+    monkeypatch.setattr(runner, "evaluate", killed)
+    assert main(capsys, *args).returncode == 130
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    proc = main(capsys, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed after training" in proc.stdout and "training figures are kept" in proc.stdout
+    assert "checkpoint at step 0" not in proc.stdout
