@@ -85,6 +85,26 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
 
 
+#: a Markdown code span the way a renderer finds it: one backtick (not escaped, not part of a longer run),
+#: text without backticks, one backtick; its text is shown literally, never taken for HTML
+_CODE_SPAN = re.compile(r"(?<![`\\])`[^`]+`(?!`)")
+
+
+def md_escape(text: str, cell: bool = False) -> str:
+    """``text`` (which may carry names from user data: directories, tasks, options, probe labels) made safe for
+    report.md: ``<``, ``>`` and ``&`` outside code spans written as entities, so a Markdown viewer shows
+    ``<script>`` or ``<img onerror=...>`` as text instead of rendering it; the report's own ``**bold**`` and
+    ```code``` stay. ``cell``: also ``|``, which would end a table cell."""
+    text = str(text)
+    out, last = [], 0
+    for span in _CODE_SPAN.finditer(text):
+        out += [html.escape(text[last:span.start()], quote=False), span.group(0)]
+        last = span.end()
+    out.append(html.escape(text[last:], quote=False))
+    text = "".join(out)
+    return text.replace("|", "\\|") if cell else text
+
+
 def _cell(value, floatfmt: str) -> tuple[str, bool]:
     """A cell's text and whether it is a number (right-aligned)."""
     import math
@@ -147,6 +167,11 @@ def _html_table(df: pd.DataFrame, floatfmt: str, links: dict) -> str:
             + "</tbody></table></div>")
 
 
+def _md_cell(value):
+    """A table cell for report.md: text escaped (:func:`md_escape`), numbers left for tabulate to format."""
+    return md_escape(value, cell=True) if isinstance(value, str) else value
+
+
 @dataclass
 class Document:
     out: Path
@@ -198,22 +223,28 @@ class Document:
     def markdown(self) -> str:
         from tabulate import tabulate
 
-        lines = [f"# {self.title}", ""]
+        from urllib.parse import quote
+
+        # every text taken from user data escaped (md_escape): Markdown viewers render raw HTML
+        lines = [f"# {md_escape(self.title)}", ""]
         for kind, value in self.blocks:
             if kind == "heading":
                 level, text = value[:2]
-                lines += ["#" * level + " " + text, ""]
+                lines += ["#" * level + " " + md_escape(text), ""]
             elif kind == "text":
-                lines += [no_negative_zero(value), ""]
+                lines += [md_escape(no_negative_zero(value)), ""]
             elif kind == "bullets":
-                lines += [f"- {no_negative_zero(item)}" for item in value] + [""]
+                lines += [f"- {md_escape(no_negative_zero(item))}" for item in value] + [""]
             elif kind == "table":
                 df, floatfmt = value[:2]
                 df = _without_negative_zeros(df, floatfmt)
+                df = df.rename(columns=lambda c: md_escape(c, cell=True))
+                df = df.map(_md_cell) if hasattr(df, "map") else df.applymap(_md_cell)
                 lines += [tabulate(df, headers="keys", tablefmt="github", showindex=False, floatfmt=floatfmt), ""]
             elif kind == "figure":
-                rel, caption = value[:2]
-                lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
+                rel, caption = value[:2]  # a run directory's name is in the file name: quoted, as in HTML
+                alt = md_escape(caption).replace("[", "\\[").replace("]", "\\]")
+                lines += [f"![{alt}]({quote(rel)})", "", f"*{md_escape(caption)}*", ""]
         return "\n".join(lines)
 
     def html(self) -> str:

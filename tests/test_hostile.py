@@ -465,3 +465,45 @@ def test_a_run_killed_after_training_says_it_resumed_after_training(tmp_path, ca
     assert proc.returncode == 0, proc.stderr
     assert "resumed after training" in proc.stdout and "training figures are kept" in proc.stdout
     assert "checkpoint at step 0" not in proc.stdout
+
+
+# --- report.md escapes what it takes from user data -------------------------------------------------------
+
+HOSTILE_NAMES = ["<script>alert(1)</script>", "<svg onload=alert(1)>", "<img src=x onerror=alert(1)>"]
+
+
+def raw_html(text):
+    import re
+
+    return re.findall(r"<\s*(?:script|svg|img)\b", text, flags=re.I)
+
+
+def test_report_markdown_escapes_every_name(tmp_path):
+    doc = Document(tmp_path, f"report {HOSTILE_NAMES[0]}")
+    for name in HOSTILE_NAMES:
+        doc.heading(f"run {name}")
+        doc.text(f"task {name}, see `iclbench report` and **this**")
+        doc.bullets([f"probe label {name}"])
+        doc.table(pd.DataFrame({f"col {name}": [name, "a|b"], "x": [1.5, 2.0]}))
+        doc.blocks.append(("figure", (f"figures/{name}-error.png", f"curves of {name}")))
+    md = doc.markdown()
+    assert raw_html(md) == [], raw_html(md)
+    assert "&lt;script&gt;" in md and "`iclbench report`" in md and "**this**" in md and "a\\|b" in md
+    assert "(figures/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E-error.png)" in md
+
+
+def test_report_of_hostile_directory_names_has_no_raw_markup(finished, tmp_path, capsys):
+    import shutil
+
+    results = tmp_path / "results"
+    for seed, name in enumerate(HOSTILE_NAMES[1:]):
+        shutil.copytree(finished, results / name)
+        if seed:  # another seed, so that it is not a copy of the first
+            import json
+
+            m = json.loads((results / name / store.METRICS).read_text())
+            (results / name / store.METRICS).write_text(json.dumps({**m, "seed": seed}))
+    proc = main(capsys, "report", "--results", str(results), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert raw_html(md) == [] and "&lt;svg onload=alert(1)&gt;" in md
