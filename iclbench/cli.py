@@ -376,7 +376,9 @@ def cmd_check(args) -> int:
 
 def cmd_rescore(args) -> int:
     from .rescore import rescore
+    from .trainer import resolve_device
 
+    resolve_device(args.device)  # before any run: an impossible device is refused whatever needs scoring
     for run_dir in args.run_dirs:
         out = rescore(run_dir, device=args.device)
         added = ", ".join(out["added"]) or "no new baseline"

@@ -247,8 +247,8 @@ class OpenRun:
         try:
             state = self.dir.training_state()
         except Exception as exc:
-            warn(f"damaged checkpoint {self.path / store.TRAIN_STATE} ({type(exc).__name__}: {one_line(exc)}); "
-                 "starting this run afresh")
+            reason = one_line(exc) if isinstance(exc, store.DamagedRun) else f"{type(exc).__name__}: {one_line(exc)}"
+            warn(f"damaged checkpoint {self.path / store.TRAIN_STATE} ({reason}); starting this run afresh")
             return
         if state is not None and state.device != self.device.type:
             raise ICLBenchError(f"the checkpoint in {self.path} was written on {state.device}, this run is on "

@@ -290,8 +290,24 @@ def save_training_state(path: Path, state: dict) -> None:
 def load_training_state(path: Path) -> dict:
     """The training state :func:`save_training_state` wrote (no arbitrary unpickling); :class:`DamagedRun`
     where ``path`` is not a regular file."""
-    with open_regular(path) as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+    import pickle
+    import warnings
+
+    with open_regular(path) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own advice (load with weights_only=False) is not for this file
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # torch's message: several lines of advice, then the cause
+            import re
+
+            named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if named:  # a pickled object other than tensors and plain values: a foreign or tampered file
+                raise DamagedRun(f"{Path(path).name} holds objects other than tensors and plain values "
+                                 f"({named.group(1)}): a foreign or tampered file, refused; nothing in it was run"
+                                 ) from None
+            raise DamagedRun(f"{Path(path).name} is unreadable (not a training state iclbench wrote)") from None
+        except (EOFError, RuntimeError, ValueError, OSError) as exc:
+            raise DamagedRun(f"{Path(path).name} is unreadable ({' '.join(str(exc).split())[:150]})") from None
 
 
 def remove_file(path: Path) -> None:

@@ -507,3 +507,34 @@ def test_report_of_hostile_directory_names_has_no_raw_markup(finished, tmp_path,
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "report" / "report.md").read_text()
     assert raw_html(md) == [] and "&lt;svg onload=alert(1)&gt;" in md
+
+
+# --- rescore's device, a tampered training state, steps past their bound ----------------------------------
+
+def test_rescore_refuses_an_impossible_device_even_with_nothing_to_score(finished, capsys):
+    one_line_refusal(main(capsys, "rescore", str(finished), "--device", "tpu"), "unknown device 'tpu'")
+    assert main(capsys, "rescore", str(finished)).returncode == 0  # nothing to score on the CPU: fine
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_tampered_training_state_is_refused_in_one_line_of_ours(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / store.TRAIN_STATE
+    torch.save({"step": 3, "x": _Payload()}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's own warning would fail here
+        with pytest.raises(store.DamagedRun) as info:
+            store.load_training_state(path)
+    assert "objects other than tensors" in str(info.value) and "weights_only" not in str(info.value)
+    assert not (tmp_path / "pwned.txt").exists()
+    path.write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(store.DamagedRun, match="unreadable"):
+        store.load_training_state(path)
