@@ -287,9 +287,13 @@ def cmd_sweep(args) -> int:
         problems = experiment.invalid + list(checked.values())
         if experiment.runs:
             print(plan_table(experiment, checked))
-        for line in problems:
-            print(f"iclbench: error: invalid run: {line}", file=sys.stderr)
-        return 2 if problems else 0
+        for line in problems:  # one line each, then one error line
+            print(f"iclbench: invalid run: {line}", file=sys.stderr)
+        if problems:
+            print(f"iclbench: error: {len(problems)} invalid run(s) in {args.experiment} (listed above); fix them "
+                  "before running the sweep", file=sys.stderr)
+            return 2
+        return 0
     report = run_sweep(experiment, args.executor, jobs=args.jobs, cpus_per_run=args.cpus_per_run,
                        gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet,
                        connect_timeout=RAY_START_TIMEOUT if args.connect_timeout is None else args.connect_timeout)

@@ -258,7 +258,9 @@ def test_sweep_dry_run_reports_each_invalid_run_in_one_line(tmp_path, capsys, mo
     proc = main(capsys, "sweep", str(tmp_path / "e.yaml"), "--dry-run", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("iclbench: error: invalid run: ") for line in lines), lines
+    assert len(lines) == 5 and all(line.startswith("iclbench: invalid run: ") for line in lines[:4]), lines
+    assert lines[-1].startswith("iclbench: error: 4 invalid run(s)"), lines
+    lines = lines[:4]
     assert any("CUDA is not available" in line for line in lines)
     assert any("GiB" in line and "model.d_model=65536" in line for line in lines)
     assert any("line 5" in line and "unknown key 'model.bogus'" in line for line in lines)
