@@ -523,8 +523,9 @@ def _stderr_held():
     """File descriptor 2 sent to a temporary file while Ray starts: its C++ client prints its retries there
     ("Failed to connect to GCS ... within 5 seconds") whatever the log level. What was held is shown when the
     start succeeds and dropped when it fails (the failure is one line of ours). ``left_behind()``, for a start
-    given up on whose thread still runs: fd 2 stays held (that thread's output goes nowhere) and ``sys.stderr``,
-    where it wrote to fd 2, writes to a copy of the original descriptor."""
+    given up on whose thread still runs: where ``sys.stderr`` wrote to fd 2 (the command line), fd 2 stays held
+    (that thread's output goes nowhere) and ``sys.stderr`` writes to a copy of the original descriptor; a
+    stream of the caller's own is left alone and fd 2 given back."""
     sys.stderr.flush()
     saved = os.dup(2)
     held = tempfile.TemporaryFile()
@@ -548,8 +549,10 @@ def _stderr_held():
                 on_fd2 = False
             if on_fd2:
                 sys.stderr = os.fdopen(saved, "w", buffering=1)
-            else:
+            else:  # the caller's own stream: fd 2 given back as it was (Ray's thread may still print there)
+                os.dup2(saved, 2)
                 os.close(saved)
+                held.close()
         else:
             os.dup2(saved, 2)
             os.close(saved)
