@@ -31,6 +31,9 @@ class RunResult:
     task: object
     model: torch.nn.Module
     outcome: str = "trained"  # "trained", "resumed" (from a checkpoint) or "complete" (found done, not rerun)
+    #: resumed after its training had finished (killed while evaluating or probing): the training figures are
+    #: the first attempt's, nothing was retrained
+    resumed_after_training: bool = False
 
 
 def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
@@ -84,6 +87,7 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
         together = together if len(together) > 1 else []
         for r in live:
             r.start(stacked_with=[s.cfg.seed for s in together] if r in together else None)
+        after_training = {r.path for r in live if r.earlier is not None and r.trained}
         groups = ([together] if together else []) + [[r] for r in live if r not in together and not r.trained]
         for group in groups:
             bayes = registry.task_baselines(group[0].task).get(BAYES)
@@ -99,7 +103,8 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
                 metrics = evaluate(r, registry, dev)
                 r.complete(metrics)
                 results[r.path] = RunResult(r.path, metrics, r.cfg, r.task, r.model,
-                                            outcome="trained" if r.earlier is None else "resumed")
+                                            outcome="trained" if r.earlier is None else "resumed",
+                                            resumed_after_training=r.path in after_training)
     if diverged:
         raise diverged[0]
     return [results[path] for path in paths]
