@@ -59,10 +59,12 @@ def test_noise_alone_never_makes_a_falling_curve_flat():
     assert first_flat(falling, noise=0.5)[0] is None
 
 
-def test_a_plateau_far_above_the_reference_is_not_flat_but_the_same_without_a_reference_is():
+def test_a_plateau_not_yet_partly_learned_is_not_flat_but_the_same_without_a_reference_is():
     """ICL curves sit on long plateaus before they learn; stopping on one would report the plateau."""
     plateau = [0.9] * 10
     assert first_flat(plateau)[0] is None
+    assert first_flat([0.58] * 10)[0] is None  # relative excess 0.53: not even partly learned
+    assert first_flat([0.45] * 10)[0] is not None  # 0.39: partly learned, and flat
     assert first_flat(plateau, held=Held(reference=False))[0] is not None
 
 
