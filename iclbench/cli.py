@@ -76,6 +76,10 @@ def cmd_run(args) -> int:
     print(f"\n{m['task']} × {m['model']} seed {m['seed']} on {m['provenance']['device']}: "
           f"{t['steps']} steps in {t['train_time_s']:.1f}s ({t['tokens_per_s']:,.0f} tokens/s), "
           f"total {m['wall_time_s']:.1f}s")
+    stop = t.get("stop")
+    if stop:  # train.until: flat
+        print(f"stopped: {stop['reason']}" + (f" (flat at step {stop['decay_from']}, then the cooldown)"
+                                              if stop["reason"] == "flat" else " (the cap, train.max_steps)"))
     print(f"run directory: {result.run_dir}")
     return _unstable_end([unstable])
 
