@@ -279,11 +279,9 @@ def sklearn_boosting(x, y, **params):
 
 
 def sklearn_available() -> bool:
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("sklearn") is not None
 
 
 # --- the task ---------------------------------------------------------------------------------------------

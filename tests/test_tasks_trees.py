@@ -132,8 +132,11 @@ def test_bayes_matches_importance_sampling_with_noise():
         for i in (1, 3, 5):
             logw = -((f[:, :i] - y[b, :i].double()) ** 2).sum(-1) / (2 * 0.25)
             w = torch.softmax(logw, 0)
-            assert 1 / (w ** 2).sum() > 500  # enough effective draws
-            assert abs(float(w @ f[:, i]) - float(pred[b, i])) < 0.03, (b, i)
+            ess = 1 / (w ** 2).sum()
+            assert ess > 100  # enough effective draws
+            mean = w @ f[:, i]
+            sd = (w @ (f[:, i] - mean) ** 2).sqrt()  # the posterior's, so the estimate's is sd / sqrt(ess)
+            assert abs(float(mean - pred[b, i])) < 4 * float(sd / ess.sqrt()) + 1e-3, (b, i)
 
 
 def test_bayes_beats_every_baseline_and_lookup_is_exact_on_seen_cells():
