@@ -10,7 +10,7 @@ from iclbench.task import BAYES_KINDS
 
 REG = get_registry()
 BUILT_IN = ["affine", "linreg", "sparse-linreg", "relu-nn", "affine-vec", "linrec", "quadratic", "logistic",
-            "poly"]
+            "poly", "decision-tree"]
 SLOW = {"relu_net_gd"}  # fits a network per query; compared on its own in test_tasks_regression
 
 
@@ -26,8 +26,10 @@ def test_every_builtin_task_has_a_labelled_bayes_baseline(name):
     assert bayes.bayes in BAYES_KINDS and bayes.__doc__
 
 
-@pytest.mark.parametrize("name,options", [(n, {}) for n in BUILT_IN]
-                         + [("affine", {"noise": 0.1}), ("sparse-linreg", {"noise": 0.5})])
+@pytest.mark.parametrize("name,options", [(n, {}) for n in BUILT_IN if n != "decision-tree"]
+                         + [("affine", {"noise": 0.1}), ("sparse-linreg", {"noise": 0.5})]
+                         # ~15 s each (three greedy trees and the exact posterior on 1024 sequences)
+                         + [pytest.param("decision-tree", o, marks=pytest.mark.slow) for o in ({}, {"noise": 0.5})])
 def test_no_baseline_beats_bayes(name, options):
     """At every scored position, no competitor's mean error is below Bayes' by more than 3 paired s.e."""
     task = REG.task(name)().with_options(**options)
