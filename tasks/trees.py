@@ -177,24 +177,31 @@ def _posterior_chunk(x, y, depth, w_scale, noise, children, query_regions):
         leaf_mean = torch.where(occupied, S / n.clamp_min(1), torch.zeros_like(S))
         if w2 == 0:
             leaf_mean = torch.zeros_like(S)
-    # every query's own regions, [B, N, 2^d]
-    own = query_regions[cells]  # [B, N, 2^d (m)]
-    pred = torch.gather(leaf_mean, 2, own)  # P at the leaves
+    # region-major from here ([3^d + 1, B N]): picking a region's children is then a copy of whole rows
+    major = lambda t: t.reshape(B * N, -1).T.contiguous()  # noqa: E731
+    log_z, leaves, leaf_mean = major(log_z), major(leaves), major(leaf_mean)
+    own = query_regions[cells].reshape(B * N, K).T  # [2^d (m), B N]: the query's regions
+    pred = torch.gather(leaf_mean, 0, own)  # P at the leaves
     log_d = math.log(d)
     m_index = torch.arange(K, device=x.device)
-    grow = m_index[:, None] | (1 << torch.arange(d, device=x.device))[None, :]  # [2^d, d]: m with c added
-    for _ in range(depth):
-        lz0, lz1 = log_z[..., children[..., 0]], log_z[..., children[..., 1]]  # [B, N, R+1, d]
-        e = leaves[..., children[..., 0]] + leaves[..., children[..., 1]]
-        best = e.min(-1, keepdim=True).values
-        logw = torch.where(e == best, lz0 + lz1, torch.full_like(e, -math.inf))
-        logw = torch.where(best.isfinite(), logw, torch.zeros_like(logw))  # all impure: any (weight 0 above)
-        weights = torch.softmax(logw, -1)  # [B, N, R+1, d]
-        log_z = torch.logsumexp(logw, -1) - log_d
-        leaves = best[..., 0]
-        w_own = torch.gather(weights, 2, own[..., None].expand(-1, -1, -1, d))  # [B, N, 2^d, d]
-        pred = (w_own * pred[..., grow]).sum(-1)  # P_k(m) = sum_c w_c P_{k+1}(m + c)
-    return pred[..., 0]
+    grow = [m_index | (1 << c) for c in range(d)]  # the query's subsets with coordinate c added
+    ch = [(children[:, c, 0], children[:, c, 1]) for c in range(d)]
+    for _ in range(depth):  # one level up
+        e = [leaves[a] + leaves[b] for a, b in ch]
+        best = e[0]
+        for ec in e[1:]:
+            best = torch.minimum(best, ec)
+        finite = best.isfinite()
+        logw = [torch.where(finite, torch.where(ec == best, log_z[a] + log_z[b], -math.inf), 0.0)
+                for ec, (a, b) in zip(e, ch)]
+        top = logw[0]
+        for lw in logw[1:]:
+            top = torch.maximum(top, lw)
+        norm = top + sum(torch.exp(lw - top) for lw in logw).log()
+        own_norm = torch.gather(norm, 0, own)
+        pred = sum(torch.exp(torch.gather(lw, 0, own) - own_norm) * pred[g] for lw, g in zip(logw, grow))
+        log_z, leaves = norm - log_d, best
+    return pred[0].reshape(B, N)
 
 
 # --- greedy trees (CART) and boosting --------------------------------------------------------------------
