@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from iclbench import hookimpl
+from iclbench.errors import warn
 
 from ._bayes import mark
 from .regression import InContextRegression, LinRegOptions, causal_mask, on_examples
@@ -285,6 +286,16 @@ def sklearn_boosting(x, y, **params):
     return out.to(x.dtype).to(x.device)
 
 
+_NOTED: list = []
+
+
+def _note_missing_sklearn():
+    if not _NOTED:
+        _NOTED.append(True)
+        warn("decision-tree: task.sklearn is on but scikit-learn is not installed, so there is no "
+             "gradient_boosting baseline (pip install 'iclbench[trees]')")
+
+
 def sklearn_available() -> bool:
     import importlib.util
 
@@ -318,10 +329,16 @@ class DecisionTreeRegression(InContextRegression):
         out = super().baselines()
         o = self.options
         out["greedy_tree"] = on_examples(greedy_tree, max_depth=o.depth)
+        out["greedy_tree"].__doc__ = (f"CART of depth {o.depth} (scikit-learn's DecisionTreeRegressor, squared "
+                                      "error) on the pairs before each query; ties to the lowest coordinate")
         out["greedy_tree_full"] = on_examples(greedy_tree, max_depth=None)
+        out["greedy_tree_full"].__doc__ = "The same CART grown until every leaf is pure (max_depth=None)"
         out["sign_lookup"] = on_examples(sign_lookup)
-        if o.sklearn and sklearn_available():
-            out["gradient_boosting"] = on_examples(sklearn_boosting)
+        if o.sklearn:
+            if sklearn_available():
+                out["gradient_boosting"] = on_examples(sklearn_boosting)
+            else:
+                _note_missing_sklearn()
         if o.d <= MAX_BAYES_D:
             out["bayes"] = self.bayes()
         return out

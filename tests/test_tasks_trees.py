@@ -164,13 +164,18 @@ def test_rule_and_shifts():
     assert get_registry().task("decision-tree") is DecisionTreeRegression
 
 
-def test_sklearn_boosting_is_optional(monkeypatch):
-    """Registered only when asked for (it fits per sequence and prefix) and scikit-learn imports."""
+def test_sklearn_boosting_is_optional(monkeypatch, capsys):
+    """Registered only when asked for (it fits per sequence and prefix) and scikit-learn imports; asked for
+    without it, one line says so."""
     import iclbench.tasks.trees as trees
 
     assert "gradient_boosting" not in DecisionTreeRegression().baselines()
     monkeypatch.setattr(trees, "sklearn_available", lambda: False)
+    monkeypatch.setattr(trees, "_NOTED", [])
     assert "gradient_boosting" not in DecisionTreeRegression(TreeOptions(sklearn=True)).baselines()
+    DecisionTreeRegression(TreeOptions(sklearn=True)).baselines()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'iclbench[trees]'" in err
     monkeypatch.undo()
     if not sklearn_available():
         pytest.skip("scikit-learn not installed (pip install 'iclbench[trees]')")
