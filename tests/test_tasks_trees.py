@@ -180,9 +180,9 @@ def test_sklearn_boosting_is_optional(monkeypatch, capsys):
     monkeypatch.undo()
     if not sklearn_available():
         pytest.skip("scikit-learn not installed (pip install 'iclbench[trees]')")
-    task = DecisionTreeRegression(TreeOptions(d=3, n_points=5, sklearn=True))
+    task = DecisionTreeRegression(TreeOptions(d=3, n_points=3, sklearn=True))  # one fit per sequence and call
     fn = task.baselines()["gradient_boosting"]
-    batch = sample(task, 3)
+    batch = sample(task, 2)
     pred = fn(batch)
     assert pred.shape == batch.targets.shape and torch.isfinite(pred).all()
     assert baseline_problem("gradient_boosting", fn, batch) is None
