@@ -111,7 +111,7 @@ def region_tables(d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- the exact posterior mean -------------------------------------------------------------------------------
-def tree_posterior_mean(x, y, depth: int, w_scale: float = 1.0, noise: float = 0.0, chunk: int = 128):
+def tree_posterior_mean(x, y, depth: int, w_scale: float = 1.0, noise: float = 0.0, chunk: int | None = None):
     """Posterior mean of ``y_i`` from the pairs ``j < i`` under the task's prior: ``x [B, N, d]``, ``y [B, N]``
     → ``[B, N]``, exact (float64).
 
@@ -132,6 +132,8 @@ def tree_posterior_mean(x, y, depth: int, w_scale: float = 1.0, noise: float = 0
         return torch.zeros(B, N, dtype=x.dtype, device=x.device)
     out = torch.empty(B, N, dtype=torch.float64, device=x.device)
     children, query_regions = region_tables(d, x.device)
+    if chunk is None:  # ~2M entries per [regions, B N] tensor (16 MB; a level holds ~3d of them)
+        chunk = max(1, (1 << 21) // ((3 ** d + 1) * N))
     for lo in range(0, B, chunk):
         out[lo:lo + chunk] = _posterior_chunk(x[lo:lo + chunk], y[lo:lo + chunk].double(), depth, w_scale,
                                               noise, children, query_regions)
