@@ -208,13 +208,15 @@ def _posterior_chunk(x, y, depth, w_scale, noise, children, query_regions):
 
 
 # --- greedy trees (CART) and boosting --------------------------------------------------------------------
-def greedy_tree(x, y, max_depth: int | None = 4):
+def greedy_tree(x, y, max_depth: int | None = 4, chunk: int = 256):
     """CART as in scikit-learn's ``DecisionTreeRegressor(max_depth)`` (squared error, every midpoint between
     sorted values, grown while a node is impure and can be cut) on the pairs before each query; only the
     query's path is grown, which gives the same prediction. ``max_depth=None``: grown until every leaf is
     pure. Ties between equally good cuts go to the lowest coordinate and threshold (scikit-learn breaks them
     at random); 0 before any example."""
     B, N, d = x.shape
+    if B > chunk:  # [B, N, N, d] float64 tensors: ~15 of them at a time
+        return torch.cat([greedy_tree(x[i:i + chunk], y[i:i + chunk], max_depth, chunk) for i in range(0, B, chunk)])
     if max_depth is None:
         max_depth = N
     x64, y64 = x.double(), y.double()
