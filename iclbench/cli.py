@@ -263,7 +263,7 @@ def cmd_sweep(args) -> int:
     report = run_sweep(experiment, args.executor, jobs=args.jobs, cpus_per_run=args.cpus_per_run,
                        gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet)
     print(report.summary())
-    if report.not_run:
+    if report.signal:
         return 130
     return 1 if report.failed else 0
 
@@ -402,15 +402,21 @@ COMMANDS.update(check=cmd_check, rescore=cmd_rescore)
 
 
 def main(argv=None) -> int:
+    from .errors import raise_on_signals, restore_signals
+
     args = parser().parse_args(argv)
+    previous = raise_on_signals()  # a closed terminal (SIGHUP) or SIGTERM interrupts a run as Ctrl-C does
     try:
         command = COMMANDS.get(args.command) or args.iclbench_command  # a plugin's: iclbench_add_commands
         return command(args)
     except ICLBenchError as exc:
         print(f"iclbench: error: {one_line(exc, 600)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("iclbench: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from .errors import interruption
+
+        print(f"iclbench: interrupted by {interruption(exc)}; rerun the same command to continue from the latest "
+              "checkpoint", file=sys.stderr)
         return 130
     except MemoryError:
         print("iclbench: error: out of memory; choose smaller sizes (model, train.batch_size, "
@@ -425,6 +431,8 @@ def main(argv=None) -> int:
         print(f"iclbench: internal error: {type(exc).__name__}: {one_line(exc, 600)} (set ICLBENCH_DEBUG=1 for the "
               "traceback)", file=sys.stderr)
         return 1
+    finally:
+        restore_signals(previous)
 
 
 if __name__ == "__main__":

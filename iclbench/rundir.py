@@ -24,7 +24,7 @@ import torch
 from . import contracts, store
 from .build import build
 from .config import RunConfig, resolve
-from .errors import ICLBenchError, TrainingDiverged, one_line, warn
+from .errors import ICLBenchError, TrainingDiverged, interruption, one_line, warn
 from .registry import Registry, get_registry
 from .trainer import TrainingState, resolve_device
 
@@ -207,6 +207,8 @@ class OpenRun:
         self.segments: list[dict] = []
         self.running = False  # status.json says "running": a failure from now on is recorded
         self.stats: dict | None = None  # the training figures, once trained
+        #: the step a rerun continues from: that of the latest training state saved (0: none yet)
+        self.saved_step = 0
 
     @property
     def found_complete(self) -> bool:
@@ -264,6 +266,7 @@ class OpenRun:
                     self.log.close()
                 warn(f"cannot continue {self.path} from its checkpoint ({one_line(exc)}); starting it afresh")
                 state, self.log, self.stats, self.earlier = None, None, None, None
+        self.saved_step = 0 if state is None else state.step
         segment = {"from_step": 0 if state is None else state.step, "threads": threads, "device": self.device.type}
         if stacked_with:
             segment["stacked_with"] = len(stacked_with)
@@ -310,6 +313,7 @@ class OpenRun:
         self.log.flush()
         state.log_offset, state.segments = self.log.tell(), self.segments
         store.save_training_state(self.path / store.TRAIN_STATE, state.to_dict())
+        self.saved_step = state.step
 
     def finish_training(self, stats: dict) -> None:
         """Log the end of training and save the weights and a final training state, so that a run killed
@@ -332,16 +336,18 @@ class OpenRun:
         return exc
 
     def fail(self, exc: BaseException) -> BaseException | None:
-        """Record that the run ends with ``exc`` (once): ``interrupted`` on Ctrl-C, ``diverged``, else
+        """Record that the run ends with ``exc`` (once): ``interrupted`` on Ctrl-C, SIGHUP or SIGTERM (with the
+        step its rerun continues from), ``diverged``, else
         ``failed`` naming the plugin whose code raised; ``iclbench_run_failed`` is called except on Ctrl-C.
         Returns the error to raise instead of ``exc`` (a plugin's, as one line naming it), or None."""
         if not self.running:
             return None
         self.running = False
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGHUP/SIGTERM (errors.raise_on_signals)
             threads = self.segments[-1]["threads"] if self.segments else torch.get_num_threads()
-            store.write_json(self.path / store.STATUS, {"status": "interrupted", "message": "Ctrl-C",
-                                                        "threads": threads})
+            store.write_json(self.path / store.STATUS, {"status": "interrupted", "message": interruption(exc),
+                                                        "threads": threads, "resumes_from_step": self.saved_step,
+                                                        "time": time.time()})
             return None
         plugin = getattr(exc, "plugin", None) or contracts.blame(exc, self.registry)
         if isinstance(exc, TrainingDiverged):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     own: its directory, lock, hooks, log, checkpoints and divergence. A run that diverges is recorded so and
     the others go on; the first divergence is raised at the end."""
     dev = resolve_device(cfgs[0].device)
+    # a training bar on a terminal only: written into a log file it is hundreds of redraws
+    progress = not quiet and _isatty(sys.stderr)
     nan = [o for o in non_finite_options(cfgs[0]) if o.endswith("=nan")]
     if nan:  # fails as a bad option, not later as "divergence" with advice to lower the learning rate
         raise ICLBenchError(f"option(s) {', '.join(nan)} must be numbers, got NaN")
@@ -87,7 +90,7 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
         groups = ([together] if together else []) + [[r] for r in live if r not in together and not r.trained]
         for group in groups:
             for r, outcome in zip(group, train_together([trainee(r) for r in group], group[0].task,
-                                                        group[0].cfg.train, dev, progress=not quiet)):
+                                                        group[0].cfg.train, dev, progress=progress)):
                 if isinstance(outcome, TrainingDiverged):
                     diverged.append(r.diverged(outcome))
                 else:
@@ -101,6 +104,13 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     if diverged:
         raise diverged[0]
     return [results[path] for path in paths]
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def trainee(r: OpenRun) -> Trainee:

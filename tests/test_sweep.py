@@ -173,6 +173,93 @@ def test_sweep_killed_midway_continues_where_it_stopped(tmp_path):
         assert metrics.stat().st_mtime_ns == mtime and metrics.read_bytes() == content
 
 
+@pytest.mark.slow  # a real sweep, a real signal to its process group (as a terminal sends), and its rerun
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP"])
+def test_signal_marks_the_run_in_flight_interrupted_and_the_rerun_resumes_it(tmp_path, sig):
+    """Ctrl-C and a closed terminal reach the driver and its workers alike: the run in flight is marked
+    interrupted (not left "running" with a dead pid), the record says so, and the rerun continues it from its
+    checkpoint, not from step 0; output that is not a terminal gets no progress-bar redraws."""
+    out = tmp_path / "results"
+    path = experiment(tmp_path, out, steps=400, grid={"seed": [0]})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"].update({"train.checkpoint_every": 10, "train.log_every": 10})
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    args = ["sweep", str(path), "--jobs", "1", "--cpus-per-run", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "iclbench.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/train_state.pt")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the sweep ended before its first checkpoint"
+        os.killpg(proc.pid, getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    run_dir, = [p.parent for p in out.glob("*/status.json")]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and sig in status["message"], status
+    step = status["resumes_from_step"]
+    assert isinstance(step, int) and 10 <= step < 400 and step % 10 == 0
+    assert "1 interrupted (stopped by " in stdout and f"continues from its checkpoint at step {step}" in stdout
+    record = json.loads((out / ".sweeps" / "exp.json").read_text())
+    assert record["runs"][run_dir.name]["state"] == "interrupted" and sig in record["interrupted_by"]
+    assert "Traceback" not in stderr, stderr
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "1 ran, 0 skipped" in again.stdout and "\r" not in again.stderr  # a log, not a redrawn bar
+    assert f"[1/1] ran {run_dir.name} (seed=0) in " in again.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from_step"] == step
+    events = [json.loads(line) for line in (run_dir / "train.log").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "resume"] == [step]
+
+
+def test_progress_on_a_terminal_shows_done_running_failed_and_eta():
+    import io
+
+    from iclbench.sweep import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Plan:
+        name, label = "affine-gpt3l-0-s0", "seed=0"
+
+    screen = Terminal()
+    shown = Progress(3, True, stream=screen)
+    shown.update(2)
+    shown.finished(Plan(), None, 1.0, 1)
+    shown.finished(Plan(), "boom", 1.0, 0)
+    shown.close()
+    last = screen.getvalue().split("\r")[-1]
+    assert "2/3 runs done, 0 running, 1 failed" in last and "ETA" in last and "elapsed" in last
+    assert "failed affine-gpt3l-0-s0 (seed=0): boom" in screen.getvalue()
+
+    log = io.StringIO()  # not a terminal: one line per finished run, no redraws
+    shown = Progress(2, True, stream=log)
+    shown.update(1)
+    shown.finished(Plan(), None, 1.25, 0)
+    shown.close()
+    assert log.getvalue() == "[1/2] ran affine-gpt3l-0-s0 (seed=0) in 1.2s\n"
+
+
+def test_local_threads_follow_the_environment(monkeypatch):
+    from iclbench.sweep import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads(cores=8, jobs=1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(cores=8, jobs=None) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads(cores=8, jobs=2) == 4 and default_threads(cores=8, jobs=None) == 1
+
+
 # --- running: Ray ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
