@@ -247,7 +247,8 @@ def _add_sweep(sub):
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
     p.add_argument("--max-runs", type=int, default=None,
                    help="refuse an experiment of more runs than this (default: 100000), counted before expanding")
-    p.add_argument("--quiet", action="store_true", help="no progress display (on a terminal a bar, otherwise a line per finished run); only failures and the summary")
+    p.add_argument("--quiet", action="store_true", help="no progress display (on a terminal a bar, otherwise a "
+                   "line per finished run); only failures and the summary")
 
 
 def cmd_sweep(args) -> int:
