@@ -23,7 +23,7 @@ import torch
 
 from . import contracts, store
 from .build import build
-from .config import RunConfig, resolve
+from .config import RunConfig, resolve, resolved_defaults
 from .errors import ICLBenchError, TrainingDiverged, interruption, one_line, warn
 from .registry import Registry, get_registry
 from .trainer import TrainingState, resolve_device
@@ -282,7 +282,8 @@ class OpenRun:
         store.remove_file(self.path / store.METRICS)  # the directory now describes this run
         if state is None:
             store.remove_file(self.path / store.TRAIN_STATE)
-        store.write_yaml(self.path / store.CONFIG, self.cfg.to_dict())
+        # the defaults shown as they resolved on this run (score_from, n_ctx, device); the hash reads them as given
+        store.write_yaml(self.path / store.CONFIG, self.written_config())
         store.write_json(self.path / store.STATUS, {"status": "running", "started": time.time(), "pid": os.getpid(),
                                                     "host": socket.gethostname(), "threads": threads}
                          | ({"stacked_with": len(stacked_with)} if stacked_with else {}))
@@ -294,6 +295,11 @@ class OpenRun:
             event = {"event": "start"} if state is None else {"event": "resume", "step": state.step}
             self.write_log({**event, "run": self.cfg.run_name, "device": str(self.device)}
                            | ({"stacked_seeds": stacked_with} if stacked_with else {}))
+
+    def written_config(self) -> dict:
+        """``config.yaml``: the configuration with its defaults resolved on this run (see
+        :func:`iclbench.config.resolved_defaults`)."""
+        return self.cfg.to_dict(resolved=resolved_defaults(self.cfg, self.task, self.model, self.device))
 
     @property
     def resume_from(self) -> TrainingState | None:
@@ -322,7 +328,7 @@ class OpenRun:
         self.write_log({"event": "trained", **stats})
         self.log.flush()
         store.save_state_dict(self.path / store.CHECKPOINT, self.model.state_dict(),
-                              {"config": json.dumps(self.cfg.to_dict())})
+                              {"config": json.dumps(self.written_config())})
         self.checkpoint(TrainingState(step=self.cfg.train.steps, device=self.device.type, trained=stats))
 
     def diverged(self, exc: TrainingDiverged) -> TrainingDiverged:

@@ -26,12 +26,44 @@ from .trainer import Trainee, resolve_device, train_together
 
 @dataclass
 class RunResult:
+    """A run: what :func:`run` returns and :func:`load` opens. ``model`` holds the trained weights in eval
+    mode; ``metrics`` is ``metrics.json``; ``config`` the resolved :class:`~iclbench.config.RunConfig`;
+    ``task`` the task built from it."""
     run_dir: Path
     metrics: dict
     config: RunConfig
     task: object
     model: torch.nn.Module
     outcome: str = "trained"  # "trained", "resumed" (from a checkpoint) or "complete" (found done, not rerun)
+
+    @property
+    def probes(self) -> dict:
+        """The probes' summaries (``probes.json``: name → summary, time, table file); {} where none ran."""
+        try:
+            return RunDir(self.run_dir).probes()
+        except store.DamagedRun as exc:
+            raise ICLBenchError(f"cannot read the probes of {self.run_dir}: {exc}") from None
+
+
+def load(run_dir: str | Path, *, device: str = "cpu", registry: Registry | None = None) -> RunResult:
+    """Open a finished run without training it: its config, task, model (the trained weights, in eval mode,
+    on ``device``) and metrics, from any folder. An incomplete or damaged run directory is one line saying
+    what is wrong."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ICLBenchError(f"{str(run_dir)!r} is not a directory; iclbench.load wants a run directory "
+                            "(RESULTS/<task>-<model>-<hash>-s<seed>)")
+    if not (path / store.CONFIG).is_file():
+        raise ICLBenchError(f"{path} is not a run directory (no {store.CONFIG}); iclbench.load wants "
+                            "RESULTS/<task>-<model>-<hash>-s<seed>")
+    try:
+        metrics = store.read_run(path)
+    except store.DamagedRun as exc:
+        raise ICLBenchError(f"{path} is not a complete run ({exc}); iclbench.run(run_dir=...) continues an "
+                            "interrupted one") from None
+    registry = registry or get_registry()
+    cfg, task, model = RunDir(path).load(registry, resolve_device(device))
+    return RunResult(path, metrics, cfg, task, model, outcome="complete")
 
 
 def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
@@ -41,9 +73,13 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     """Train ``model`` on ``task``, evaluate it beside the task's baselines, write the run directory.
 
     ``config``: a YAML path or a dict in the resolved layout; ``overrides``: ``["task.noise=0.1", ...]`` or
-    ``{"task.noise": 0.1}``. Returns the run directory, the metrics dict, and the trained model.
+    ``{"task.noise": 0.1}``. Returns a :class:`RunResult`: ``run_dir``, ``metrics``, ``config``, ``task``,
+    ``model`` (trained, in eval mode) and ``outcome``. A run's ``config.yaml`` as ``config`` finds that run
+    where the file is, from any folder.
     ``run_dir``: write the record there instead of ``out/<run name>`` (a sweep worker without the driver's
-    disk computes into a temporary directory and ships the files back).
+    disk computes into a temporary directory and ships the files back); given alone, the run recorded there
+    (its ``config.yaml``): returned if complete, continued if interrupted. To open a finished run without
+    any chance of training, :func:`load`.
 
     Rerunning a config continues it: a complete run is returned as recorded (``force=True`` retrains it),
     an interrupted one (Ctrl-C, kill -9) continues from its latest checkpoint (``train.checkpoint_every``)
@@ -51,6 +87,13 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     there is an earlier attempt to continue.
     """
     registry = registry or get_registry()
+    if run_dir is not None and config is None and task is None and model is None:
+        recorded = Path(run_dir) / store.CONFIG
+        if not recorded.is_file():
+            raise ICLBenchError(f"iclbench.run(run_dir={str(run_dir)!r}) continues the run recorded there, but it "
+                                f"holds no {store.CONFIG}; give task and model (or config) to compute a run into "
+                                "it, or open a finished run with iclbench.load(run_dir)")
+        config = recorded
     cfg = resolve(registry, config=config, task=task, model=model, steps=steps, seed=seed, device=device,
                   out=out, overrides=overrides)
     return run_configs([cfg], registry, quiet=quiet, run_dirs=None if run_dir is None else [run_dir],
