@@ -64,6 +64,8 @@ def cmd_run(args) -> int:
     elif result.outcome == "resumed":
         print(f"resumed from the checkpoint at step {m['train']['resumed_from_step']}\n")
     print(format_curves(m))
+    print(f"[lo, hi]: {round(100 * m['curves'].get('confidence', 0.95))}% bootstrap interval over the evaluation "
+          "sequences (this model's score; the leaderboard's ± is an interval over training seeds)")
     if m.get("ood"):
         print(f"\nout of distribution (mean t>={m['curves']['score_from']}, each normalized by its shifted "
               "task's prior mean):")

@@ -408,6 +408,9 @@ def run_section(doc: Document, run_dir: Path):
         doc.text(f"**{m['learned']}**: relative excess over Bayes (error − Bayes) / (zero − Bayes) = "
                  f"{m['relative']:.3f}, 95% CI [{m['relative_ci'][0]:.3f}, {m['relative_ci'][1]:.3f}] "
                  "(learned below 0.1, partly within [0.1, 0.5], not learned above 0.5, else inconclusive).")
+    doc.text(f"This run's errors, each with its {int(100 * metrics['curves'].get('confidence', 0.95))}% bootstrap "
+             "interval over the evaluation sequences (ci_low, ci_high; excess_ci paired with Bayes on the same "
+             "sequences): the spread of one trained model's score, not of training seeds (the leaderboard's).")
     doc.table(summary)
     with doc.figures_named(f"{slug}-"):
         doc.figure(error_curve_figure(metrics), "error",
@@ -451,7 +454,7 @@ def cross_run_sections(doc: Document, roots: list[Path]) -> list[str]:
 def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -> tuple[Path, Path]:
     """Write report.md, report.html and figures/ under ``out`` for the given runs (and a leaderboard over
     ``results`` or over the runs' parent directories)."""
-    from .leaderboard import aggregate, collect, wide
+    from .leaderboard import INTERVALS, aggregate, collect, wide
 
     out = Path(out)
     blocker = next((p for p in [out, *out.parents] if p.exists()), None)
@@ -470,7 +473,7 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
     if not board.empty:
         doc.heading("Leaderboard", anchor="leaderboard")
         doc.text("Normalized squared error averaged over positions t ≥ each task's score_from (1.0 = predicting "
-                 "the prior mean); mean ± sd over seeds, n = seeds. Each cell links to its run's section.")
+                 f"the prior mean); {INTERVALS}. Each cell links to its run's section.")
         table = wide(board).reset_index().rename(columns={"row": "model"})
         doc.table(table, links=leaderboard_links(table, tidy, doc.run_anchors))
     probe_lines = cross_run_sections(doc, roots)
