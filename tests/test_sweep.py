@@ -219,6 +219,33 @@ def test_signal_marks_the_run_in_flight_interrupted_and_the_rerun_resumes_it(tmp
     assert [e["step"] for e in events if e.get("event") == "resume"] == [step]
 
 
+@pytest.mark.slow  # a real `iclbench run` and a real signal
+def test_a_closed_terminal_marks_a_single_run_interrupted(tmp_path):
+    """`iclbench run` (not a sweep) under SIGHUP: the run says interrupted, with the step its rerun continues
+    from, and the command exits 130 with one line (no traceback)."""
+    from conftest import sets
+
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "iclbench.cli", "run", "--task", "affine", "--model", "gpt3l", "--steps", "2000",
+           "--out", str(out), *sets(tiny_run(cheap=True, train__checkpoint_every=10))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/train_state.pt")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130 and stderr.strip().splitlines() == [
+        "iclbench: interrupted by SIGHUP (the terminal closed); rerun the same command to continue from the latest "
+        "checkpoint"], stderr
+    status = json.loads(next(out.glob("*/status.json")).read_text())
+    assert status["status"] == "interrupted" and status["resumes_from_step"] >= 10, status
+
+
 def test_progress_on_a_terminal_shows_done_running_failed_and_eta():
     import io
 
