@@ -477,6 +477,12 @@ class LocalExecutor:
                 if process.is_alive():
                     os.kill(process.pid, signal.SIGINT)
 
+    def terminate(self):
+        """Kill the workers (a run that did not answer an interruption in time)."""
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                process.kill()
+
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -560,6 +566,9 @@ class RayExecutor:
         for handle in handles:
             with contextlib.suppress(Exception):
                 self.ray.cancel(handle)
+
+    def terminate(self):
+        pass  # the tasks were cancelled (interrupt); Ray stops its workers with the cluster
 
     def close(self):
         if self.started_here:
@@ -746,7 +755,9 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
             while in_flight and time.monotonic() < deadline:
                 for handle in pool.wait(list(in_flight), timeout=max(0.1, deadline - time.monotonic())):
                     finish(handle)
-            for plan in in_flight.values():  # no answer within the grace period
+            if in_flight:  # no answer within the grace period: stopped, so that closing the pool cannot hang
+                pool.terminate()
+            for plan in in_flight.values():
                 report.interrupted[plan.name] = None
                 records[plan.name].update(state="interrupted", resumes_from_step=None)
             in_flight.clear()

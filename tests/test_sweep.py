@@ -246,6 +246,47 @@ def test_a_closed_terminal_marks_a_single_run_interrupted(tmp_path):
     assert status["status"] == "interrupted" and status["resumes_from_step"] >= 10, status
 
 
+def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path, monkeypatch):
+    """The driver's side of Ctrl-C: the run in flight is told, a run that does not answer within the grace
+    period is stopped (closing the pool cannot hang) and recorded interrupted, the rest not run."""
+    from iclbench import sweep
+
+    class Pool:  # one slot; its run never answers
+        ships_files, calls = False, []
+
+        def submit(self, plan):
+            return plan.name
+
+        def wait(self, handles, timeout):
+            if not self.calls:
+                self.calls.append("wait")
+                raise KeyboardInterrupt
+            time.sleep(min(timeout, 0.05))
+            return []
+
+        def interrupt(self, handles):
+            self.calls.append(("interrupt", tuple(handles)))
+
+        def terminate(self):
+            self.calls.append("terminate")
+
+        def close(self):
+            self.calls.append("close")
+
+    pool = Pool()
+    monkeypatch.setattr(sweep, "_start_executor", lambda *a: (pool, 1, "fake"))
+    monkeypatch.setattr(sweep, "INTERRUPT_GRACE", 0.2)
+    exp = load_experiment(experiment(tmp_path, tmp_path / "results", grid={"seed": [0, 1, 2]}))
+    report = run_sweep(exp, progress=False)
+    first, *rest = [r.name for r in exp.runs]
+    assert pool.calls == ["wait", ("interrupt", (first,)), "terminate", "close"]
+    assert report.interrupted == {first: None} and report.not_run == rest and report.signal == "Ctrl-C (SIGINT)"
+    assert f"interrupted {first}: no checkpoint yet: the rerun starts it afresh" in report.summary()
+    record = json.loads(report.record_path.read_text())
+    assert [record["runs"][n]["state"] for n in [first, *rest]] == ["interrupted"] + ["not run (interrupted)"] * 2
+    assert record["interrupted_by"] == "Ctrl-C (SIGINT)"
+
+
 def test_progress_on_a_terminal_shows_done_running_failed_and_eta():
     import io
 
