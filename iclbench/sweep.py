@@ -750,7 +750,8 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
             report.not_run = [p.name for p in todo]
             for name in report.not_run:
                 records[name]["state"] = "not run (interrupted)"
-            pool.interrupt(list(in_flight))  # each run in flight records itself interrupted (a terminal's signal reached it too)
+            # each run in flight records itself interrupted (a terminal's signal may have reached it already)
+            pool.interrupt(list(in_flight))
             deadline = time.monotonic() + INTERRUPT_GRACE
             while in_flight and time.monotonic() < deadline:
                 for handle in pool.wait(list(in_flight), timeout=max(0.1, deadline - time.monotonic())):
