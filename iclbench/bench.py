@@ -169,7 +169,7 @@ def stacked_seeds(cfg, device: torch.device, n: int, rounds: int, reps: int) -> 
 
     def stacked():
         b = next(cycle)
-        together.step([b] * n, norm, cfg.train.lr, scored).sum().item()
+        together.step([b] * n, norm, [cfg.train.lr] * n, scored).sum().item()
 
     return interleaved({"separate": one_by_one, "stacked": stacked}, rounds, reps, device)
 
@@ -320,6 +320,17 @@ def parse_list(text: str, kind, what: str) -> list:
 
 
 def main(args) -> int:
+    if getattr(args, "to_learned", False):
+        from .learned import table, time_to_learned
+
+        if args.max_steps < 1:
+            raise ICLBenchError(f"--max-steps must be >= 1, got {args.max_steps}")
+        rows = time_to_learned(args.task, args.model, max_steps=args.max_steps, overrides=args.overrides,
+                               device=args.device or "auto")
+        print(f"time to learned: {args.task} × {args.model}, until flat (cap {args.max_steps} steps), on "
+              f"{describe_machine(resolve_device(args.device or 'auto'))}\n")
+        print(table(rows, args.format))
+        return 0
     if args.rounds < 1 or args.steps < 1:
         raise ICLBenchError(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
     base = {"task": args.task, "device": args.device, "overrides": list(args.overrides)}

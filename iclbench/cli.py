@@ -55,12 +55,16 @@ def cmd_run(args) -> int:
                  resume=args.resume, force=args.force,
                  device=args.device, out=args.out, quiet=args.quiet,
                  overrides=_run_overrides(args))
+    unstable = unstable_warning(result.run_dir, result.metrics)
     if args.quiet:
         print(result.run_dir)
-        return 0
+        return _unstable_end([unstable])
     m = result.metrics
     if result.outcome == "complete":
         print(f"already complete, not retrained (--force retrains): {result.run_dir}\n")
+    elif result.outcome == "resumed" and result.resumed_after_training:
+        print(f"resumed after training (the {m['train']['steps']} steps were not rerun; their training figures "
+              "are kept): evaluated again\n")
     elif result.outcome == "resumed":
         print(f"resumed from the checkpoint at step {m['train']['resumed_from_step']}\n")
     print(format_curves(m))
@@ -74,8 +78,30 @@ def cmd_run(args) -> int:
     print(f"\n{m['task']} × {m['model']} seed {m['seed']} on {m['provenance']['device']}: "
           f"{t['steps']} steps in {t['train_time_s']:.1f}s ({t['tokens_per_s']:,.0f} tokens/s), "
           f"total {m['wall_time_s']:.1f}s")
+    stop = t.get("stop")
+    if stop:  # train.until: flat
+        print(f"stopped: {stop['reason']}" + (f" (flat at step {stop['decay_from']}, then the cooldown)"
+                                              if stop["reason"] == "flat" else " (the cap, train.max_steps)"))
     print(f"run directory: {result.run_dir}")
-    return 0
+    return _unstable_end([unstable])
+
+
+def unstable_warning(run_dir, metrics):
+    from .rundir import unstable_warning
+
+    return unstable_warning(run_dir, metrics)
+
+
+def _unstable_end(warnings) -> int:
+    """The end of a command that ran or found runs: one warning line per unstable run (after the tables, where
+    it is seen), and exit status 1 if there was one (docs/training.md: diverged, unstable, complete)."""
+    from .errors import warn
+
+    warnings = [w for w in warnings if w]
+    sys.stdout.flush()
+    for line in warnings:
+        warn(line)
+    return 1 if warnings else 0
 
 
 def format_ood(metrics: dict, fmt: str = "github") -> str:
@@ -140,7 +166,7 @@ def run_many_seeds(args) -> int:
     for seed, (run_dir, outcome, m) in zip(seeds, results):
         print(run_dir if args.quiet else f"seed {seed}: {outcome}, model {m['summary']['model']['mean']:.4f}, "
               f"{m['train']['tokens_per_s']:,.0f} tokens/s: {run_dir}")
-    return 0
+    return _unstable_end([unstable_warning(run_dir, m) for run_dir, _, m in results])
 
 
 def cmd_list(args) -> int:
@@ -245,6 +271,9 @@ def _add_sweep(sub):
     p.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs per run, fractions allowed")
     p.add_argument("--address", help="Ray cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
                    "default: start a local one")
+    p.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --address: give up joining the Ray cluster after this long, the whole start "
+                   "included (default: 60)")
     p.add_argument("--out", help="results directory for every run (default: base.out, else results)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
     p.add_argument("--max-runs", type=int, default=None,
@@ -254,21 +283,31 @@ def _add_sweep(sub):
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import MAX_RUNS, load_experiment, plan_table, run_sweep
+    from .sweep import MAX_RUNS, RAY_START_TIMEOUT, check_runs, load_experiment, plan_table, run_sweep
 
     max_runs = MAX_RUNS if args.max_runs is None else args.max_runs
     if max_runs < 1:
         raise ICLBenchError(f"--max-runs must be >= 1, got {max_runs}")
-    experiment = load_experiment(args.experiment, out=args.out, max_runs=max_runs)
-    if args.dry_run:
-        print(plan_table(experiment))
+    experiment = load_experiment(args.experiment, out=args.out, max_runs=max_runs, collect_errors=args.dry_run)
+    if args.dry_run:  # every run's config checked as a run would check it before training: one line each
+        checked = check_runs(experiment, devices=args.executor == "local")
+        problems = experiment.invalid + list(checked.values())
+        if experiment.runs:
+            print(plan_table(experiment, checked))
+        for line in problems:  # one line each, then one error line
+            print(f"iclbench: invalid run: {line}", file=sys.stderr)
+        if problems:
+            print(f"iclbench: error: {len(problems)} invalid run(s) in {args.experiment} (listed above); fix them "
+                  "before running the sweep", file=sys.stderr)
+            return 2
         return 0
     report = run_sweep(experiment, args.executor, jobs=args.jobs, cpus_per_run=args.cpus_per_run,
-                       gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet)
+                       gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet,
+                       connect_timeout=RAY_START_TIMEOUT if args.connect_timeout is None else args.connect_timeout)
     print(report.summary())
     if report.signal:
         return 130
-    return 1 if report.failed else 0
+    return 1 if report.failed or report.unstable else 0
 
 
 def _add_probe(sub):
@@ -315,6 +354,9 @@ def _add_bench(sub):
     p.add_argument("--scaling-models", default="gpt1l,gpt2l,gpt3l,gpt6l,gpt12l", help="comma-separated")
     p.add_argument("--scaling-contexts", default="16,32,64,128,256", help="comma-separated context lengths")
     p.add_argument("--format", default="github", choices=("github", "plain"), help="table format")
+    p.add_argument("--to-learned", action="store_true", help="instead: steps and wall time to learned and to "
+                   "flat, this project's recipe against Garg et al.'s, trained until flat side by side")
+    p.add_argument("--max-steps", type=int, default=30000, help="with --to-learned: the cap of each training")
 
 
 def cmd_bench(args) -> int:
@@ -348,7 +390,9 @@ def cmd_check(args) -> int:
 
 def cmd_rescore(args) -> int:
     from .rescore import rescore
+    from .trainer import resolve_device
 
+    resolve_device(args.device)  # before any run: an impossible device is refused whatever needs scoring
     for run_dir in args.run_dirs:
         out = rescore(run_dir, device=args.device)
         added = ", ".join(out["added"]) or "no new baseline"
@@ -383,7 +427,7 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--task", action="append", help="only this task (repeatable)")
     lb.add_argument("--model", action="append", help="only this model (repeatable); baselines stay")
     lb.add_argument("--include-unstable", action="store_true", help="also rank runs whose error is non-finite "
-                    "or absurd (over 10x the zero predictor's), which are left out with a warning by default")
+                    "or absurd (over 3x the zero predictor's), which are left out with a warning by default")
     lb.add_argument("--compare", nargs=2, metavar=("A", "B"),
                     help="two results or run directories side by side: B - A and whether it exceeds the CI")
     rp = sub.add_parser("report", help="Markdown + HTML report with figures for runs")

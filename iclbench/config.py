@@ -47,6 +47,24 @@ NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "
               ("eval", "ood"), ("eval", "probes")}
 #: values hashed under their former spelling, so that a configuration keeps its run name (and its results)
 HASHED_AS = {("train", "precision", "fp32"): "auto"}
+#: train options that mean something only under ``until: flat`` (and ``steps``, which means nothing there):
+#: left out of the hash where they mean nothing, so that every configuration recorded before the stop rule
+#: existed keeps its hash
+FLAT_ONLY = ("until", "max_steps", "eval_every", "heldout", "flat_window", "flat_tol", "cooldown")
+
+
+#: options added to built-in tasks after runs were recorded, left out of the hash at the value that changes
+#: nothing (so every recorded configuration keeps its hash)
+OMIT_AT = {("task", "curriculum"): False, ("task", "active_dims"): 0}
+
+
+def hashed(section: str, values: dict) -> dict:
+    """The part of a config section that enters its hash."""
+    values = {k: v for k, v in values.items() if (section, k) not in OMIT_AT or OMIT_AT[section, k] != v}
+    if section == "train":
+        unused = ("steps",) if values.get("until") == "flat" else FLAT_ONLY
+        values = {k: v for k, v in values.items() if k not in unused}
+    return {k: HASHED_AS.get((section, k, v), v) for k, v in values.items() if (section, k) not in NOT_HASHED}
 
 
 @dataclass
@@ -94,8 +112,7 @@ class RunConfig:
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections; runs agreeing on them are comparable."""
         d = self.to_dict()
-        payload = {s: {k: HASHED_AS.get((s, k, v), v) for k, v in d[s].items() if (s, k) not in NOT_HASHED}
-                   for s in sections}
+        payload = {s: hashed(s, d[s]) for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     @property
@@ -288,7 +305,7 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
         task_options=build_options(task_cls.Options, sections["task"], "task"),
         model_options=build_options(model_cls.Options, sections["model"], "model"),
         # the task's training defaults sit under the file, --steps and --set, which still override them
-        train=build_options(TrainOptions, {**getattr(task_cls, "train_defaults", {}), **sections["train"]},
+        train=build_options(TrainOptions, train_settings(getattr(task_cls, "train_defaults", {}), sections["train"]),
                             "train"),
         eval=build_options(EvalOptions, sections["eval"], "eval"),
         seed=seed_value,
@@ -313,6 +330,15 @@ def run_home(path: Path, cfg: RunConfig) -> str | None:
                                        or re.fullmatch(r".+-[0-9a-f]{8}-s\d+", path.parent.name)):
         return os.path.abspath(path.parent.parent)
     return None
+
+
+def train_settings(defaults: dict, given: dict) -> dict:
+    """The task's training defaults under the settings given (file, ``--steps``, ``--set``). Naming a step
+    count means training that many steps: ``steps`` given without ``until`` sets ``until: steps``, also where
+    the task's defaults train until flat."""
+    if "steps" in given and "until" not in given:
+        given = {**given, "until": "steps"}
+    return {**defaults, **given}
 
 
 def _log_targets(registry: Registry, value, where: str, strict: bool = True) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import HASHED_AS, NOT_HASHED
+from .config import HASHED_AS, hashed
 from .options import EvalOptions, TrainOptions
 
 
@@ -24,7 +24,7 @@ def config_label(name: str, section: dict, defaults: dict, train: dict | None = 
     for prefix, values, base in (("train", train, {**dataclasses.asdict(TrainOptions()), **(train_defaults or {})}),
                                  ("eval", eval, dataclasses.asdict(EvalOptions()))):
         changed += [f"{prefix}.{k}={v}" for k, v in (values or {}).items()
-                    if (prefix, k) not in NOT_HASHED and not same(prefix, k, base.get(k, v), v)]
+                    if k in hashed(prefix, values) and not same(prefix, k, base.get(k, v), v)]
     return " ".join([name] + changed)
 
 
@@ -58,7 +58,7 @@ def differing_settings(configs_a: list[dict], configs_b: list[dict]) -> list[str
         for cfg in configs:
             for section in ("task", "model", "train", "eval"):
                 for k, v in (cfg.get(section) or {}).items():
-                    if (section, k) not in NOT_HASHED:
+                    if k in hashed(section, cfg.get(section) or {}):
                         values.setdefault(f"{section}.{k}", set()).add(repr(HASHED_AS.get((section, k, v), v)))
         return values
 

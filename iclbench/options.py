@@ -60,7 +60,7 @@ def coerce(value: Any, default: Any, where: str) -> Any:
 SIZE_LIMITS = {
     "n_layers": 256, "n_heads": 1024, "d_model": 65536, "d_mlp": 262144, "d_head": 65536,
     "n_ctx": 65536, "context_len": 65536,
-    "steps": 10 ** 9, "batch_size": 10 ** 6,
+    "steps": 10 ** 9, "max_steps": 10 ** 9, "batch_size": 10 ** 6, "heldout": 10 ** 6,
     "n_sequences": 10 ** 7, "bootstrap": 100000,
 }
 
@@ -120,6 +120,23 @@ class TrainOptions:
     #: positions the loss averages: "all" scored positions, or only those from the task's ``score_from`` on
     #: ("scored"), which leaves the first positions untrained
     loss_positions: str = "all"
+    #: when training stops: after ``steps`` ("steps"), or when the held-out error is flat ("flat"): scored
+    #: every ``eval_every`` steps on ``heldout`` fixed sequences, flat once the improvement over the last
+    #: ``flat_window`` scorings is, at 95 % confidence, below ``flat_tol`` of the reducible error; then the
+    #: learning rate cools down for ``cooldown`` of the steps so far, and training stops. ``max_steps`` caps
+    #: it (the cooldown then ends at the cap). See :class:`iclbench.trainer.StopRule`.
+    until: str = "steps"
+    max_steps: int = 30000
+    eval_every: int = 200
+    heldout: int = 1024
+    flat_window: int = 4
+    flat_tol: float = 0.05
+    cooldown: float = 0.2
+
+    @property
+    def cap(self) -> int:
+        """The most steps a run can take: ``steps``, or ``max_steps`` when training until flat."""
+        return self.max_steps if self.until == "flat" else self.steps
 
     def validate(self):
         if self.steps <= 0:
@@ -142,6 +159,16 @@ class TrainOptions:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.loss_positions not in ("all", "scored"):
             raise ValueError(f"loss_positions must be all or scored, got {self.loss_positions!r}")
+        if self.until not in ("steps", "flat"):
+            raise ValueError(f"until must be steps or flat, got {self.until!r}")
+        if self.max_steps <= 0 or self.eval_every <= 0 or self.flat_window <= 0:
+            raise ValueError("max_steps, eval_every and flat_window must be > 0")
+        if self.heldout < 2:
+            raise ValueError(f"heldout must be >= 2 sequences, got {self.heldout}")
+        if not self.flat_tol > 0:
+            raise ValueError(f"flat_tol must be > 0, got {self.flat_tol}")
+        if not 0 <= self.cooldown < 1:
+            raise ValueError(f"cooldown must be in [0, 1), got {self.cooldown}")
 
 
 @dataclass

@@ -86,6 +86,26 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
 
 
+#: a Markdown code span the way a renderer finds it: one backtick (not escaped, not part of a longer run),
+#: text without backticks, one backtick; its text is shown literally, never taken for HTML
+_CODE_SPAN = re.compile(r"(?<![`\\])`[^`]+`(?!`)")
+
+
+def md_escape(text: str, cell: bool = False) -> str:
+    """``text`` (which may carry names from user data: directories, tasks, options, probe labels) made safe for
+    report.md: ``<``, ``>`` and ``&`` outside code spans written as entities, so a Markdown viewer shows
+    ``<script>`` or ``<img onerror=...>`` as text instead of rendering it; the report's own ``**bold**`` and
+    ```code``` stay. ``cell``: also ``|``, which would end a table cell."""
+    text = str(text)
+    out, last = [], 0
+    for span in _CODE_SPAN.finditer(text):
+        out += [html.escape(text[last:span.start()], quote=False), span.group(0)]
+        last = span.end()
+    out.append(html.escape(text[last:], quote=False))
+    text = "".join(out)
+    return text.replace("|", "\\|") if cell else text
+
+
 def _cell(value, floatfmt: str) -> tuple[str, bool]:
     """A cell's text and whether it is a number (right-aligned)."""
     import math
@@ -171,6 +191,11 @@ def _html_table(df: pd.DataFrame, floatfmt: str, links: dict) -> str:
             + "</tbody></table></div>")
 
 
+def _md_cell(value):
+    """A table cell for report.md: text escaped (:func:`md_escape`), numbers left for tabulate to format."""
+    return md_escape(value, cell=True) if isinstance(value, str) else value
+
+
 @dataclass
 class Document:
     out: Path
@@ -222,23 +247,30 @@ class Document:
     def markdown(self) -> str:
         from tabulate import tabulate
 
-        lines = [f"# {self.title}", ""]
+        from urllib.parse import quote
+
+        # every text taken from user data escaped (md_escape): Markdown viewers render raw HTML
+        lines = [f"# {md_escape(self.title)}", ""]
         for kind, value in self.blocks:
             if kind == "heading":
                 level, text = value[:2]
-                lines += ["#" * level + " " + text, ""]
+                lines += ["#" * level + " " + md_escape(text), ""]
             elif kind == "text":
-                lines += [no_negative_zero(value), ""]
+                lines += [md_escape(no_negative_zero(value)), ""]
             elif kind == "bullets":
-                lines += [f"- {no_negative_zero(item)}" for item in value] + [""]
+                lines += [f"- {md_escape(no_negative_zero(item))}" for item in value] + [""]
             elif kind == "table":
                 df, floatfmt = value[:2]
-                for part in column_groups(_without_negative_zeros(df, floatfmt)):
+                df = _without_negative_zeros(df, floatfmt)
+                df = df.rename(columns=lambda c: md_escape(c, cell=True))
+                df = df.map(_md_cell) if hasattr(df, "map") else df.applymap(_md_cell)
+                for part in column_groups(df):
                     lines += [tabulate(part, headers="keys", tablefmt="github", showindex=False, floatfmt=floatfmt),
                               ""]
             elif kind == "figure":
-                rel, caption = value[:2]
-                lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
+                rel, caption = value[:2]  # a run directory's name is in the file name: quoted, as in HTML
+                alt = md_escape(caption).replace("[", "\\[").replace("]", "\\]")
+                lines += [f"![{alt}]({quote(rel)})", "", f"*{md_escape(caption)}*", ""]
         return "\n".join(lines)
 
     def html(self) -> str:
@@ -313,6 +345,65 @@ def error_curve_figure(metrics: dict):
     ax.set_title(f"In-context error on {metrics['task']}: {metrics['model']}, seed {metrics['seed']} "
                  f"({int(100 * curves.get('confidence', 0.95))}% bootstrap CI)")
     # under the axes, not over them: a legend inside hides whichever curves run beneath it
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def training_log(run_dir: Path) -> list[dict]:
+    """The training curve points of ``train.log`` (a damaged line ends the reading)."""
+    import json
+
+    points = []
+    try:
+        with open(Path(run_dir) / store.LOG) as fh:
+            for line in fh:
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "step" in entry and "loss" in entry:
+                    points.append(entry)
+    except (OSError, ValueError):
+        pass
+    return points
+
+
+def stop_text(t: dict) -> str:
+    """How training ended, in words (``train.until: flat`` records it; a fixed step count says so)."""
+    stop = t.get("stop")
+    if not stop:
+        return f"Trained for a fixed {t['steps']} steps (`train.until: steps`)."
+    if stop["reason"] == "flat":
+        return (f"Stopped at step {stop['steps']}: the held-out error was flat at step {stop['decay_from']} "
+                f"(improvement over the window below the tolerance by its 95% interval), then cooled down.")
+    return (f"Stopped at the cap, step {stop['steps']}: the held-out error was still falling (or the run was not "
+            "learned) when the cooldown had to begin.")
+
+
+def learning_curve_figure(run_dir: Path, metrics: dict):
+    """Training loss (``train.log``) and, under ``train.until: flat``, the held-out error and its excess over
+    Bayes against the step, the cooldown's start and the stop marked; None when there is nothing to draw."""
+    log, stop = training_log(run_dir), metrics["train"].get("stop") or {}
+    held = stop.get("heldout") or []
+    if not log and not held:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if log:
+        ax.plot([p["step"] for p in log], [p["loss"] for p in log], lw=1.2, color="tab:grey",
+                label="training loss (normalized)")
+    if held:
+        ax.plot([h["step"] for h in held], [h["error"] for h in held], lw=2.0, color="black", marker="o", ms=2,
+                label="held-out error")
+        if held[0].get("excess") is not None:
+            ax.plot([h["step"] for h in held], [max(h["excess"], 1e-6) for h in held], lw=1.4, color="tab:red",
+                    label="held-out excess over Bayes")
+    if stop.get("decay_from"):
+        ax.axvline(stop["decay_from"], color="tab:blue", lw=0.9, ls="--", label=f"cooldown from {stop['decay_from']}")
+    if stop:
+        ax.axvline(stop["steps"], color="tab:green", lw=0.9, ls="-.", label=f"stopped ({stop['reason']})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("normalized squared error (1 = prior mean)")
+    ax.set_title(f"Learning curve: {metrics['model']} on {metrics['task']}, seed {metrics['seed']}")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     ax.grid(alpha=0.3)
     return fig
@@ -417,11 +508,38 @@ def run_section(doc: Document, run_dir: Path):
                    f"Normalized squared error per context position for {metrics['model']} and every baseline "
                    f"on {metrics['task']}; shaded: bootstrap CI.")
     doc.table(curve_table(metrics))
+    doc.text(stop_text(t))
+    with doc.figures_named(f"{slug}-"):
+        figure = learning_curve_figure(run_dir, metrics)
+        if figure is not None:
+            doc.figure(figure, "learning", "Training loss and, when training ran until flat, the held-out error "
+                       "scored every train.eval_every steps (its excess over Bayes in red).")
     probe_section(doc, run_dir, metrics)
     return metrics
 
 
-def cross_run_sections(doc: Document, roots: list[Path]) -> list[str]:
+class OncePerRun:
+    """A warning callback (messages already prefixed ``iclbench: warning:``) that says what is wrong with a
+    run once: the leaderboard, each probe's section across runs and the run's own section all read a damaged
+    run, and each would warn about it. A warning naming no run is shown once too."""
+
+    ABOUT_RUN = re.compile(r"(?:skipping (?:damaged )?run directory|leaving out unstable run|leaving out) (.+?)"
+                           r"(?: in the report)?: ")
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, message: str) -> None:
+        import sys
+
+        about = self.ABOUT_RUN.search(message)
+        key = str(Path(about.group(1)).resolve()) if about else message
+        if key not in self.seen:
+            self.seen.add(key)
+            print(message, file=sys.stderr)
+
+
+def cross_run_sections(doc: Document, roots: list[Path], warn_run=None) -> list[str]:
     """Each registered probe's section across runs (:meth:`iclbench.Probe.cross_run_table` and
     :meth:`~iclbench.Probe.cross_run_section`), where it has one and has run; a table's task and model cells
     link to the runs' sections. Returns the lines the probes add to the summary at the top."""
@@ -436,7 +554,8 @@ def cross_run_sections(doc: Document, roots: list[Path]) -> list[str]:
             continue
         kept = len(doc.blocks)
         try:
-            runs = pd.concat([collect_probe(r, name) for r in roots])
+            runs = pd.concat([collect_probe(r, name, **({"warn": warn_run} if warn_run else {}))
+                              for r in roots])
             if runs.empty:
                 continue
             table = cls.cross_run_table(runs)
@@ -467,7 +586,8 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
     run_dirs = distinct_runs(run_dirs)  # a copy of a run is not another seed: one section
     doc = Document(out, "iclbench report", run_anchors=run_anchors(run_dirs))
     roots = [results] if results is not None else sorted({Path(d).parent for d in run_dirs})
-    frames = [collect(r) for r in roots]
+    once = OncePerRun()  # a damaged run is read by every section: one warning about it
+    frames = [collect(r, warn=once) for r in roots]
     tidy = pd.concat(frames) if frames else pd.DataFrame()
     board = aggregate(tidy) if frames else pd.DataFrame()
     if not board.empty:
@@ -476,7 +596,7 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
                  f"the prior mean); {INTERVALS}. Each cell links to its run's section.")
         table = wide(board).reset_index().rename(columns={"row": "model"})
         doc.table(table, links=leaderboard_links(table, tidy, doc.run_anchors))
-    probe_lines = cross_run_sections(doc, roots)
+    probe_lines = cross_run_sections(doc, roots, once)
     doc.blocks[0:0] = [("heading", (2, "Summary", "summary")),
                        ("bullets", probe_lines + summary_lines(board) or ["No complete runs to summarize."])]
     for run_dir in run_dirs:
@@ -485,8 +605,8 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
             run_section(doc, Path(run_dir))
         except (store.DamagedRun, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             del doc.blocks[kept:]  # nothing half-written about it
-            warn(f"skipping damaged run directory {run_dir} in the report: {type(exc).__name__}: "
-                 f"{' '.join(str(exc).split())[:200]}")
+            once(f"iclbench: warning: skipping damaged run directory {run_dir} in the report: "
+                 f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
     doc.text("Generated by `iclbench report`; the numbers come from each run's metrics.json "
              + json.dumps(sorted(str(d) for d in run_dirs)))
     return doc.write()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from . import store
 from .config import resolve
 from .errors import ICLBenchError
@@ -23,6 +21,9 @@ from .rundir import RunDir
 def rescore(run_dir, registry: Registry | None = None, device: str = "cpu") -> dict:
     """Add every baseline registered now but absent from the run's record to its ``metrics.json``.
     Returns ``{"added": [names], "refused": {name: reason}}``; the main evaluation only (not OOD shifts)."""
+    from .trainer import resolve_device
+
+    dev = resolve_device(device)  # refused in one line even when nothing needs scoring
     registry = registry or get_registry()
     run = RunDir(run_dir)
     try:
@@ -37,7 +38,7 @@ def rescore(run_dir, registry: Registry | None = None, device: str = "cpu") -> d
         return {"added": [], "refused": {}}
     curves = metrics["curves"]
     scores = score(None, {n: e.obj for n, e in entries.items()}, task,
-                   evaluation_batch(task, cfg.eval, torch.device(device)), score_from=curves["score_from"],
+                   evaluation_batch(task, cfg.eval, dev), score_from=curves["score_from"],
                    replicates=curves.get("bootstrap", cfg.eval.bootstrap),
                    confidence=curves.get("confidence", cfg.eval.confidence), seed=cfg.eval.seed,
                    owners={n: f"baseline '{cfg.task}:{n}' (plugin '{e.plugin}')" for n, e in entries.items()},

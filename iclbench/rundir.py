@@ -159,6 +159,24 @@ class RunDir:
         store.write_json(self.path / PROBES_JSON, record)
         return record
 
+    def check_resumable(self) -> None:
+        """For ``--resume``: one line where there is nothing to continue, saying why (never run here, or a
+        damaged status.json and no checkpoint) and what to do. A checkpoint or metrics.json, even damaged, is
+        something: reading it says more (a damaged checkpoint starts the run afresh with a warning)."""
+        status = self.path / store.STATUS
+        if any(os.path.lexists(self.path / name) for name in (store.TRAIN_STATE, store.METRICS)):
+            return
+        if not os.path.lexists(status):
+            raise ICLBenchError(f"nothing to resume in {self.path}: this config was never run there")
+        try:
+            store.read_json(status)
+        except store.DamagedRun as exc:
+            reason = ("a dangling link" if status.is_symlink() and not status.exists()
+                      else " ".join(str(exc).split()))
+            raise ICLBenchError(f"cannot resume {self.path}: its status.json is damaged ({reason}) and there is "
+                                f"no checkpoint ({store.TRAIN_STATE}) to continue from; rerun without --resume "
+                                "to start the run afresh") from None
+
     # --- writing: the life of a run -----------------------------------------------------------------------
     @contextlib.contextmanager
     def open(self, cfg: RunConfig, registry: Registry, device: torch.device, task, model, *,
@@ -168,8 +186,8 @@ class RunDir:
         :class:`OpenRun`. Once :meth:`OpenRun.start` has said "running", a run that raises is recorded as
         failed (diverged, or interrupted on Ctrl-C) and ``iclbench_run_failed`` is called; a plugin's error
         reaches the user as one line naming it."""
-        if resume and not (self.path / store.STATUS).exists() and not (self.path / store.TRAIN_STATE).exists():
-            raise ICLBenchError(f"nothing to resume in {self.path}: this config was never run there")
+        if resume:
+            self.check_resumable()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -231,8 +249,8 @@ class OpenRun:
         try:
             state = self.dir.training_state()
         except Exception as exc:
-            warn(f"damaged checkpoint {self.path / store.TRAIN_STATE} ({type(exc).__name__}: {one_line(exc)}); "
-                 "starting this run afresh")
+            reason = one_line(exc) if isinstance(exc, store.DamagedRun) else f"{type(exc).__name__}: {one_line(exc)}"
+            warn(f"damaged checkpoint {self.path / store.TRAIN_STATE} ({reason}); starting this run afresh")
             return
         if state is not None and state.device != self.device.type:
             raise ICLBenchError(f"the checkpoint in {self.path} was written on {state.device}, this run is on "
@@ -376,9 +394,8 @@ class OpenRun:
         ``iclbench_run_finished``, whose failing logger no longer marks the run failed."""
         self.registry.notify("iclbench_eval_finished", run_dir=self.path, config=self.cfg, metrics=metrics)
         unstable = store.unstable_reason(metrics)
-        if unstable:  # recorded, but kept off the leaderboard (leaderboard --include-unstable shows it)
-            metrics["unstable"] = unstable
-            warn(f"run {self.path.name} is unstable: {unstable}; it is left off the leaderboard")
+        if unstable:  # recorded, but kept off the leaderboard (leaderboard --include-unstable shows it); the
+            metrics["unstable"] = unstable  # command says so at its end (unstable_warning)
         store.write_json(self.path / store.METRICS, metrics)
         wall = metrics["wall_time_s"]
         store.write_json(self.path / store.STATUS, {"status": "unstable", "message": unstable, "wall_time_s": wall}
@@ -392,3 +409,12 @@ def non_finite_options(cfg: RunConfig) -> list[str]:
     """``section.key=value`` of each task or model option that is NaN or infinite."""
     return [f"{section}.{k}={v}" for section, opts in (("task", cfg.task_options), ("model", cfg.model_options))
             for k, v in dataclasses.asdict(opts).items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def unstable_warning(run_dir, metrics: dict) -> str | None:
+    """The one line a command ends with for an unstable run (:func:`iclbench.store.unstable_reason`), or None."""
+    unstable = metrics.get("unstable") or store.unstable_reason(metrics)
+    if not unstable:
+        return None
+    return (f"run {Path(run_dir).name} is unstable: {' '.join(str(unstable).split())}; recorded but left off the "
+            "leaderboard (--include-unstable shows it); lower --set train.lr or keep train.grad_clip > 0")

@@ -17,7 +17,7 @@ from . import store
 from .build import build, check_plugins
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged
-from .evaluate import error_curves, evaluation_batch, score
+from .evaluate import BAYES, error_curves, evaluation_batch, score
 from .probing import run_probes
 from .registry import Registry, get_registry
 from .rundir import OpenRun, RunDir, non_finite_options
@@ -35,6 +35,9 @@ class RunResult:
     task: object
     model: torch.nn.Module
     outcome: str = "trained"  # "trained", "resumed" (from a checkpoint) or "complete" (found done, not rerun)
+    #: resumed after its training had finished (killed while evaluating or probing): the training figures are
+    #: the first attempt's, nothing was retrained
+    resumed_after_training: bool = False
 
     @property
     def probes(self) -> dict:
@@ -130,10 +133,13 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
         together = together if len(together) > 1 else []
         for r in live:
             r.start(stacked_with=[s.cfg.seed for s in together] if r in together else None)
+        after_training = {r.path for r in live if r.earlier is not None and r.trained}
         groups = ([together] if together else []) + [[r] for r in live if r not in together and not r.trained]
         for group in groups:
+            bayes = registry.task_baselines(group[0].task).get(BAYES)
             for r, outcome in zip(group, train_together([trainee(r) for r in group], group[0].task,
-                                                        group[0].cfg.train, dev, progress=progress)):
+                                                        group[0].cfg.train, dev, progress=progress,
+                                                        reference=bayes and bayes.obj)):
                 if isinstance(outcome, TrainingDiverged):
                     diverged.append(r.diverged(outcome))
                 else:
@@ -143,7 +149,8 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
                 metrics = evaluate(r, registry, dev)
                 r.complete(metrics)
                 results[r.path] = RunResult(r.path, metrics, r.cfg, r.task, r.model,
-                                            outcome="trained" if r.earlier is None else "resumed")
+                                            outcome="trained" if r.earlier is None else "resumed",
+                                            resumed_after_training=r.path in after_training)
     if diverged:
         raise diverged[0]
     return [results[path] for path in paths]

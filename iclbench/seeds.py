@@ -104,4 +104,6 @@ def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None =
 
 def _outcome(r) -> str:
     stacked = r.metrics.get("train", {}).get("stacked_with")
+    if r.outcome == "resumed" and getattr(r, "resumed_after_training", False):
+        return "resumed after training"
     return f"trained (stacked with {stacked})" if r.outcome == "trained" and stacked else r.outcome

@@ -40,12 +40,14 @@ class StackedSeeds:
         self.forward = vmap(one)
         self.opt = make_optimizer(self.params.values(), o)
 
-    def step(self, batches: list[Batch], normalizer: torch.Tensor, lr: float,
+    def step(self, batches: list[Batch], normalizer: torch.Tensor, lrs: list[float],
              scored: torch.Tensor | None = None) -> torch.Tensor:
-        """One optimisation step of every seed on its own batch; returns the per-seed losses ``[N]`` (no
-        sync). The loss is :func:`~iclbench.step.training_loss` per seed, summed."""
+        """One optimisation step of every seed on its own batch at its own learning rate (0: a seed that has
+        stopped); returns the per-seed losses ``[N]`` (no sync). The loss is
+        :func:`~iclbench.step.training_loss` per seed, summed."""
+        same = all(lr == lrs[0] for lr in lrs)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lrs[0] if same else 1.0
         inputs = torch.stack([b.inputs for b in batches])
         stacked = Batch(inputs, torch.stack([b.targets for b in batches]), batches[0].mask)
         with autocast(self.device, self.o.precision):
@@ -58,8 +60,22 @@ class StackedSeeds:
         losses.sum().backward()
         if self.o.grad_clip:
             self.clip(self.o.grad_clip)
-        self.opt.step()
+        if same:
+            self.opt.step()
+        else:  # AdamW's update is linear in lr: take it at lr 1, then scale each seed's share
+            before = {name: p.detach().clone() for name, p in self.params.items()}
+            self.opt.step()
+            scale = torch.tensor(lrs, dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(torch.lerp(before[name], p, scale.view(-1, *[1] * (p.dim() - 1))))
         return losses.detach()
+
+    @torch.no_grad()
+    def heldout_errors(self, held) -> torch.Tensor:
+        """Every seed's per-sequence held-out errors ``[N, B]`` (:class:`iclbench.trainer.HeldOut`)."""
+        inputs = held.batch.inputs.expand(self.n, *held.batch.inputs.shape)
+        return held.errors(self.forward(self.params, self.buffers, inputs))
 
     def clip(self, max_norm: float):
         """``clip_grad_norm_`` of each seed separately: the same formula, on a ``[N]`` vector of norms."""

@@ -96,10 +96,19 @@ class OneModel:
         self.opt = make_optimizer(model, o)
         self.step_model = compile_model(model, device) if o.compile else model
 
-    def step(self, batches: list[Batch], normalizer: torch.Tensor, lr: float,
+    def step(self, batches: list[Batch], normalizer: torch.Tensor, lrs: list[float],
              scored: torch.Tensor | None = None) -> torch.Tensor:
         """The loss ``[1]`` (no sync)."""
-        return train_step(self.step_model, self.opt, batches[0], normalizer, lr, self.o, scored).reshape(1)
+        return train_step(self.step_model, self.opt, batches[0], normalizer, lrs[0], self.o, scored).reshape(1)
+
+    @torch.no_grad()
+    def heldout_errors(self, held) -> torch.Tensor:
+        """The per-sequence held-out errors ``[1, B]`` (:class:`iclbench.trainer.HeldOut`)."""
+        self.model.eval()
+        try:
+            return held.errors(self.model(held.batch.inputs))[None]
+        finally:
+            self.model.train()
 
     def state(self, i: int) -> tuple[dict, dict]:
         """The weights and the AdamW state."""

@@ -290,8 +290,24 @@ def save_training_state(path: Path, state: dict) -> None:
 def load_training_state(path: Path) -> dict:
     """The training state :func:`save_training_state` wrote (no arbitrary unpickling); :class:`DamagedRun`
     where ``path`` is not a regular file."""
-    with open_regular(path) as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+    import pickle
+    import warnings
+
+    with open_regular(path) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own advice (load with weights_only=False) is not for this file
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # torch's message: several lines of advice, then the cause
+            import re
+
+            named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if named:  # a pickled object other than tensors and plain values: a foreign or tampered file
+                raise DamagedRun(f"{Path(path).name} holds objects other than tensors and plain values "
+                                 f"({named.group(1)}): a foreign or tampered file, refused; nothing in it was run"
+                                 ) from None
+            raise DamagedRun(f"{Path(path).name} is unreadable (not a training state iclbench wrote)") from None
+        except (EOFError, RuntimeError, ValueError, OSError) as exc:
+            raise DamagedRun(f"{Path(path).name} is unreadable ({' '.join(str(exc).split())[:150]})") from None
 
 
 def remove_file(path: Path) -> None:
@@ -362,6 +378,13 @@ def read_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     metrics = run_dir / METRICS
     if not metrics.exists():
+        if metrics.is_symlink():
+            try:
+                target = f" (to {os.readlink(metrics)!r})"
+            except OSError:
+                target = ""
+            raise DamagedRun(f"metrics.json is a dangling link{target}; restore the file or rerun the run "
+                             "(iclbench run --force)")
         status = run_dir / STATUS
         if status.exists():
             try:
@@ -369,7 +392,11 @@ def read_run(run_dir: Path) -> dict:
             except DamagedRun:
                 info = None
             if info is not None:
-                raise DamagedRun(f"run did not finish: {info.get('status', '?')} ({info.get('message', '')})")
+                state, message = info.get("status", "?"), info.get("message")
+                if state == "complete":
+                    raise DamagedRun("metrics.json is missing although status.json says the run completed; "
+                                     "rerun it (iclbench run --force)")
+                raise DamagedRun(f"run did not finish: {state}" + (f" ({message})" if message else ""))
         raise DamagedRun("no metrics.json (run incomplete or interrupted)")
     try:
         data = read_json(metrics)
@@ -383,32 +410,71 @@ def read_run(run_dir: Path) -> dict:
     if not isinstance(summary, dict) or not all(isinstance(v, dict) and "mean" in v for v in summary.values()) \
             or "model" not in summary:
         raise DamagedRun("metrics.json: 'summary' is not a table of predictors with a mean each")
+    problem = record_problem(data)
+    if problem:
+        raise DamagedRun(f"metrics.json: {problem}")
     return data
 
 
-#: a model error this many times the all-zeros predictor's (or the prior mean's, whichever is larger) is
-#: not a result but a broken run (divergence the loss check did not catch, an lr far too high)
-ABSURD_FACTOR = 10.0
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def record_problem(data: dict) -> str | None:
+    """What is wrong with the shape of a run's recorded names and config (``task``, ``model``, ``seed`` and
+    ``config`` of ``metrics.json``), which every reader takes for names, numbers and mappings; None if
+    nothing."""
+    for key in ("task", "model"):
+        if not isinstance(data[key], str) or not data[key]:
+            return f"'{key}' is {_shown(data[key])}, not a {key} name"
+    if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
+        return f"'seed' is {_shown(data['seed'])}, not an integer"
+    config = data["config"]
+    if not isinstance(config, dict):
+        return f"the recorded config is {_shown(config)}, not a mapping of sections"
+    for section in ("task", "model", "train", "eval"):
+        if section not in config:
+            continue
+        value = config[section]
+        if not isinstance(value, dict):
+            return (f"the recorded config's '{section}' is {_shown(value)}, not a mapping of "
+                    + (f"the {section}'s name and options" if section in ("task", "model") else "options"))
+        if section in ("task", "model") and not isinstance(value.get("name"), str):
+            return f"the recorded config's '{section}' has no {section} name (name: {_shown(value.get('name'))})"
+    return None
+
+
+#: a model error more than this many times the all-zeros predictor's (or 1.0, the prior mean's, whichever is
+#: larger) is not a result but a broken run: training that the loss check did not stop (its loss stayed finite)
+#: but that went astray, an lr far too high (lr=10 without clipping ended at 5.57). docs/training.md says when a
+#: run is diverged, unstable or complete.
+ABSURD_FACTOR = 3.0
 
 
 def unstable_reason(metrics: dict) -> str | None:
-    """Why a complete run's headline cannot be trusted (non-finite, or absurdly above the zero predictor),
-    or None."""
+    """Why a complete run's headline cannot be trusted (non-finite, or over :data:`ABSURD_FACTOR` times the
+    zero predictor's error), with its final training loss where recorded; or None."""
     import math
 
     try:
         err = float(metrics["summary"]["model"]["mean"])
     except (KeyError, TypeError, ValueError):
         return "no model error recorded"
+    try:
+        loss = float((metrics.get("train") or {}).get("final_loss"))
+        loss = f"; final training loss {loss:.4g}"
+    except (TypeError, ValueError):
+        loss = ""
     if not math.isfinite(err):
-        return f"model error is {err}"
+        return f"model error is {err}{loss}"
     zero = (metrics.get("reference") or {}).get("zero") or {}
     try:
         ref = max(1.0, float(zero.get("mean", 1.0)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         ref = 1.0
     if not math.isfinite(ref):
         ref = 1.0
     if err > ABSURD_FACTOR * ref:
-        return f"model error {err:.4g} is over {ABSURD_FACTOR:g}x the zero predictor's ({ref:.4g})"
+        return f"model error {err:.4g} is over {ABSURD_FACTOR:g}x the zero predictor's ({ref:.4g}){loss}"
     return None

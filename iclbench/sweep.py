@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import logging
 import math
 import os
 import re
@@ -97,6 +99,8 @@ class Experiment:
     name: str
     runs: list[PlannedRun]
     duplicates: int = 0  # grid points that resolved to a run already planned
+    #: one line per run whose config is invalid (only when loaded with ``collect_errors``; else the first raises)
+    invalid: list[str] = field(default_factory=list)
 
     @property
     def out(self) -> Path:
@@ -213,10 +217,11 @@ MAX_RUNS = 100000
 
 
 def load_experiment(path: str | Path, registry: Registry | None = None, out: str | None = None,
-                    max_runs: int = MAX_RUNS) -> Experiment:
+                    max_runs: int = MAX_RUNS, collect_errors: bool = False) -> Experiment:
     """Parse and validate an experiment file; every run's config is resolved here, before anything runs. An
     experiment of more than ``max_runs`` runs (the variants times the grid, counted before expanding it) is
-    refused in one line."""
+    refused in one line. A run whose config is invalid raises, or with ``collect_errors`` is left out and
+    its error line kept in :attr:`Experiment.invalid` (``--dry-run`` lists them all)."""
     registry = registry or get_registry()
     path = Path(path)
     reader = _Reader(path)
@@ -269,6 +274,7 @@ def load_experiment(path: str | Path, registry: Registry | None = None, out: str
         raise ICLBenchError(f"{path}: the experiment expands to {sizes} = {count:,} runs, more than the limit of "
                             f"{max_runs:,}; shrink the grid, or raise the limit with --max-runs")
     runs: list[PlannedRun] = []
+    invalid: list[str] = []
     seen: set[str] = set()
     duplicates = 0
     for entry in variants:
@@ -280,15 +286,50 @@ def load_experiment(path: str | Path, registry: Registry | None = None, out: str
                 culprit = _blame(settings, str(exc))
                 if culprit is None:
                     which = ", ".join(str(s) for s in settings if s.origin != "base") or "base"
-                    raise ICLBenchError(f"{path}: run ({which}): {exc}") from None
-                raise ICLBenchError(f"{path} line {culprit.line} ({culprit.origin} {culprit.key}: "
-                                    f"{culprit.value!r}): {exc}") from None
+                    error = ICLBenchError(f"{path}: run ({which}): {exc}")
+                else:
+                    error = ICLBenchError(f"{path} line {culprit.line} ({culprit.origin} {culprit.key}: "
+                                          f"{culprit.value!r}): {exc}")
+                if not collect_errors:
+                    raise error from None
+                if str(error) not in invalid:  # a bad base or variant fails every grid point alike
+                    invalid.append(str(error))
+                continue
             if cfg.run_name in seen:
                 duplicates += 1
                 continue
             seen.add(cfg.run_name)
             runs.append(PlannedRun(cfg, tuple(settings)))
-    return Experiment(path, name, runs, duplicates)
+    return Experiment(path, name, runs, duplicates, invalid)
+
+
+def check_runs(experiment: Experiment, registry: Registry | None = None, devices: bool = True) -> dict[str, str]:
+    """What would fail each planned run before it trains, found without training: its device absent from
+    this machine (``devices``; not for a Ray cluster, whose workers have their own), its task that cannot be
+    built, sizes that cannot fit in memory. ``{run name: one line naming the run and why}`` (``--dry-run``)."""
+    from .build import check_sizes
+    from .trainer import resolve_device
+
+    registry = registry or get_registry()
+    problems, seen = {}, {}
+    for plan in experiment.runs:
+        cfg = plan.config
+        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out", "log")},
+                         sort_keys=True, default=str)  # seeds of one config fail alike: checked once
+        if key not in seen:
+            try:
+                device = resolve_device(cfg.device) if devices else None
+                task = registry.task(cfg.task)(cfg.task_options)
+                if device is not None:
+                    check_sizes(cfg, task, registry.model(cfg.model), device)
+                seen[key] = None
+            except ICLBenchError as exc:
+                seen[key] = " ".join(str(exc).split())
+            except Exception as exc:  # a plugin's task that cannot be built with these options
+                seen[key] = f"the task cannot be built: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        if seen[key] is not None:
+            problems[plan.name] = f"{plan.name} ({plan.label or 'base'}): {seen[key]}"
+    return problems
 
 
 # --- computing one run (in a worker) ------------------------------------------------------------------------
@@ -512,13 +553,90 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
                             f"{timeout:g}s)") from None
 
 
+#: seconds joining a Ray cluster (``--address``) may take as a whole, the reachability check and ``ray.init``
+#: together (``--connect-timeout``): something that accepts TCP but does not speak Ray kept ``ray.init``
+#: retrying for minutes
+RAY_START_TIMEOUT = 60.0
+
+
+def call_within(seconds: float, call, expired: str):
+    """``call()``'s result (or its exception) if it returns within ``seconds``; else ``ICLBenchError(expired)``.
+    The call runs in a daemon thread, which is left behind when it does not return: the process is about to
+    end with the error."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="iclbench-ray-start", daemon=True)
+    thread.start()
+    thread.join(max(0.0, seconds))
+    if thread.is_alive():
+        raise ICLBenchError(expired)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """File descriptor 2 sent to a temporary file while Ray starts: its C++ client prints its retries there
+    ("Failed to connect to GCS ... within 5 seconds") whatever the log level. What was held is shown when the
+    start succeeds and dropped when it fails (the failure is one line of ours). ``left_behind()``, for a start
+    given up on whose thread still runs: where ``sys.stderr`` wrote to fd 2 (the command line), fd 2 stays held
+    (that thread's output goes nowhere) and ``sys.stderr`` writes to a copy of the original descriptor; a
+    stream of the caller's own is left alone and fd 2 given back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    state = {"kept": False, "ok": False}
+
+    class Holder:
+        def left_behind(self):
+            state["kept"] = True
+
+        def succeeded(self):
+            state["ok"] = True
+
+    try:
+        yield Holder()
+    finally:
+        if state["kept"]:
+            try:
+                on_fd2 = sys.stderr.fileno() == 2
+            except (AttributeError, OSError, ValueError):  # a stream of Python's own (captured): not fd 2
+                on_fd2 = False
+            if on_fd2:
+                sys.stderr = os.fdopen(saved, "w", buffering=1)
+            else:  # the caller's own stream: fd 2 given back as it was (Ray's thread may still print there)
+                os.dup2(saved, 2)
+                os.close(saved)
+                held.close()
+        else:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if state["ok"]:
+                held.seek(0)
+                text = held.read().decode(errors="replace")
+                if text:
+                    sys.stderr.write(text)
+            held.close()
+
+
 class RayExecutor:
     """Each run a Ray task asking for ``cpus``/``gpus``; the worker returns the run's files."""
 
     name = "ray"
     ships_files = True
 
-    def __init__(self, address: str | None, cpus: float, gpus: float):
+    def __init__(self, address: str | None, cpus: float, gpus: float, timeout: float = RAY_START_TIMEOUT):
+        # nor are the retries of Ray's C++ client ("Failed to connect to GCS ... within 5 seconds"), read when
+        # Ray is imported; its errors still show
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         try:
             import ray
         except ImportError:
@@ -526,11 +644,32 @@ class RayExecutor:
         self.ray = ray
         self.started_here = False
         if not ray.is_initialized():
-            if address:
-                check_reachable(address)
             kwargs = {"address": address} if address else {"include_dashboard": False}
+
+            def init():
+                return ray.init(logging_level="warning", **kwargs)
+
+            # the start runs in a thread of its own (to be given up on): Ray's warning that it therefore sets no
+            # SIGTERM handler is not for the user
+            logging.getLogger("ray._private.worker").addFilter(
+                lambda record: "SIGTERM handler is not set" not in record.getMessage())
+
             try:
-                ray.init(logging_level="warning", **kwargs)
+                if address:  # the whole start within ``timeout``: reaching the address, then Ray's handshake
+                    deadline = time.monotonic() + timeout
+                    check_reachable(address, min(RAY_CONNECT_TIMEOUT, timeout))
+                    with _stderr_held() as held:
+                        try:
+                            call_within(deadline - time.monotonic(), init,
+                                        f"cannot connect to the Ray cluster at {address!r}: no answer from Ray "
+                                        f"within {timeout:g}s (the address accepts connections but does not "
+                                        "speak Ray?); --connect-timeout SECONDS waits longer")
+                        except ICLBenchError:
+                            held.left_behind()
+                            raise
+                        held.succeeded()
+                else:
+                    init()
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ICLBenchError(f"cannot connect to the Ray cluster at {address!r}: "
                                     f"{' '.join(str(exc).split())[:300]}") from None
@@ -589,6 +728,7 @@ class SweepReport:
     interrupted: dict[str, int | None] = field(default_factory=dict)
     #: what interrupted the sweep (Ctrl-C, SIGHUP, SIGTERM), None when it was not
     signal: str | None = None
+    unstable: dict[str, str] = field(default_factory=dict)  # ran, but unstable (off the leaderboard): why
     wall_s: float = 0.0
 
     @property
@@ -601,10 +741,13 @@ class SweepReport:
                  f"{len(self.skipped)} skipped (already complete), {len(self.failed)} failed"
                  + (f", {len(self.interrupted)} interrupted" if self.interrupted else "")
                  + (f", {len(self.not_run)} not run" if self.not_run else "")
+                 + (f", {len(self.unstable)} unstable (left off the leaderboard)" if self.unstable else "")
                  + (f" (stopped by {self.signal})" if self.signal else "")
                  + f" in {self.wall_s:.1f}s"]
         for name, error in self.failed.items():
             lines.append(f"  failed {name}: {error}")
+        for name, why in self.unstable.items():
+            lines.append(f"  unstable {name}: {why}")
         for name, step in self.interrupted.items():
             lines.append(f"  interrupted {name}: " + (f"the rerun continues from its checkpoint at step {step}"
                                                       if step else "no checkpoint yet: the rerun starts it afresh"))
@@ -679,7 +822,7 @@ def _isatty(stream) -> bool:
 
 def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | None = None,
               cpus_per_run: float | None = None, gpus_per_run: float = 0, address: str | None = None,
-              progress: bool = True) -> SweepReport:
+              progress: bool = True, connect_timeout: float = RAY_START_TIMEOUT) -> SweepReport:
     """Run every incomplete run of ``experiment``; complete ones are skipped, failures recorded.
 
     ``progress``: a progress display (:class:`Progress`: a bar on a terminal, a line per run otherwise).
@@ -692,6 +835,8 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         raise ICLBenchError(f"--jobs must be >= 1, got {jobs}")
     if (cpus_per_run is not None and cpus_per_run <= 0) or gpus_per_run < 0:
         raise ICLBenchError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    if not 0 < connect_timeout <= 86400:
+        raise ICLBenchError(f"--connect-timeout must be > 0 and at most 86400 seconds, got {connect_timeout}")
     if executor == "local" and (address or gpus_per_run):
         raise ICLBenchError("--address and --gpus-per-run are for --executor ray; locally each run takes the "
                             "device its config names (device: auto picks cuda when present)")
@@ -717,7 +862,8 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         report.wall_s = time.perf_counter() - started
         return report
 
-    pool, slots, where = _start_executor(executor, len(todo), jobs, cpus_per_run, gpus_per_run, address)
+    pool, slots, where = _start_executor(executor, len(todo), jobs, cpus_per_run, gpus_per_run, address,
+                                         connect_timeout)
     print(f"{len(experiment.runs)} runs: {len(report.skipped)} already complete, {len(todo)} to run ({where})",
           file=sys.stderr, flush=True)
     shown = Progress(len(todo), progress)
@@ -794,7 +940,7 @@ def default_threads(cores: int, jobs: int | None) -> int:
 
 
 def _start_executor(kind: str, n_runs: int, jobs: int | None, cpus_per_run: float | None, gpus_per_run: float,
-                    address: str | None):
+                    address: str | None, connect_timeout: float = RAY_START_TIMEOUT):
     """The executor, how many runs to keep in flight, and a line saying so."""
     if kind == "local":
         cores = available_cores()
@@ -802,7 +948,7 @@ def _start_executor(kind: str, n_runs: int, jobs: int | None, cpus_per_run: floa
         pool = LocalExecutor(min(n_runs, jobs or max(1, cores // threads)), threads)
         return pool, pool.jobs, (f"local: {pool.jobs} process{'es' if pool.jobs > 1 else ''} × {threads} torch "
                                  f"thread{'s' if threads > 1 else ''}")
-    pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run)
+    pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run, timeout=connect_timeout)
     slots = jobs or pool.capacity()
     return pool, slots, f"ray: up to {slots} runs at once, {pool.cpus} CPU / {pool.gpus} GPU each"
 
@@ -819,6 +965,14 @@ def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepRepo
     if outcome.error is None and plan.is_complete():
         report.ran.append(plan.name)
         record.update(state="ran", error=None)
+        try:
+            metrics = store.read_run(run_dir)
+            unstable = metrics.get("unstable") or store.unstable_reason(metrics)
+        except store.DamagedRun:
+            unstable = None
+        if unstable:
+            report.unstable[plan.name] = unstable
+            record.update(state="unstable", error=unstable)
         return
     error = " ".join((outcome.error or "the worker finished but the run directory has no metrics.json").split())
     report.failed[plan.name] = error
@@ -835,11 +989,14 @@ def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepRepo
         pass
 
 
-def plan_table(experiment: Experiment) -> str:
-    """What a sweep would do, one line per run (``--dry-run``)."""
+def plan_table(experiment: Experiment, invalid=()) -> str:
+    """What a sweep would do, one line per run (``--dry-run``); the runs named in ``invalid`` marked so."""
     from tabulate import tabulate
 
-    rows = [[p.name, "complete (skip)" if p.is_complete() else "to run", p.label] for p in experiment.runs]
+    rows = [[p.name, "invalid" if p.name in invalid else "complete (skip)" if p.is_complete() else "to run",
+             p.label] for p in experiment.runs]
     table = tabulate(rows, headers=["run", "state", "settings"], tablefmt="plain")
     dup = f" ({experiment.duplicates} duplicate grid points merged)" if experiment.duplicates else ""
-    return f"{table}\n{len(experiment.runs)} runs{dup}, results in {experiment.out}"
+    bad = len(invalid) + len(experiment.invalid)
+    bad = f", {bad} invalid (on stderr)" if bad else ""
+    return f"{table}\n{len(experiment.runs)} runs{dup}{bad}, results in {experiment.out}"

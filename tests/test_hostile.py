@@ -239,3 +239,304 @@ def test_a_report_into_a_new_directory_still_writes_its_figures(tmp_path):
     fig, _ = plt.subplots()
     doc.figure(fig, "f", "a figure")
     assert (tmp_path / "new" / "report" / "figures" / "f.png").is_file()
+
+
+# --- a sweep's --dry-run checks each run as the run would before training -----------------------------------
+
+def test_sweep_dry_run_reports_each_invalid_run_in_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, whatever this one is
+    (tmp_path / "e.yaml").write_text(
+        "base: {task: affine, model: gpt1l, train: {steps: 2}}\n"
+        "runs:\n"
+        "  - {device: cuda}\n"
+        "  - {model.d_model: 65536, model.d_mlp: 262144}\n"
+        "  - {model.bogus: 3}\n"
+        "  - {model.d_model: 99999}\n"
+        "  - {seed: 7}\n")
+    proc = main(capsys, "sweep", str(tmp_path / "e.yaml"), "--dry-run", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 5 and all(line.startswith("iclbench: invalid run: ") for line in lines[:4]), lines
+    assert lines[-1].startswith("iclbench: error: 4 invalid run(s)"), lines
+    lines = lines[:4]
+    assert any("CUDA is not available" in line for line in lines)
+    assert any("GiB" in line and "model.d_model=65536" in line for line in lines)
+    assert any("line 5" in line and "unknown key 'model.bogus'" in line for line in lines)
+    assert any("line 6" in line and "d_model" in line for line in lines)
+    assert "4 invalid" in proc.stdout and "s7  to run" in proc.stdout
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    (tmp_path / "ok.yaml").write_text("base: {task: affine, model: gpt1l}\nruns:\n  - {seed: 7}\n")
+    assert main(capsys, "sweep", str(tmp_path / "ok.yaml"), "--dry-run", "--out", str(tmp_path / "r")).returncode == 0
+
+
+# --- a Ray address that accepts TCP but does not speak Ray --------------------------------------------------
+
+@pytest.fixture
+def mute_listener():
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers; yields its port."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_a_ray_start_that_gets_no_answer_times_out_in_one_line(tmp_path, capsys, monkeypatch, mute_listener):
+    import socket
+    import sys
+    import time
+    import types
+
+    def init(address=None, **_):  # as Ray's client against something mute: connects, then waits for an answer
+        host, port = address.rsplit(":", 1)
+        socket.create_connection((host, int(port))).recv(1)
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    (tmp_path / "e.yaml").write_text("base: {task: affine, model: gpt1l, train: {steps: 2}}\nruns: [{seed: 0}]\n")
+    started = time.monotonic()
+    proc = main(capsys, "sweep", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "r"), "--executor", "ray",
+                "--address", f"127.0.0.1:{mute_listener}", "--connect-timeout", "1", "--quiet")
+    one_line_refusal(proc, f"127.0.0.1:{mute_listener}", "no answer from Ray within 1s", "--connect-timeout")
+    assert time.monotonic() - started < 10
+    one_line_refusal(main(capsys, "sweep", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "r"), "--executor",
+                          "ray", "--address", "127.0.0.1:1", "--connect-timeout", "0"), "--connect-timeout must be > 0")
+
+
+@pytest.mark.slow
+def test_a_real_ray_start_against_a_mute_listener_times_out(tmp_path, mute_listener):
+    pytest.importorskip("ray")
+    from conftest import cli
+
+    (tmp_path / "e.yaml").write_text("base: {task: affine, model: gpt1l, train: {steps: 2}}\nruns: [{seed: 0}]\n")
+    proc = cli("sweep", str(tmp_path / "e.yaml"), "--out", str(tmp_path / "r"), "--executor", "ray", "--address",
+               f"127.0.0.1:{mute_listener}", "--connect-timeout", "8", "--quiet", timeout=120)
+    one_line_refusal(proc, "no answer from Ray within 8s")
+
+
+# --- a damaged run: one clear warning, wherever it is read ---------------------------------------------------
+
+def damaged_copy(finished, results, name, how):
+    """A copy of the finished run under ``results/name``, damaged ``how``: a dangling metrics.json link (with
+    probe summaries, which the report's probe sections read too), or a config ``{'task': 5}``."""
+    import json
+    import shutil
+
+    run_dir = results / name
+    shutil.copytree(finished, run_dir)
+    metrics = run_dir / store.METRICS
+    if how == "dangling":
+        from iclbench.registry import get_registry
+
+        (run_dir / "probes.json").write_text(json.dumps(
+            {"probes": {n: {"summary": {"x": 1.0}} for n in get_registry().probes}}))
+        metrics.unlink()
+        metrics.symlink_to(results / "gone" / store.METRICS)
+    else:
+        data = json.loads(metrics.read_text())
+        data["config"] = {"task": 5}
+        metrics.write_text(json.dumps(data))
+    return run_dir
+
+
+@pytest.mark.parametrize("how, words", [("dangling", ["metrics.json is a dangling link", "gone"]),
+                                        ("config", ["the recorded config's 'task' is 5", "not a mapping"])])
+def test_a_damaged_run_says_what_is_wrong(finished, tmp_path, how, words):
+    run_dir = damaged_copy(finished, tmp_path, "damaged", how)
+    with pytest.raises(store.DamagedRun) as info:
+        store.read_run(run_dir)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert "complete ()" not in str(info.value)
+
+
+def test_a_run_whose_metrics_vanished_after_completing_says_so(finished, tmp_path):
+    import shutil
+
+    shutil.copytree(finished, tmp_path / "run")
+    (tmp_path / "run" / store.METRICS).unlink()
+    store.write_json(tmp_path / "run" / store.STATUS, {"status": "complete", "message": ""})
+    with pytest.raises(store.DamagedRun, match="metrics.json is missing although status.json says the run"):
+        store.read_run(tmp_path / "run")
+
+
+def test_report_and_leaderboard_warn_once_per_damaged_run(finished, tmp_path, capsys):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(finished, results / finished.name)
+    damaged_copy(finished, results, "dangling", "dangling")
+    damaged_copy(finished, results, "config", "config")
+    proc = main(capsys, "report", "--results", str(results), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == 2, warnings
+    assert sum("dangling link" in w for w in warnings) == 1 and sum("'task' is 5" in w for w in warnings) == 1
+    for args in (["leaderboard", "--results", str(results)], ["leaderboard", "--compare", str(results),
+                                                               str(results)]):
+        proc = main(capsys, *args)
+        assert proc.returncode == 0 and "internal error" not in proc.stderr, proc.stderr
+        assert "'task' is 5" in proc.stderr and "subscriptable" not in proc.stderr
+
+
+# --- diverged, unstable or complete (docs/training.md) -------------------------------------------------------
+
+def test_an_absurd_but_finite_result_is_unstable():
+    metrics = {"summary": {"model": {"mean": 5.57}}, "reference": {"zero": {"mean": 1.0}},
+               "train": {"final_loss": 127.3}}
+    reason = store.unstable_reason(metrics)
+    assert "5.57" in reason and "3x the zero predictor's" in reason and "final training loss 127.3" in reason
+    assert store.unstable_reason({**metrics, "summary": {"model": {"mean": 1.4}}}) is None  # poor, not absurd
+
+
+def test_an_unstable_run_warns_at_its_end_and_stays_off_the_leaderboard(tmp_path, capsys):
+    from conftest import CHEAP, sets, tiny_run
+
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "40", "--out", str(tmp_path), "--quiet",
+            *sets(tiny_run(cheap=True)), "--set", "train.lr=10", "--set", "train.grad_clip=0",
+            "--set", "train.warmup=0"]
+    assert CHEAP["eval.probes"] is False
+    for attempt in ("trained", "found complete"):
+        proc = main(capsys, *args)
+        assert proc.returncode == 1, (attempt, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is unstable" in lines[0] and "left off the leaderboard" in lines[0], lines
+    run_dir = tmp_path / proc.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    assert store.read_json(run_dir / store.STATUS)["status"] == "unstable"
+    assert "unstable" in store.read_run(run_dir)
+    board = main(capsys, "leaderboard", "--results", str(tmp_path))
+    assert "gpt1l" not in board.stdout and "leaving out unstable run" in board.stderr
+    assert "gpt1l" in main(capsys, "leaderboard", "--results", str(tmp_path), "--include-unstable").stdout
+
+
+# --- resuming: what is wrong, and from where it resumed -----------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "dangling", "directory"])
+def test_resume_over_a_damaged_status_says_so(tmp_path, capsys, damage):
+    from test_reliability import FAST, run_dir_of
+
+    run_dir = run_dir_of(tmp_path)
+    run_dir.mkdir(parents=True)
+    status = run_dir / store.STATUS
+    if damage == "garbage":
+        status.write_text('{"status": "runn')
+    elif damage == "dangling":
+        status.symlink_to(tmp_path / "gone.json")
+    else:
+        status.mkdir()
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", str(tmp_path), "--resume"]
+    err = one_line_refusal(main(capsys, *args, *[a for item in FAST for a in ("--set", item)]),
+                           "status.json is damaged", "no checkpoint", "rerun without --resume")
+    assert "never run there" not in err
+    elsewhere = [str(tmp_path / "elsewhere") if a == str(tmp_path) else a for a in args]
+    one_line_refusal(main(capsys, *elsewhere, *[a for item in FAST for a in ("--set", item)]), "never run there")
+
+
+def test_a_run_killed_after_training_says_it_resumed_after_training(tmp_path, capsys, monkeypatch):
+    from test_reliability import FAST
+
+    from iclbench import runner
+
+    evaluate = runner.evaluate
+
+    def killed(*a, **k):  # as a kill while evaluating or probing leaves it: trained, not evaluated
+        raise KeyboardInterrupt
+
+    args = ["run", "--task", "affine", "--model", "gpt1l", "--steps", "20", "--out", str(tmp_path),
+            *[a for item in FAST for a in ("--set", item)]]
+    monkeypatch.setattr(runner, "evaluate", killed)
+    assert main(capsys, *args).returncode == 130
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    proc = main(capsys, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed after training" in proc.stdout and "training figures are kept" in proc.stdout
+    assert "checkpoint at step 0" not in proc.stdout
+
+
+# --- report.md escapes what it takes from user data -------------------------------------------------------
+
+HOSTILE_NAMES = ["<script>alert(1)</script>", "<svg onload=alert(1)>", "<img src=x onerror=alert(1)>"]
+
+
+def raw_html(text):
+    import re
+
+    return re.findall(r"<\s*(?:script|svg|img)\b", text, flags=re.I)
+
+
+def test_report_markdown_escapes_every_name(tmp_path):
+    doc = Document(tmp_path, f"report {HOSTILE_NAMES[0]}")
+    for name in HOSTILE_NAMES:
+        doc.heading(f"run {name}")
+        doc.text(f"task {name}, see `iclbench report` and **this**")
+        doc.bullets([f"probe label {name}"])
+        doc.table(pd.DataFrame({f"col {name}": [name, "a|b"], "x": [1.5, 2.0]}))
+        doc.blocks.append(("figure", (f"figures/{name}-error.png", f"curves of {name}")))
+    md = doc.markdown()
+    assert raw_html(md) == [], raw_html(md)
+    assert "&lt;script&gt;" in md and "`iclbench report`" in md and "**this**" in md and "a\\|b" in md
+    assert "(figures/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E-error.png)" in md
+
+
+def test_report_of_hostile_directory_names_has_no_raw_markup(finished, tmp_path, capsys):
+    import shutil
+
+    results = tmp_path / "results"
+    for seed, name in enumerate(HOSTILE_NAMES[1:]):
+        shutil.copytree(finished, results / name)
+        if seed:  # another seed, so that it is not a copy of the first
+            import json
+
+            m = json.loads((results / name / store.METRICS).read_text())
+            (results / name / store.METRICS).write_text(json.dumps({**m, "seed": seed}))
+    proc = main(capsys, "report", "--results", str(results), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert raw_html(md) == [] and "&lt;svg onload=alert(1)&gt;" in md
+
+
+# --- rescore's device, a tampered training state, steps past their bound ----------------------------------
+
+def test_rescore_refuses_an_impossible_device_even_with_nothing_to_score(finished, capsys):
+    one_line_refusal(main(capsys, "rescore", str(finished), "--device", "tpu"), "unknown device 'tpu'")
+    assert main(capsys, "rescore", str(finished)).returncode == 0  # nothing to score on the CPU: fine
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_tampered_training_state_is_refused_in_one_line_of_ours(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / store.TRAIN_STATE
+    torch.save({"step": 3, "x": _Payload()}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's own warning would fail here
+        with pytest.raises(store.DamagedRun) as info:
+            store.load_training_state(path)
+    assert "objects other than tensors" in str(info.value) and "weights_only" not in str(info.value)
+    assert not (tmp_path / "pwned.txt").exists()
+    path.write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(store.DamagedRun, match="unreadable"):
+        store.load_training_state(path)

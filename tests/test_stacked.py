@@ -29,7 +29,7 @@ def test_stacked_seeds_match_separate_runs_after_several_steps():
         batches = [task.sample(o.batch_size, g) for g in gens]
         scored = mask_index(batches[0].mask)
         assert scored is not None
-        together = stacked.step(batches, norm, 1e-3 * (step + 1), scored)
+        together = stacked.step(batches, norm, [1e-3 * (step + 1)] * 3, scored)
         alone = [train_step(m, opt, b, norm, 1e-3 * (step + 1), o, scored) for m, opt, b in zip(separate, opts, batches)]
         assert torch.allclose(together, torch.stack(alone), rtol=1e-5, atol=1e-6)
     for i, m in enumerate(separate):
@@ -186,3 +186,32 @@ def test_a_diverged_stacked_seed_is_recorded_so_and_the_others_complete(tmp_path
     dirs = sorted(tmp_path.iterdir())
     assert [store.read_json(d / store.STATUS)["status"] for d in dirs] == ["complete", "diverged", "complete"]
     assert "diverged at step 7" in store.read_json(dirs[1] / store.STATUS)["message"]
+
+
+def test_stacked_seeds_take_their_own_learning_rates_and_a_stopped_seed_stays_put():
+    """``train.until: flat`` stops seeds one by one: a stopped seed gets lr 0 and its weights must not move,
+    while the others take exactly the update a separate run would at their own rate."""
+    task = get_registry().task("linreg")(None)
+    o = TrainOptions(steps=5, batch_size=8, lr=3e-3, weight_decay=0.1)  # decay: the update is not just Adam's
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(GPT(GPTOptions(n_layers=1, d_model=16, n_heads=2, d_mlp=32), task.d_in, 1, task.context_len))
+    separate = [copy.deepcopy(m) for m in models]
+    frozen = copy.deepcopy(models[2].state_dict())
+    stacked = StackedSeeds(models, o)
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    norm = task.normalizer("cpu")
+    opts = [make_optimizer(m, o) for m in separate]
+    rates = [2e-3, 5e-4, 0.0]
+    for step in range(3):
+        batches = [task.sample(o.batch_size, g) for g in gens]
+        stacked.step(batches, norm, rates, None)
+        for m, opt, b, lr in zip(separate[:2], opts, batches, rates):
+            train_step(m, opt, b, norm, lr, o, None)
+    for i in range(2):
+        state = stacked.state_dict(i, models[i])
+        for name, p in separate[i].state_dict().items():
+            assert torch.allclose(state[name], p, rtol=1e-4, atol=1e-5), (i, name)
+    stopped = stacked.state_dict(2, models[2])
+    assert all(torch.equal(stopped[name], p) for name, p in frozen.items())

@@ -172,7 +172,7 @@ def test_the_training_step_never_waits_for_the_device():
     norm = task.normalizer(CPU)
     with Ops() as ops:
         for step in range(2):
-            acc.add(stepper.step([batch], norm, 1e-3, scored), step + 1)
+            acc.add(stepper.step([batch], norm, [1e-3], scored), step + 1)
     assert not ops.seen & {"_local_scalar_dense", "nonzero", "masked_select", "item", "equal", "is_nonzero"}
     assert "index_select" in ops.seen
 
