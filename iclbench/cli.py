@@ -462,8 +462,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as exc:
         from .errors import interruption
 
-        print(f"iclbench: interrupted by {interruption(exc)}; rerun the same command to continue from the latest "
-              "checkpoint", file=sys.stderr)
+        resumable = args.command in ("run", "sweep")  # what they were computing continues from its checkpoint
+        print(f"iclbench: interrupted by {interruption(exc)}" + ("; rerun the same command to continue from the "
+              "latest checkpoint" if resumable else ""), file=sys.stderr)
         return 130
     except MemoryError:
         print("iclbench: error: out of memory; choose smaller sizes (model, train.batch_size, "
