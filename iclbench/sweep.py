@@ -697,6 +697,8 @@ class RayExecutor:
     def result(self, handle) -> Outcome:
         try:
             return self.ray.get(handle)
+        except getattr(self.ray.exceptions, "TaskCancelledError", ()):  # by interrupt(): the sweep was stopped
+            return Outcome(error="cancelled", interrupted="cancelled (the sweep was interrupted)")
         except self.ray.exceptions.RayError as exc:  # the worker died or the task could not run
             return Outcome(error=f"Ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
