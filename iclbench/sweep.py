@@ -778,12 +778,13 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            try:  # a terminal that reports no width would get a bar 0 columns wide: nothing at all
-                width = os.get_terminal_size(self.stream.fileno()).columns
+            try:  # a terminal that reports no size (0 × 0) would hide the bar: it fits in no row
+                width, height = os.get_terminal_size(self.stream.fileno())
             except (OSError, ValueError, AttributeError):
-                width = 0
+                width = height = 0
             self.bar = tqdm(total=total, desc="sweep", unit="run", file=self.stream, mininterval=0.5,
                             dynamic_ncols=width > 0, ncols=None if width > 0 else 100,
+                            nrows=None if height > 0 else 24,
                             bar_format="{desc}: {n}/{total} runs done{postfix} [{elapsed} elapsed, ETA {remaining}]")
             self._postfix()
 

@@ -309,6 +309,23 @@ def test_progress_on_a_terminal_shows_done_running_failed_and_eta():
     assert "2/3 runs done, 0 running, 1 failed" in last and "ETA" in last and "elapsed" in last
     assert "failed affine-gpt3l-0-s0 (seed=0): boom" in screen.getvalue()
 
+    # stderr a real terminal that reports no size (0 x 0: a fresh pty, some IDE and remote terminals), where
+    # tqdm's own sizing hid the bar (issue 26: "silent in a terminal")
+    master, slave = os.openpty()
+    with open(slave, "w", closefd=True) as tty:
+        assert tuple(os.get_terminal_size(tty.fileno())) == (0, 0)
+        real, sys.stderr = sys.stderr, tty
+        try:
+            shown = Progress(3, True)
+            shown.update(1)
+            shown.close()
+        finally:
+            sys.stderr = real
+        tty.flush()
+        seen = os.read(master, 65536).decode()
+    os.close(master)
+    assert "0/3 runs done, 1 running, 0 failed" in seen, seen
+
     log = io.StringIO()  # not a terminal: one line per finished run, no redraws
     shown = Progress(2, True, stream=log)
     shown.update(1)
