@@ -105,8 +105,11 @@ def test_cli_bad_experiment_is_one_line_and_nonzero(tmp_path):
     path.write_text(BASE + "grid:\n  model.n_heads: [3]\n")
     out = cli("sweep", str(path), "--dry-run")
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.strip() == (f"iclbench: error: {path} line 3 (grid model.n_heads: 3): model: d_model (64) "
-                                  "must be divisible by n_heads (3)")
+    # the dry run lists each invalid run in one line, then one error line (docs/usage.md, Sweeps)
+    assert out.stderr.strip().splitlines() == [
+        f"iclbench: invalid run: {path} line 3 (grid model.n_heads: 3): model: d_model (64) must be divisible by "
+        "n_heads (3)",
+        f"iclbench: error: 1 invalid run(s) in {path} (listed above); fix them before running the sweep"]
 
 
 # --- running: local process pool ----------------------------------------------------------------------------
