@@ -152,7 +152,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                             or (bias is not None and bias.requires_grad))
         if not choice.forward and not grad:
             return F.linear(x, weight, bias)
-    return _Linear.apply(x2.contiguous(), weight, bias, choice).reshape(*x.shape[:-1], N)
+    y = _Linear.apply(x2.contiguous(), weight, bias, choice)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
 class Linear(nn.Linear):
@@ -232,8 +233,9 @@ class Selector:
     # -- measuring
 
     def _best(self, what: str, candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
-        """The best time of each candidate over :attr:`rounds` alternating rounds, after one warm-up call each
-        (a timing repeats a call of a few microseconds until it lasts about 50 us, the same for both)."""
+        """The best time per call of each candidate over :attr:`rounds` alternating rounds, after one warm-up
+        call each (a timing repeats a call of a few microseconds until it lasts about 50 us, as many times for
+        both)."""
         warm = []
         for fn in candidates.values():
             start = time.perf_counter()
@@ -246,7 +248,7 @@ class Selector:
         names = list(candidates)
         for r in range(self.rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
-                best[name] = min(best[name], self.timer(candidates[name], (what, name)))
+                best[name] = min(best[name], self.timer(candidates[name], (what, name)) / reps)
         return best
 
     def _wins(self, t: dict[str, float]) -> bool:
