@@ -137,10 +137,16 @@ def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.linear``, with the CPU GEMMs on the faster library (see the module's doc)."""
     which = mode()
-    if which == "mkl" or not eligible(x, weight, bias):
+    if which == "mkl" or not x.is_cpu or x.dtype != torch.float32 or x.dim() < 2:
         return F.linear(x, weight, bias)
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // K if K else 0
+    if which == "auto":  # the common case first: a shape already measured, MKL's
+        choice = selector().known.get((M, K, N, torch.get_num_threads()))
+        if choice is not None and not choice.any:
+            return F.linear(x, weight, bias)
+    if not eligible(x, weight, bias):
+        return F.linear(x, weight, bias)
     x2 = x.reshape(M, K)
     if which == "onednn":
         choice = ONEDNN
@@ -206,7 +212,8 @@ class Selector:
         self.machine = machine_key()
         digest = hashlib.sha256(json.dumps(self.machine, sort_keys=True).encode()).hexdigest()[:16]
         self.path = self.cache_dir / f"gemm-{digest}.json"
-        self.choices: dict[str, Choice] = {}
+        self.choices: dict[str, Choice] = {}  # by :meth:`key`, as in the file
+        self.known: dict[tuple[int, int, int, int], Choice] = {}  # (M, K, N, threads): those used here
         self.times: dict[str, dict] = {}
         self._loaded = False
         self._lock = threading.Lock()
@@ -217,10 +224,13 @@ class Selector:
 
     def choose(self, M: int, K: int, N: int, x2: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> Choice:
-        key = self.key(M, K, N)
-        choice = self.choices.get(key)
+        """The choice for this shape at the current thread count: from memory, else the file, else measured
+        now (on ``x2``, ``weight`` and ``bias``, which are not changed)."""
+        threads = torch.get_num_threads()
+        choice = self.known.get((M, K, N, threads))
         if choice is not None:
             return choice
+        key = self.key(M, K, N, threads)
         with self._lock:
             if not self._loaded:
                 self.choices.update(self.load())
@@ -228,6 +238,7 @@ class Selector:
             if key not in self.choices:
                 self.choices[key], self.times[key] = self.measure(x2, weight, bias)
                 self.save(key)
+            self.known[(M, K, N, threads)] = self.choices[key]
             return self.choices[key]
 
     # -- measuring
