@@ -358,12 +358,12 @@ def set_selector(new: Selector | None) -> Selector | None:
 
 
 def summary() -> dict[str, str]:
-    """The path of each shape known so far (measured here or read from the cache file):
-    ``{"MxKxN@Tt": "mkl" | "onednn" | "forward+grad_weight onednn" ...}``."""
+    """The path of each shape this process has used through the selector (``ICLBENCH_GEMM=auto``):
+    ``{"MxKxN@Tt": "mkl" | "onednn" | "grad_weight onednn" ...}`` (a run's provenance records it)."""
     if _selector is None:
         return {}
     out = {}
-    for k, c in _selector.choices.items():
-        out[k] = "mkl" if not c.any else "onednn" if c == ONEDNN else \
+    for (M, K, N, threads), c in sorted(_selector.known.items()):
+        out[Selector.key(M, K, N, threads)] = "mkl" if not c.any else "onednn" if c == ONEDNN else \
             "+".join(n for n in ("forward", "grad_input", "grad_weight") if getattr(c, n)) + " onednn"
     return out
