@@ -265,11 +265,14 @@ class Selector:
     def _wins(self, t: dict[str, float]) -> bool:
         return t["onednn"] < (1 - self.margin) * t["mkl"]
 
-    @torch.no_grad()
     def measure(self, x2, weight, bias) -> tuple[Choice, dict]:
-        """Time the three GEMMs both ways and, where oneDNN wins one, the layer's forward and backward."""
-        x2, weight = x2.detach().contiguous(), weight.detach()
-        bias = bias.detach() if bias is not None else None
+        """Time the three GEMMs both ways and, where oneDNN wins one, the layer's forward and backward (on
+        copies: the first use may come under ``no_grad`` or ``inference_mode``)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._measure(x2.detach().clone(memory_format=torch.contiguous_format), weight.detach().clone(),
+                                 bias.detach().clone() if bias is not None else None)
+
+    def _measure(self, x2, weight, bias) -> tuple[Choice, dict]:
         gen = torch.Generator().manual_seed(0)  # not the global generator: training's stream is untouched
         g = torch.randn(x2.shape[0], weight.shape[0], generator=gen)
         times = {

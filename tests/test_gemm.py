@@ -155,6 +155,17 @@ def test_the_measured_choice_routes_the_layer_in_auto_mode(path, tmp_path):
         assert torch.equal(gemm.linear(x, w), F.linear(x, w))
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_first_use_without_autograd_measures_the_backward_too(path, tmp_path, context):
+    path("auto")
+    fast = {(what, "onednn"): 0.5 for what in ("forward", "grad_input", "grad_weight", "layer")}
+    gemm.set_selector(gemm.Selector(tmp_path, lambda fn, label: (fn(), fast.get(label, 1.0))[1]))
+    x, w, b = torch.randn(3, 4, 8), torch.randn(5, 8), torch.randn(5)
+    with context():
+        y = gemm.linear(x, w, b)
+    assert torch.allclose(y, F.linear(x, w, b), atol=1e-5) and gemm.summary() == {gemm.Selector.key(12, 8, 5): "onednn"}
+
+
 def test_the_cache_round_trips_ignores_a_corrupt_file_and_another_machine(tmp_path):
     fast = {(what, "onednn"): 0.5 for what in ("forward", "grad_input", "grad_weight", "layer")}
     first = gemm.Selector(tmp_path, fake_timer(fast))
