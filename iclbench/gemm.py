@@ -120,7 +120,7 @@ class _Linear(torch.autograd.Function):
 
 def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether oneDNN may take this call at all (else plain ``F.linear``)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if not (x.is_cpu and weight.is_cpu) or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
         return False
@@ -130,6 +130,8 @@ def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # vmap / grad / jvp of torch.func
+        return False
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # forward-mode AD: no jvp here
         return False
     return torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
 

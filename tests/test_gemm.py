@@ -94,6 +94,12 @@ def test_plain_f_linear_where_onednn_must_not_run(path, monkeypatch):
     assert torch.equal(gemm.linear(x[0], w, b), F.linear(x[0], w, b))  # 1-D input
     stacked = torch.func.vmap(gemm.linear)(torch.stack([x, x]), torch.stack([w, w]), torch.stack([b, b]))
     assert torch.allclose(stacked[1], ref)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's, from forward AD's internals
+        assert torch.allclose(fwAD.unpack_dual(gemm.linear(fwAD.make_dual(x, torch.ones_like(x)), w, b)).tangent,
+                              (torch.ones_like(x) @ w.T))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the flags' note that TF32 on oneDNN is for Intel GPUs
         with torch.backends.mkldnn.flags(enabled=False):
@@ -163,7 +169,8 @@ def test_a_first_use_without_autograd_measures_the_backward_too(path, tmp_path, 
     x, w, b = torch.randn(3, 4, 8), torch.randn(5, 8), torch.randn(5)
     with context():
         y = gemm.linear(x, w, b)
-    assert torch.allclose(y, F.linear(x, w, b), atol=1e-5) and gemm.summary() == {gemm.Selector.key(12, 8, 5): "onednn"}
+    assert torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+    assert gemm.summary() == {gemm.Selector.key(12, 8, 5): "onednn"}
 
 
 def test_the_cache_round_trips_ignores_a_corrupt_file_and_another_machine(tmp_path):
