@@ -3,11 +3,12 @@
 torch's CPU wheel carries two GEMM libraries. ``F.linear`` runs MKL, which on AMD CPUs takes its AVX2 kernels;
 oneDNN (``torch.ops.mkldnn._linear_pointwise``, same wheel) can be faster there (a gpt3l trained 1.28x faster
 at one thread on the project's AMD EPYC machines), and is slower on some Intel CPUs. So the path is chosen by
-measurement: at the first use of a shape ``(M, K, N, threads)`` the three GEMMs of a linear layer (forward
-``x W^T``, input gradient ``g W``, weight gradient ``g^T x``) are each timed both ways in alternating rounds;
-where oneDNN wins one of them by :data:`MARGIN`, the whole layer (forward and backward through
-:class:`_Linear`, an ``autograd.Function``) is timed against plain ``F.linear`` and kept only if it wins by
-the margin too. Ties go to MKL, so nothing changes where oneDNN does not clearly pay.
+measurement: at the first use of a shape ``(M, K, N, threads)`` in training, the three GEMMs of a linear
+layer (forward ``x W^T``, input gradient ``g W``, weight gradient ``g^T x``) are each timed both ways in
+alternating rounds; where oneDNN wins one of them by :data:`MARGIN`, the whole layer (forward and backward
+through :class:`_Linear`, an ``autograd.Function``) is timed against plain ``F.linear`` and kept only if it
+wins by the margin too. A shape used without autograd (evaluation, probes) is a separate entry for which only
+the forward GEMM is timed. Ties go to MKL, so nothing changes where oneDNN does not clearly pay.
 
 The choice is kept in memory and on disk, one JSON file per machine (CPU model, torch version, the
 environment variables that steer MKL's and oneDNN's kernels) under the user's cache directory
@@ -143,24 +144,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // K if K else 0
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
     if which == "auto":  # the common case first: a shape already measured, MKL's
-        choice = selector().known.get((M, K, N, torch.get_num_threads()))
+        choice = selector().known.get((M, K, N, torch.get_num_threads(), grad))
         if choice is not None and not choice.any:
             return F.linear(x, weight, bias)
     if not eligible(x, weight, bias):
         return F.linear(x, weight, bias)
     x2 = x.reshape(M, K)
-    if which == "onednn":
-        choice = ONEDNN
-    else:
-        choice = selector().choose(M, K, N, x2, weight, bias)
-        if not choice.any:
-            return F.linear(x, weight, bias)
-        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                            or (bias is not None and bias.requires_grad))
-        if not choice.forward and not grad:
-            return F.linear(x, weight, bias)
-    y = _Linear.apply(x2.contiguous(), weight, bias, choice)
+    choice = ONEDNN if which == "onednn" else selector().choose(M, K, N, x2, weight, bias, grad)
+    if not choice.any:
+        return F.linear(x, weight, bias)
+    x2 = x2.contiguous()
+    y = _Linear.apply(x2, weight, bias, choice) if grad else _forward(x2, weight, bias, choice.forward)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
@@ -215,51 +212,54 @@ class Selector:
         digest = hashlib.sha256(json.dumps(self.machine, sort_keys=True).encode()).hexdigest()[:16]
         self.path = self.cache_dir / f"gemm-{digest}.json"
         self.choices: dict[str, Choice] = {}  # by :meth:`key`, as in the file
-        self.known: dict[tuple[int, int, int, int], Choice] = {}  # (M, K, N, threads): those used here
+        self.known: dict[tuple, Choice] = {}  # (M, K, N, threads, backward): those used in this process
         self.times: dict[str, dict] = {}
         self._loaded = False
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(M: int, K: int, N: int, threads: int | None = None) -> str:
-        return f"{M}x{K}x{N}@{threads if threads is not None else torch.get_num_threads()}t"
+    def key(M: int, K: int, N: int, threads: int, backward: bool = True) -> str:
+        """``MxKxN@Tt`` for a layer trained (forward and backward timed), ``.../forward`` for inference."""
+        return f"{M}x{K}x{N}@{threads}t{'' if backward else '/forward'}"
 
     def choose(self, M: int, K: int, N: int, x2: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None) -> Choice:
-        """The choice for this shape at the current thread count: from memory, else the file, else measured
-        now (on ``x2``, ``weight`` and ``bias``, which are not changed)."""
+               bias: torch.Tensor | None, backward: bool = True) -> Choice:
+        """The choice for this shape at the current thread count, for a layer that is trained (``backward``)
+        or only run forward: from memory, else the file, else measured now (on copies of ``x2``, ``weight``
+        and ``bias``)."""
         threads = torch.get_num_threads()
-        choice = self.known.get((M, K, N, threads))
+        choice = self.known.get((M, K, N, threads, backward))
         if choice is not None:
             return choice
-        key = self.key(M, K, N, threads)
+        key = self.key(M, K, N, threads, backward)
         with self._lock:
             if not self._loaded:
                 self.choices.update(self.load())
                 self._loaded = True
             if key not in self.choices:
-                self.choices[key], self.times[key] = self.measure(x2, weight, bias)
+                self.choices[key], self.times[key] = self.measure(x2, weight, bias, backward)
                 self.save(key)
-            self.known[(M, K, N, threads)] = self.choices[key]
+            self.known[(M, K, N, threads, backward)] = self.choices[key]
             return self.choices[key]
 
     # -- measuring
 
     def _best(self, what: str, candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
-        """The best time per call of each candidate over :attr:`rounds` alternating rounds, after one warm-up
-        call each (a timing repeats a call of a few microseconds until it lasts about 50 us, as many times for
-        both)."""
+        """The best time per call of each candidate over :attr:`rounds` alternating rounds (3 where a call
+        takes over 5 ms), after one warm-up call each (a timing repeats a call of a few microseconds until it
+        lasts about 50 us, as many times for both)."""
         warm = []
         for fn in candidates.values():
             start = time.perf_counter()
             fn()
             warm.append(time.perf_counter() - start)
         reps = max(1, min(20, int(5e-5 / max(min(warm), 1e-7))))
+        rounds = self.rounds if min(warm) < 5e-3 else min(self.rounds, 3)  # a big GEMM: fewer, long rounds
         if reps > 1:
             candidates = {name: (lambda fn=fn: [fn() for _ in range(reps)]) for name, fn in candidates.items()}
         best = {name: math.inf for name in candidates}
         names = list(candidates)
-        for r in range(self.rounds):
+        for r in range(rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
                 best[name] = min(best[name], self.timer(candidates[name], (what, name)) / reps)
         return best
@@ -267,12 +267,18 @@ class Selector:
     def _wins(self, t: dict[str, float]) -> bool:
         return t["onednn"] < (1 - self.margin) * t["mkl"]
 
-    def measure(self, x2, weight, bias) -> tuple[Choice, dict]:
-        """Time the three GEMMs both ways and, where oneDNN wins one, the layer's forward and backward (on
-        copies: the first use may come under ``no_grad`` or ``inference_mode``)."""
+    def measure(self, x2, weight, bias, backward: bool = True) -> tuple[Choice, dict]:
+        """Time the forward GEMM both ways; for a layer that is trained also the two backward GEMMs and,
+        where oneDNN wins one of the three, the layer's forward and backward (on copies: the first use may
+        come under ``no_grad`` or ``inference_mode``)."""
         with torch.inference_mode(False), torch.no_grad():
-            return self._measure(x2.detach().clone(memory_format=torch.contiguous_format), weight.detach().clone(),
-                                 bias.detach().clone() if bias is not None else None)
+            x2 = x2.detach().clone(memory_format=torch.contiguous_format)
+            weight, bias = weight.detach().clone(), bias.detach().clone() if bias is not None else None
+            if not backward:
+                t = self._best("forward", {"mkl": lambda: _forward(x2, weight, bias, False),
+                                           "onednn": lambda: _forward(x2, weight, bias, True)})
+                return Choice(forward=self._wins(t)), {"forward": {p: round(v * 1e6, 1) for p, v in t.items()}}
+            return self._measure(x2, weight, bias)
 
     def _measure(self, x2, weight, bias) -> tuple[Choice, dict]:
         gen = torch.Generator().manual_seed(0)  # not the global generator: training's stream is untouched
@@ -364,11 +370,12 @@ def set_selector(new: Selector | None) -> Selector | None:
 
 def summary() -> dict[str, str]:
     """The path of each shape this process has used through the selector (``ICLBENCH_GEMM=auto``):
-    ``{"MxKxN@Tt": "mkl" | "onednn" | "grad_weight onednn" ...}`` (a run's provenance records it)."""
+    ``{"MxKxN@Tt": "mkl" | "onednn" | "grad_weight onednn" ..., "MxKxN@Tt/forward": ...}`` (forward only:
+    evaluation); a run's provenance records it."""
     if _selector is None:
         return {}
     out = {}
-    for (M, K, N, threads), c in sorted(_selector.known.items()):
-        out[Selector.key(M, K, N, threads)] = "mkl" if not c.any else "onednn" if c == ONEDNN else \
+    for (M, K, N, threads, backward), c in sorted(_selector.known.items()):
+        out[Selector.key(M, K, N, threads, backward)] = "mkl" if not c.any else "onednn" if c == ONEDNN else \
             "+".join(n for n in ("forward", "grad_input", "grad_weight") if getattr(c, n)) + " onednn"
     return out

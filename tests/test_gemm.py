@@ -86,14 +86,15 @@ def test_double_backward_falls_back_to_differentiable_ops(path):
 def test_plain_f_linear_where_onednn_must_not_run(path, monkeypatch):
     path("onednn")
     monkeypatch.setattr(gemm, "_Linear", Boom)
+    monkeypatch.setattr(gemm, "_dnn", Boom.apply)
     x, w, b = torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
     ref = F.linear(x, w, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast: F.linear's casts
         assert gemm.linear(x, w, b).dtype == torch.bfloat16
     assert torch.equal(gemm.linear(x.double(), w.double(), b.double()), F.linear(x.double(), w.double(), b.double()))
     assert torch.equal(gemm.linear(x[0], w, b), F.linear(x[0], w, b))  # 1-D input
-    stacked = torch.func.vmap(gemm.linear)(torch.stack([x, x]), torch.stack([w, w]), torch.stack([b, b]))
-    assert torch.allclose(stacked[1], ref)
+    xs, ws, bs = torch.stack([x, x]), torch.stack([w, w]), torch.stack([b, b])
+    assert torch.equal(torch.func.vmap(gemm.linear)(xs, ws, bs), torch.func.vmap(F.linear)(xs, ws, bs))
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level(), warnings.catch_warnings():
@@ -156,21 +157,26 @@ def test_the_measured_choice_routes_the_layer_in_auto_mode(path, tmp_path):
     x, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
     y = gemm.linear(x, w)
     assert through_onednn(y)
-    assert gemm.summary() == {gemm.Selector.key(10, 8, 3): "grad_weight onednn"}
-    with torch.no_grad():  # forward on MKL and no backward: plain F.linear
+    threads = torch.get_num_threads()
+    assert gemm.summary() == {gemm.Selector.key(10, 8, 3, threads): "grad_weight onednn"}
+    with torch.no_grad():  # forward only, on MKL: plain F.linear
         assert torch.equal(gemm.linear(x, w), F.linear(x, w))
+    assert gemm.summary()[gemm.Selector.key(10, 8, 3, threads, backward=False)] == "mkl"
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_a_first_use_without_autograd_measures_the_backward_too(path, tmp_path, context):
+def test_a_use_without_autograd_times_the_forward_alone(path, tmp_path, context):
     path("auto")
-    fast = {(what, "onednn"): 0.5 for what in ("forward", "grad_input", "grad_weight", "layer")}
-    gemm.set_selector(gemm.Selector(tmp_path, lambda fn, label: (fn(), fast.get(label, 1.0))[1]))
+    fast, calls = {(what, "onednn"): 0.5 for what in ("forward", "grad_input", "grad_weight", "layer")}, []
+    gemm.set_selector(gemm.Selector(tmp_path, lambda fn, label: (fn(), calls.append(label), fast.get(label, 1.0))[2]))
     x, w, b = torch.randn(3, 4, 8), torch.randn(5, 8), torch.randn(5)
     with context():
         y = gemm.linear(x, w, b)
-    assert torch.allclose(y, F.linear(x, w, b), atol=1e-5)
-    assert gemm.summary() == {gemm.Selector.key(12, 8, 5): "onednn"}
+    assert torch.allclose(y, F.linear(x, w, b), atol=1e-5) and {what for what, _ in calls} == {"forward"}
+    key = gemm.Selector.key(12, 8, 5, torch.get_num_threads(), backward=False)
+    assert gemm.summary() == {key: "forward onednn"}
+    y = gemm.linear(x, w.requires_grad_(), b)  # now trained: its own entry, all three GEMMs and the layer timed
+    assert through_onednn(y) and {what for what, _ in calls} == {"forward", "grad_input", "grad_weight", "layer"}
 
 
 def test_the_cache_round_trips_ignores_a_corrupt_file_and_another_machine(tmp_path):
