@@ -8,8 +8,9 @@ Two measurements, both alternating rounds in one process:
 
 ``step`` (the default): a real training step of a model (the trainer's :func:`iclbench.step.train_step`,
 forward, loss, backward, clipping, AdamW) with ``ICLBENCH_GEMM`` set to ``mkl``, ``onednn`` and ``auto``
-(:mod:`iclbench.gemm`: the path measured per shape at first use, here with a fresh cache), one model per path
-from the same initialisation, the three stepped in turn; the ratio of the per-round times, median over rounds::
+(:mod:`iclbench.gemm`: the path measured per shape at first use, here with a fresh cache), and ``mkl`` again
+(a second model: the noise floor), one model per path from the same initialisation, stepped in turn; the
+ratio of the per-round times, median over rounds::
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/gemm_paths.py step --task affine --model gpt3l
 
@@ -58,14 +59,14 @@ def step(task: str, model: str, rounds: int, reps: int, overrides: list[str]):
     cache = tempfile.mkdtemp(prefix="iclbench-gemm-")  # a fresh measurement, not the user's cache
     gemm.set_selector(gemm.Selector(cache))
     cfg = resolve(get_registry(), task=task, model=model, device="cpu", overrides=overrides)
-    paths = ("mkl", "onednn", "auto")
+    paths = ("mkl", "onednn", "auto", "mkl-again")  # mkl-again: a second MKL model, the noise floor (A/A)
     steps = {}
     for path in paths:
         t, m = build(get_registry(), cfg, torch.device("cpu"))
         steps[path] = training_step(m, t, cfg, fixed_batches(t, cfg.train.batch_size, torch.device("cpu")))
 
     def run(path):
-        os.environ[gemm.ENV] = path
+        os.environ[gemm.ENV] = path.removesuffix("-again")
         start = time.perf_counter()
         for _ in range(reps):
             steps[path]()
@@ -82,9 +83,9 @@ def step(task: str, model: str, rounds: int, reps: int, overrides: list[str]):
             times[path].append(run(path))
     print(f"{cfg.task} x {cfg.model}, batch {cfg.train.batch_size}; {rounds} rounds x {reps} steps")
     for p in paths:
-        print(f"  {p:7s} median {statistics.median(times[p]) * 1e3:7.2f} ms/step, "
+        print(f"  {p:9s} median {statistics.median(times[p]) * 1e3:7.2f} ms/step, "
               f"best {min(times[p]) * 1e3:7.2f}")
-    for p in ("onednn", "auto"):
+    for p in paths[1:]:
         ratio = statistics.median(m / o for m, o in zip(times["mkl"], times[p]))
         print(f"  speed {p}/mkl: {ratio:.3f}x (median over rounds of the per-round ratio)")
     print(f"  auto's first step, measuring included: {first * 1e3:.0f} ms; choices:")
