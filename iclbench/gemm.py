@@ -44,7 +44,7 @@ ENV = "ICLBENCH_GEMM"
 CACHE_ENV = "ICLBENCH_GEMM_CACHE"
 MODES = ("auto", "mkl", "onednn")
 #: oneDNN is chosen only where it is at least this much faster (a relative margin on the best time)
-MARGIN = 0.05
+MARGIN = 0.10
 #: alternating timing rounds per candidate
 ROUNDS = 5
 #: environment variables that change which kernels MKL or oneDNN run (part of the machine's key)
