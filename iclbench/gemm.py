@@ -17,7 +17,8 @@ run or the repository. An unwritable directory or a corrupt file only means meas
 
 ``ICLBENCH_GEMM=auto|mkl|onednn`` (default ``auto``) forces a path. oneDNN is never used off the CPU, for
 other dtypes than float32, under autocast, ``torch.compile`` or ``torch.func`` transforms (``vmap`` of
-stacked seeds), for double backward, or where oneDNN is absent or disabled: ``F.linear`` there.
+stacked seeds) or forward-mode AD, or where oneDNN is absent or disabled: ``F.linear`` there (and a double
+backward runs the MKL ops, which are differentiable).
 """
 
 from __future__ import annotations
