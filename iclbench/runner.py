@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import store
+from . import gemm, store
 from .build import build, check_plugins
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged
@@ -208,7 +208,7 @@ def evaluate(r: OpenRun, registry: Registry, dev: torch.device) -> dict:
         "train": r.stats,
         "wall_time_s": r.stats["train_time_s"] + time.perf_counter() - started,
         "provenance": {**store.provenance(dev), "seed": cfg.seed, "plugins": registry.plugin_versions(),
-                       "train_segments": r.segments},
+                       "train_segments": r.segments, "gemm": {"mode": gemm.mode(), "auto": gemm.summary()}},
         "config": cfg.to_dict(),
         "extra": {},
     }
