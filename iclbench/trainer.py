@@ -399,6 +399,7 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
                 acc.sum.zero_()
             if flat and (done % o.eval_every == 0 or any(ending)):
                 score_heldout(done, ending)
+                ending = [e or (live(i) and done >= schedules[i].end) for i, e in enumerate(ending)]  # cooldown 0
             for i in range(n):
                 if ending[i] and live(i):
                     if stops[i] is not None and stops[i].reason is None:

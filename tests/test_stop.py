@@ -213,3 +213,9 @@ def test_bench_to_learned_reads_both_recipes_off_their_heldout_curves(capsys):
     assert code == 0
     assert "| ours " in out and "| garg " in out and "Garg et al.'s recipe over ours" in out
     assert main(["bench", "--task", "affine", "--model", "gpt1l", "--to-learned", "--max-steps", "0"]) == 2
+
+
+def test_without_a_cooldown_training_ends_at_the_step_it_was_flat():
+    task = get_registry().task("affine")()
+    stats = train(tiny_model(task), task, dataclasses.replace(FLAT, cooldown=0.0, flat_tol=0.5), seed=0, device=CPU)
+    assert stats["stop"]["reason"] == "flat" and stats["steps"] == stats["stop"]["decay_from"]
