@@ -95,7 +95,7 @@ class HeldOut:
 @dataclass
 class Stop:
     """One seed's stopping state under ``train.until: flat``: the held-out curve (``history``), the
-    per-sequence errors of the last ``flat_window + 1`` scorings (``window``), and once decided, the step the
+    per-sequence errors of the last ``2 * flat_window`` scorings (``window``), and once decided, the step the
     cooldown began (``decay_from``) and why (``reason``: "flat", or "cap" when the cap came first)."""
     history: list = field(default_factory=list)
     window: list = field(default_factory=list)
@@ -124,9 +124,9 @@ class Schedule:
     def end(self) -> int:
         if self.stop is None:
             return self.o.steps
-        start = self.decay_from
-        return min(self.o.max_steps, start + math.ceil(self.o.cooldown * start)) if self.stop.decay_from \
-            is not None else self.o.max_steps
+        if self.stop.decay_from is None:
+            return self.o.max_steps
+        return min(self.o.max_steps, self.stop.decay_from + math.ceil(self.o.cooldown * self.stop.decay_from))
 
     def lr(self, step: int) -> float:
         o = self.o
