@@ -188,3 +188,21 @@ def test_a_run_on_a_pool_writes_both_evaluations(tmp_path):
     assert m["summary"]["dmmse"]["mean"] > m["summary"]["bayes"]["mean"]  # fresh rules: the pool is wrong
     assert result.task.run_seed == 0 and isinstance(result.task.training_task(0), PooledTask)
     assert math.isfinite(pool["summary"]["model"]["mean"])
+
+
+@pytest.mark.parametrize("name", ["affine", "linreg", "sparse-linreg", "relu-nn"])
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_dmmse_uses_only_the_context_before_each_position(name, noise):
+    task = make(name, pool=5, noise=noise)
+    batch = task.training_task(0).sample(6, gen(5))
+    dmmse = get_registry().task_baselines(task)["dmmse"].obj
+    full = dmmse(batch)
+    assert full.shape == batch.targets.shape and torch.isfinite(full).all()
+    T = task.context_len
+    for t in (0, T // 2, T - 2):
+        tampered = batch.slice(slice(None))
+        tampered.inputs = batch.inputs.clone()
+        tampered.inputs[:, t + 1:] += 100.0  # the future only
+        tampered.targets = batch.targets + 100.0
+        assert torch.allclose(dmmse(tampered)[:, : t + 1], full[:, : t + 1], atol=1e-5), t
+    assert torch.allclose(dmmse(batch.slice(slice(2, 3))), full[2:3], atol=1e-6)  # alone as in the batch
