@@ -87,6 +87,10 @@ class RulePool:
 
     #: the seed whose pool this task uses (set by :func:`iclbench.build.build` to the run's seed; 0 when unset)
     run_seed: int | None = None
+    #: made by ``with_options`` (a distribution shift, a curriculum stage): its pool would be drawn from its
+    #: own options, not the run's, so it gets no ``dmmse`` and no ``pool_rules`` (dMMSE costs K evaluations of
+    #: every prediction; it is scored on the headline and on ``pool_rules``)
+    shifted: bool = False
 
     # --- what the task provides --------------------------------------------------------------------------
     def draw_rules(self, n: int, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
@@ -131,7 +135,7 @@ class RulePool:
 
     def with_options(self, **changes):
         out = super().with_options(**changes)
-        out.run_seed, out.registry = self.run_seed, self.registry
+        out.run_seed, out.registry, out.shifted = self.run_seed, self.registry, True
         return out
 
     def dmmse(self, batch: Batch, seed: int | None = None) -> torch.Tensor:
@@ -217,9 +221,9 @@ def pooled(task) -> bool:
 
 def pool_baselines(task) -> dict:
     """What the pool adds to a task's baselines: ``dmmse`` (none for a task without a pool)."""
-    return {"dmmse": task.dmmse_baseline()} if pooled(task) else {}
+    return {"dmmse": task.dmmse_baseline()} if pooled(task) and not task.shifted else {}
 
 
 def pool_variants(task) -> dict:
     """What the pool adds to a task's distribution shifts: ``pool_rules``, the run's pool."""
-    return {POOL_VARIANT: task.training_task(task.pool_seed)} if pooled(task) else {}
+    return {POOL_VARIANT: task.training_task(task.pool_seed)} if pooled(task) and not task.shifted else {}

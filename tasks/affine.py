@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from iclbench import hookimpl
-from iclbench.pool import NOISE_FLOOR, RulePool, validate_pool
+from iclbench.pool import NOISE_FLOOR, RulePool, mixture, validate_pool
 from iclbench.task import uniform
 
 from ._bayes import affine_noisy_quadrature, affine_posterior_mean, affine_segment_mean_a, exact_from, mark
@@ -95,13 +95,26 @@ class AffineTask(RulePool, Recurrence):
         return self.batch(x, {"a": a, "b": b}, generator)
 
     def pool_posterior_mean(self, rules, batch):
-        """The posterior over the pool's (a, b) with x_0 integrated in closed form (float64); without noise a
-        Gaussian of NOISE_FLOOR x max(x0_max, b_max) stands in for the point mass."""
+        """The posterior over the pool's (a, b) (float64). With noise x_0 is integrated in closed form (the
+        quadrature of noisy affine, the pool for a grid). Without it x_0 = y_0, so a rule's likelihood is that
+        of the transitions seen, y_{s+1} = a y_s + b, a point mass for which a Gaussian of NOISE_FLOOR x
+        max(x0_max, b_max) stands in."""
         o = self.options
-        noise = max(o.noise, NOISE_FLOOR * max(o.x0_max, o.b_max, 1e-9))
+        a, b = rules["a"].double(), rules["b"].double()
         y = batch.inputs[..., 0].double()
-        return affine_posterior_mean(y, rules["a"].double(), rules["b"].double()[:, None], o.x0_max, noise,
-                                     chunk=max(1, (1 << 16) // rules["a"].shape[0]))[..., None]
+        if o.noise:
+            return affine_posterior_mean(y, a, b[:, None], o.x0_max, o.noise,
+                                         chunk=max(1, (1 << 16) // a.shape[0]))[..., None]
+        var = (NOISE_FLOOR * max(o.x0_max, o.b_max, 1e-9)) ** 2
+        B, T = y.shape
+        out, step = [], max(1, (1 << 22) // (a.shape[0] * T))  # at most 4M values at a time
+        for i in range(0, B, step):
+            yc = y[i:i + step]
+            pred = yc[..., None] * a + b  # [b, T, K]: each rule's next value
+            sq = (yc[:, 1:, None] - pred[:, :-1]) ** 2  # transition s -> s + 1, seen from position s + 1 on
+            seen = torch.cat([torch.zeros_like(sq[:, :1]), sq.cumsum(1)], 1)
+            out.append(mixture(pred[..., None], -seen / (2 * var))[..., 0])
+        return torch.cat(out)[..., None]
 
     def normalizer(self, device="cpu"):
         """Closed form of Var(y_{t+1}) (the prior mean is 0 by symmetry):

@@ -274,16 +274,22 @@ class InContextRegression(RulePool, Task):
         x, y = examples(batch)
         B, N, d = x.shape
         K = next(iter(rules.values())).shape[0]
-        out, step = [], max(1, (1 << 22) // (K * N * d))  # [K, b N, d] at most 4M values at a time
+        out, step = [], max(1, (1 << 22) // (K * N * d))  # at most 4M values at a time
         for i in range(0, B, step):
             xc = x[i:i + step]
             b = xc.shape[0]
-            f = self.function(rules, xc.reshape(1, b * N, d).expand(K, b * N, d)).double()
-            f = f.reshape(K, b, N).permute(1, 2, 0)  # [b, N, K]: each rule's value at each x
+            f = self.pool_values(rules, xc)  # [b, N, K]: each rule's value at each x
             sq = (y[i:i + b, :, None].double() - f) ** 2
             seen = torch.cat([torch.zeros_like(sq[:, :1]), sq[:, :-1].cumsum(1)], 1)  # pairs j < i
             out.append(mixture(f[..., None], -seen / (2 * var))[..., 0])
         return at_queries(torch.cat(out))
+
+    def pool_values(self, rules, x):
+        """``f_k(x)`` for each of the K rules ``rules [K, ...]`` at each ``x [b, N, d]``: ``[b, N, K]``, float64."""
+        b, N, d = x.shape
+        K = next(iter(rules.values())).shape[0]
+        f = self.function(rules, x.reshape(1, b * N, d).expand(K, b * N, d)).double()
+        return f.reshape(K, b, N).permute(1, 2, 0)
 
     def sample_with_rules(self, params, generator, device="cpu"):
         o = self.options
@@ -333,6 +339,9 @@ class LinearRegression(InContextRegression):
 
     def function(self, params, x):
         return (x * params["w"][:, None]).sum(-1)
+
+    def pool_values(self, rules, x):
+        return x.double() @ rules["w"].double().T  # one product instead of K broadcasts
 
     def signal_variance(self):
         o = self.options

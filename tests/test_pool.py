@@ -186,6 +186,8 @@ def test_a_run_on_a_pool_writes_both_evaluations(tmp_path):
     assert pool["options"] == {} and {"bayes", "dmmse", "unbounded_bayes", "model"} <= set(pool["summary"])
     assert pool["summary"]["bayes"]["mean"] == pool["summary"]["dmmse"]["mean"] < 1e-6  # noise-free: exact
     assert m["summary"]["dmmse"]["mean"] > m["summary"]["bayes"]["mean"]  # fresh rules: the pool is wrong
+    # the other shifts draw no pool of their own: no dMMSE there
+    assert "dmmse" not in m["ood"]["scale_x2"]["summary"] and "model" in m["ood"]["scale_x2"]["summary"]
     assert result.task.run_seed == 0 and isinstance(result.task.training_task(0), PooledTask)
     assert math.isfinite(pool["summary"]["model"]["mean"])
 
