@@ -208,3 +208,20 @@ def test_dmmse_uses_only_the_context_before_each_position(name, noise):
         tampered.targets = batch.targets + 100.0
         assert torch.allclose(dmmse(tampered)[:, : t + 1], full[:, : t + 1], atol=1e-5), t
     assert torch.allclose(dmmse(batch.slice(slice(2, 3))), full[2:3], atol=1e-6)  # alone as in the batch
+
+
+def test_until_flat_judges_a_pool_run_on_its_pool_against_dmmse(tmp_path):
+    from iclbench.trainer import HeldOut
+
+    task = make("linreg", seed=2, pool=4)
+    view = task.training_task(2)
+    held = HeldOut(view, 64, CPU, get_registry().task_baselines(view)["bayes"].obj)
+    assert torch.equal(rules_of(task, held.batch).unique(dim=0), pool_rows(task, 2).unique(dim=0))
+    assert float(held.reference.mean()) < 1e-6  # dMMSE names the rule from the first pair: exact
+    run = tiny_run(cheap=True)
+    result = iclbench.run("linreg", "gpt1l", seed=2, out=str(tmp_path), overrides=overrides(run) + [
+        "task.pool=4", "train.max_steps=30", "train.eval_every=10", "train.heldout=64", "train.warmup=5"])
+    history = result.metrics["train"]["stop"]["heldout"]
+    assert len(history) >= 3 and all(h["excess"] is not None for h in history)
+    # the excess is over dMMSE (0 here), so it is the held-out error itself
+    assert all(abs(h["excess"] - h["error"]) < 1e-6 for h in history)
