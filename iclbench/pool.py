@@ -18,7 +18,8 @@ for every sequence, the task as it always was). With ``pool = K > 0``:
   distribution; the task's usual ``bayes`` (ridge for linreg) is the Bayes predictor of fresh rules. On the
   headline (fresh rules) ``bayes`` stays the task's usual one, so that "learned" keeps meaning "learned to
   learn in context", and ``dmmse`` is a baseline beside it (a model that tracks dMMSE there has memorised the
-  pool). On ``pool_rules`` and on the training distribution (the held-out set and reference of
+  pool). It is not scored on the other distribution shifts (a shift's pool would be drawn from its own
+  options; and it costs K predictions per position). On ``pool_rules`` and on the training distribution (the held-out set and reference of
   ``train.until: flat``) ``bayes`` is dMMSE, the posterior mean of the distribution those sequences come
   from, and the task's own is kept as ``unbounded_bayes``. "bayes" thus always names the posterior mean of the
   sequences it is scored on.
