@@ -55,7 +55,7 @@ FLAT_ONLY = ("until", "max_steps", "eval_every", "heldout", "flat_window", "flat
 
 #: options added to built-in tasks after runs were recorded, left out of the hash at the value that changes
 #: nothing (so every recorded configuration keeps its hash)
-OMIT_AT = {("task", "curriculum"): False, ("task", "active_dims"): 0}
+OMIT_AT = {("task", "curriculum"): False, ("task", "active_dims"): 0, ("task", "pool"): 0}
 
 
 def hashed(section: str, values: dict) -> dict:

@@ -18,6 +18,7 @@ from .build import build, check_plugins
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged
 from .evaluate import BAYES, error_curves, evaluation_batch, score
+from .pool import pool_variants
 from .probing import run_probes
 from .registry import Registry, get_registry
 from .rundir import OpenRun, RunDir, non_finite_options
@@ -129,14 +130,17 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
             if r.found_complete:
                 results[r.path] = RunResult(r.path, r.read_complete(), r.cfg, r.task, r.model, outcome="complete")
         live = [r for r in runs if not r.found_complete]
-        together = [r for r in live if r.earlier is None] if stack else []
+        # seeds trained on pools of rules (iclbench.pool) sample distributions of their own: each trains alone
+        together = [r for r in live if r.earlier is None and r.task.training_task(r.cfg.seed) is r.task] \
+            if stack else []
         together = together if len(together) > 1 else []
         for r in live:
             r.start(stacked_with=[s.cfg.seed for s in together] if r in together else None)
         after_training = {r.path for r in live if r.earlier is not None and r.trained}
         groups = ([together] if together else []) + [[r] for r in live if r not in together and not r.trained]
         for group in groups:
-            bayes = registry.task_baselines(group[0].task).get(BAYES)
+            # the reference of train.until: flat is the Bayes predictor of the distribution trained on
+            bayes = registry.task_baselines(group[0].task.training_task(group[0].cfg.seed)).get(BAYES)
             for r, outcome in zip(group, train_together([trainee(r) for r in group], group[0].task,
                                                         group[0].cfg.train, dev, progress=progress,
                                                         reference=bayes and bayes.obj)):
@@ -215,7 +219,8 @@ def evaluate(r: OpenRun, registry: Registry, dev: torch.device) -> dict:
 
 
 def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.device, score_from: int) -> dict:
-    """The trained model and the baselines on each of ``task.ood_variants()``.
+    """The trained model and the baselines on each of ``task.ood_variants()``, and on the run's pool of rules
+    for a task trained on one (``pool_rules``, :mod:`iclbench.pool`).
 
     Each variant gets a fixed evaluation set drawn like the main one (same ``eval.seed``, on the CPU) and is
     normalized by its own prior-mean error, so 1.0 still means "no better than the shifted distribution's
@@ -223,7 +228,7 @@ def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.
     than its positions reach, other input widths) is recorded as ``{"skipped": reason}``, never a crash.
     """
     out = {}
-    for name, shifted in task.ood_variants().items():
+    for name, shifted in {**task.ood_variants(), **pool_variants(task)}.items():
         base, new = dataclasses.asdict(task.options), dataclasses.asdict(shifted.options)
         entry = {"options": {k: v for k, v in new.items() if base.get(k) != v}}
         if (shifted.d_in, shifted.d_out) != (task.d_in, task.d_out):
