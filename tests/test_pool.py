@@ -167,9 +167,10 @@ def test_pool_zero_keeps_every_hash_and_a_bad_pool_is_one_line():
     base = resolve(registry, task="affine", model="gpt1l")
     assert base.config_hash == "1013c344"
     assert resolve(registry, task="affine", model="gpt1l", overrides=["task.pool=0"]).config_hash == "1013c344"
-    linreg = resolve(registry, task="linreg", model="gpt3l", overrides=["train.until=steps"])
+    old_recipe = ["train.until=steps", "train.lr=0.0005", "train.batch_size=64", "train.warmup=200"]
+    linreg = resolve(registry, task="linreg", model="gpt3l", overrides=old_recipe)
     assert linreg.config_hash == "1cfdbc58"
-    pooled = resolve(registry, task="linreg", model="gpt3l", overrides=["train.until=steps", "task.pool=4"])
+    pooled = resolve(registry, task="linreg", model="gpt3l", overrides=[*old_recipe, "task.pool=4"])
     assert pooled.config_hash != linreg.config_hash
     for bad in ("-1", "2.5", "true"):
         with pytest.raises(ICLBenchError, match="pool") as exc:
