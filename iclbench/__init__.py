@@ -1,7 +1,7 @@
 """iclbench: a plugin-based benchmark suite for in-context learning.
 
-Public API: :func:`run` trains and evaluates one task × model; :class:`Task`, :class:`Model`,
-:class:`Probe`, :class:`Baseline` and :data:`hookimpl` are what plugins build on.
+Public API: :func:`run` trains and evaluates one task × model, :func:`load` opens a finished run;
+:class:`Task`, :class:`Model`, :class:`Probe`, :class:`Baseline` and :data:`hookimpl` are what plugins build on.
 """
 
 from importlib import metadata as _metadata
@@ -18,11 +18,21 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
 
 
 def run(*args, **kwargs):
-    """Train, evaluate and record one run; see :func:`iclbench.runner.run`."""
+    """Train, evaluate and record one run; returns a :class:`~iclbench.runner.RunResult`; see
+    :func:`iclbench.runner.run`."""
     from .runner import run as _run
 
     return _run(*args, **kwargs)
 
 
+def load(run_dir, *, device: str = "cpu", registry=None):
+    """Open a finished run without training: a :class:`~iclbench.runner.RunResult` with its ``config``,
+    ``task``, ``model`` (trained weights, eval mode), ``metrics`` and ``probes``; see
+    :func:`iclbench.runner.load`."""
+    from .runner import load as _load
+
+    return _load(run_dir, device=device, registry=registry)
+
+
 __all__ = ["Baseline", "Batch", "HookPoint", "Model", "Probe", "ProbeFigure", "ProbeResult", "Task", "hookimpl",
-           "run", "__version__"]
+           "load", "run", "__version__"]

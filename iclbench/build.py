@@ -55,9 +55,11 @@ def check_sizes(cfg: RunConfig, task, model_cls, device: torch.device) -> None:
 
 def build(registry: Registry, cfg: RunConfig, device: torch.device):
     """Instantiate the task and a freshly initialised model (initialisation seeded by ``cfg.seed``). The task
-    keeps the registry it came from, so that its baselines (the probes' too) are the run's."""
+    keeps the registry it came from, so that its baselines (the probes' too) are the run's, and the run's seed
+    (``task.run_seed``)."""
     task = registry.task(cfg.task)(cfg.task_options)
     task.registry = registry
+    task.run_seed = cfg.seed  # a task trained on a pool of rules draws the seed's pool (iclbench.pool)
     model_cls = registry.model(cfg.model)
     check_sizes(cfg, task, model_cls, device)
     with torch.random.fork_rng(devices=[]):

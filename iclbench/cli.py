@@ -68,6 +68,8 @@ def cmd_run(args) -> int:
     elif result.outcome == "resumed":
         print(f"resumed from the checkpoint at step {m['train']['resumed_from_step']}\n")
     print(format_curves(m))
+    print(f"[lo, hi]: {round(100 * m['curves'].get('confidence', 0.95))}% bootstrap interval over the evaluation "
+          "sequences (this model's score; the leaderboard's ± is an interval over training seeds)")
     if m.get("ood"):
         print(f"\nout of distribution (mean t>={m['curves']['score_from']}, each normalized by its shifted "
               "task's prior mean):")
@@ -276,7 +278,8 @@ def _add_sweep(sub):
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
     p.add_argument("--max-runs", type=int, default=None,
                    help="refuse an experiment of more runs than this (default: 100000), counted before expanding")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress display (on a terminal a bar, otherwise a "
+                   "line per finished run); only failures and the summary")
 
 
 def cmd_sweep(args) -> int:
@@ -302,7 +305,7 @@ def cmd_sweep(args) -> int:
                        gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet,
                        connect_timeout=RAY_START_TIMEOUT if args.connect_timeout is None else args.connect_timeout)
     print(report.summary())
-    if report.not_run:
+    if report.signal:
         return 130
     return 1 if report.failed or report.unstable else 0
 
@@ -446,15 +449,22 @@ COMMANDS.update(check=cmd_check, rescore=cmd_rescore)
 
 
 def main(argv=None) -> int:
+    from .errors import raise_on_signals, restore_signals
+
     args = parser().parse_args(argv)
+    previous = raise_on_signals()  # a closed terminal (SIGHUP) or SIGTERM interrupts a run as Ctrl-C does
     try:
         command = COMMANDS.get(args.command) or args.iclbench_command  # a plugin's: iclbench_add_commands
         return command(args)
     except ICLBenchError as exc:
         print(f"iclbench: error: {one_line(exc, 600)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("iclbench: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from .errors import interruption
+
+        resumable = args.command in ("run", "sweep")  # what they were computing continues from its checkpoint
+        print(f"iclbench: interrupted by {interruption(exc)}" + ("; rerun the same command to continue from the "
+              "latest checkpoint" if resumable else ""), file=sys.stderr)
         return 130
     except MemoryError:
         print("iclbench: error: out of memory; choose smaller sizes (model, train.batch_size, "
@@ -469,6 +479,8 @@ def main(argv=None) -> int:
         print(f"iclbench: internal error: {type(exc).__name__}: {one_line(exc, 600)} (set ICLBENCH_DEBUG=1 for the "
               "traceback)", file=sys.stderr)
         return 1
+    finally:
+        restore_signals(previous)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,15 @@ Resolved form (what ``config.yaml`` in a run directory holds)::
     device: auto
     out: results
     log: [mlflow, tensorboard]                     # optional run loggers (not hashed)
+    resolved_from:                                 # a run's config.yaml: the defaults shown resolved above
+      eval.score_from: {given: -1, resolved: 3}    #   (the config hash reads each as given, so a rerun of
+      device: {given: auto, resolved: cpu}         #   the file finds its run)
+
+A run's ``config.yaml`` shows what a default resolved to on that run (``eval.score_from: -1`` → the task's
+first scored position, ``model.n_ctx: 0`` → the task's context length, ``device: auto`` → the device used) and
+records under ``resolved_from`` what was given; reading the file restores each given value the file still shows
+resolved, so the configuration, its hash and its run name are the run's. A run's ``config.yaml`` read as a
+config finds its run where the file is (``out`` is the folder holding the run directory), from any folder.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +40,8 @@ from .registry import Registry
 
 
 TOP_LEVEL = ("task", "model", "train", "eval", "seed", "device", "out", "log")
+#: the key of a run's config.yaml recording the defaults it shows resolved (``{key: {given, resolved}}``)
+RESOLVED_FROM = "resolved_from"
 #: fields that do not change what a run computes; left out of the config hash
 NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
               ("eval", "ood"), ("eval", "probes")}
@@ -42,7 +55,7 @@ FLAT_ONLY = ("until", "max_steps", "eval_every", "heldout", "flat_window", "flat
 
 #: options added to built-in tasks after runs were recorded, left out of the hash at the value that changes
 #: nothing (so every recorded configuration keeps its hash)
-OMIT_AT = {("task", "curriculum"): False, ("task", "active_dims"): 0}
+OMIT_AT = {("task", "curriculum"): False, ("task", "active_dims"): 0, ("task", "pool"): 0}
 
 
 def hashed(section: str, values: dict) -> dict:
@@ -69,7 +82,22 @@ class RunConfig:
     #: hashed section: where a run is logged does not change what it computes
     log: list = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, resolved: dict | None = None) -> dict:
+        """The configuration as given (what the hashes read); with ``resolved`` (``{"eval.score_from": 3}``, as
+        :func:`resolved_defaults` finds), those values shown resolved and the given ones under
+        ``resolved_from``: a run's ``config.yaml``."""
+        d = self._given()
+        if resolved:
+            record = {}
+            for key, value in resolved.items():
+                section, _, name = key.partition(".")
+                node, name = (d[section], name) if name else (d, section)
+                record[key] = {"given": node[name], "resolved": value}
+                node[name] = value
+            d[RESOLVED_FROM] = record
+        return d
+
+    def _given(self) -> dict:
         return {
             "task": {"name": self.task, **dataclasses.asdict(self.task_options)},
             "model": {"name": self.model, **dataclasses.asdict(self.model_options)},
@@ -95,6 +123,40 @@ class RunConfig:
     @property
     def run_name(self) -> str:
         return f"{self.task}-{self.model}-{self.config_hash}-s{self.seed}"
+
+
+def resolved_defaults(cfg: RunConfig, task, model, device) -> dict:
+    """What ``cfg``'s "use the default" values came to on this run: ``eval.score_from`` -1 (the task's
+    ``score_from``), a model's ``n_ctx`` 0 (the positions the built model has), ``device`` auto (the device
+    used). ``{dotted key: value}``, for :meth:`RunConfig.to_dict`."""
+    out = {}
+    if cfg.device == "auto":
+        out["device"] = str(device)
+    if cfg.eval.score_from < 0 and isinstance(getattr(task, "score_from", None), int):
+        out["eval.score_from"] = int(task.score_from)
+    n_ctx = getattr(model, "n_ctx", None)
+    if getattr(cfg.model_options, "n_ctx", None) == 0 and isinstance(n_ctx, int) and n_ctx > 0:
+        out["model.n_ctx"] = n_ctx
+    return out
+
+
+def _restore_given(raw: dict, where: str) -> None:
+    """A run's config.yaml: put back each value given as a default that the file still shows resolved (see
+    :data:`RESOLVED_FROM`); one the user has since edited stays as edited."""
+    record = raw.pop(RESOLVED_FROM, None)
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise ICLBenchError(f"{RESOLVED_FROM} in {where} must map keys to {{given: ..., resolved: ...}}, got "
+                            f"{record!r}")
+    for key, entry in record.items():
+        if not (isinstance(key, str) and isinstance(entry, dict) and {"given", "resolved"} <= set(entry)):
+            raise ICLBenchError(f"{RESOLVED_FROM} in {where}: {key!r} must map to {{given: ..., resolved: ...}}, "
+                                f"got {entry!r}")
+        section, _, name = key.partition(".")
+        node, name = (raw.get(section), name) if name else (raw, section)
+        if isinstance(node, dict) and name in node and node[name] == entry["resolved"]:
+            node[name] = entry["given"]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -172,6 +234,7 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
     else:
         raw = dict(config or {})
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    _restore_given(raw, where)
     for key in raw:
         if key not in TOP_LEVEL:
             raise ICLBenchError(f"unknown key '{key}' in {where}" + did_you_mean(str(key), TOP_LEVEL))
@@ -193,6 +256,7 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
     if isinstance(overrides, dict):
         overrides = list(overrides.items())  # Python values, taken as they are
     recorded_log = raw.get("log")  # from a file or a recorded config: a logger since uninstalled is skipped
+    out_set = False  # --set out=...: the file's run is not where the runs go
     for item in overrides:
         if isinstance(item, tuple):
             key, value = item
@@ -202,6 +266,7 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
             key, text = item.split("=", 1)
             value = parse_scalar(text)
         key = key.strip()
+        out_set = out_set or key == "out"
         if key.split(".")[0] not in TOP_LEVEL:
             raise ICLBenchError(f"unknown key '{key}' in --set" + did_you_mean(key.split(".")[0], TOP_LEVEL))
         if "." not in key:
@@ -234,7 +299,7 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
     device_value = raw.get("device", "auto")
     if not isinstance(device_value, str):
         raise ICLBenchError(f"device must be a string, got {device_value!r}")
-    return RunConfig(
+    cfg = RunConfig(
         task=task_name,
         model=model_name,
         task_options=build_options(task_cls.Options, sections["task"], "task"),
@@ -248,6 +313,23 @@ def resolve(registry: Registry, *, config: str | Path | dict | None = None, task
         out=out_value,
         log=_log_targets(registry, raw.get("log"), where, strict=raw.get("log") is not recorded_log),
     )
+    if isinstance(config, (str, Path)) and out is None and not out_set:
+        home = run_home(Path(config), cfg)
+        if home is not None:
+            cfg.out = home
+    return cfg
+
+
+def run_home(path: Path, cfg: RunConfig) -> str | None:
+    """Where the runs of a run's ``config.yaml`` go (the file in a folder named like a run,
+    ``TASK-MODEL-HASH-sSEED``): the folder holding that run directory, absolute, so that rerunning the file
+    finds its run from any folder rather than training it anew under a relative ``out`` (and a variant of it,
+    another seed or ``--set``, lands beside it). None for any other file."""
+    path = Path(path)
+    if path.name == "config.yaml" and (path.parent.name == cfg.run_name
+                                       or re.fullmatch(r".+-[0-9a-f]{8}-s\d+", path.parent.name)):
+        return os.path.abspath(path.parent.parent)
+    return None
 
 
 def train_settings(defaults: dict, given: dict) -> dict:

@@ -46,3 +46,69 @@ def one_line(exc, limit: int = 300) -> str:
     """An error's text on one line (PyTorch's often span several), shortened to ``limit`` characters."""
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, or a signal that ends the session (SIGHUP: the terminal closed; SIGTERM), raised where the
+    program is, as Ctrl-C is: the run in progress is marked ``interrupted`` and its rerun continues from its
+    latest checkpoint. ``signame``: the signal, as ``status.json`` and the sweep record name it."""
+
+    def __init__(self, signame: str = "SIGINT"):
+        super().__init__(signame)
+        self.signame = signame
+
+
+#: the signals that interrupt a run (and what each means, for status.json)
+INTERRUPTS = {"SIGINT": "Ctrl-C (SIGINT)", "SIGHUP": "SIGHUP (the terminal closed)", "SIGTERM": "SIGTERM"}
+
+
+def interruption(exc: BaseException) -> str:
+    """What interrupted a run, in words: ``Ctrl-C (SIGINT)``, ``SIGHUP (the terminal closed)``, ``SIGTERM``."""
+    return INTERRUPTS.get(getattr(exc, "signame", "SIGINT"), str(getattr(exc, "signame", "Ctrl-C")))
+
+
+def raise_on_signals(active=lambda: True) -> dict | None:
+    """In this process's main thread: SIGINT, SIGHUP and SIGTERM raise :class:`Interrupted` (not SIGHUP's and
+    SIGTERM's silent death, which leaves a run ``running`` with a dead pid) while ``active()`` says so, and are
+    ignored otherwise. Once: after the first, the others are ignored until this is called again, so what the
+    interruption records is not itself interrupted. A terminal that closed (SIGHUP) gets no more output:
+    stdout and stderr, where they were that terminal, go to /dev/null. Returns the handlers it replaced (for
+    :func:`restore_signals`), None where signals cannot be handled here (not the main thread)."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    fired = []
+
+    def handler(signum, frame):
+        if fired or not active():
+            return
+        fired.append(signum)
+        name = signal.Signals(signum).name
+        if name == "SIGHUP":
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                try:
+                    if os.isatty(fd):
+                        os.dup2(devnull, fd)
+                except OSError:
+                    pass
+            os.close(devnull)
+        raise Interrupted(name)
+
+    previous = {}
+    for name in INTERRUPTS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def restore_signals(previous: dict | None) -> None:
+    """Put back the handlers :func:`raise_on_signals` replaced."""
+    import signal
+
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

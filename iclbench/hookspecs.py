@@ -70,7 +70,8 @@ def iclbench_run_started(run_dir, config):
     ``config.task`` / ``config.model`` (names), ``config.task_options`` / ``config.model_options`` (the
     plugins' Options dataclasses), ``config.train`` / ``config.eval`` (TrainOptions / EvalOptions),
     ``config.seed``, ``config.device``, ``config.out``, ``config.run_name``, ``config.config_hash`` and
-    ``config.to_dict()`` (what ``config.yaml`` holds).
+    ``config.to_dict()`` (the configuration as given, which the hash reads; ``config.yaml`` also shows the
+    defaults as they resolved on the run, under ``resolved_from``).
     """
 
 

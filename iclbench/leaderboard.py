@@ -204,8 +204,9 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=(), bare: bool = False) -> pd
 
     Baselines do not depend on the model or seed, only on the task config and evaluation set; a baseline's
     value is averaged over the runs that evaluated it, counted once per seed. ``tasks``/``models`` filter
-    by name (empty: keep all). The CI half-width is the seed spread's (1.96 sd/√n) when n ≥ 2, else the
-    run's own bootstrap interval.
+    by name (empty: keep all). The CI half-width is that of the 95% Student-t interval over seeds
+    (t·sd/√n) when n ≥ 2 — the interval ``iclbench specialization`` gives the same model error — else the
+    run's own bootstrap interval over its evaluation sequences (:data:`INTERVALS`).
     """
     keys = ["kind", "row", "task_label"]
     columns = ["kind", "row", "task", "mean", "sd", "n_seeds", "ci_half", "learned", "config", "task_config"]
@@ -234,7 +235,7 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=(), bare: bool = False) -> pd
     out = per_seed.groupby(keys, as_index=False).agg(
         mean=("value", "mean"), sd=("value", "std"), n_seeds=("seed", "nunique"), boot=("ci_half", "mean"),
         learned=("learned", _seeds_learned))
-    spread = 1.96 * out["sd"] / out["n_seeds"].clip(lower=1) ** 0.5
+    spread = out["sd"] * [seed_t(n) for n in out["n_seeds"]] / out["n_seeds"].clip(lower=1) ** 0.5
     out["ci_half"] = spread.where(out["n_seeds"] >= 2, out["boot"])
     # the hashes behind each label, for machines (CSV/JSON): "," between several (one row over several tasks)
     hashes = df.groupby(keys, as_index=False)[["config", "task_config"]].agg(
@@ -245,10 +246,27 @@ def aggregate(runs: pd.DataFrame, tasks=(), models=(), bare: bool = False) -> pd
     return out.sort_values(["kind", "row", "task"]).reset_index(drop=True)[columns]
 
 
+#: what the leaderboard's "±" is, said in every caption: one interval kind for a quantity over seeds, the
+#: one ``iclbench specialization`` gives its model error; a run's own intervals (``iclbench run``'s table, the
+#: report's run sections) are bootstrap intervals over its evaluation sequences, another quantity's spread
+INTERVALS = ("mean ± half-width of the 95% Student-t interval over seeds (n = seeds; the interval "
+             "`iclbench specialization` gives the same model error; none with one seed)")
+
+
+def seed_t(n: int, confidence: float = 0.95) -> float:
+    """Student's t quantile for the interval of a mean over ``n`` seeds (NaN below two)."""
+    if n < 2:
+        return float("nan")
+    from .probes.stats import t_quantile
+
+    return t_quantile(0.5 + confidence / 2, int(n) - 1)
+
+
 def wide(agg: pd.DataFrame) -> pd.DataFrame:
-    """Rows: models then baselines; columns: tasks; cells 'mean (n)' or 'mean ± sd (n)'."""
+    """Rows: models then baselines; columns: tasks; cells 'mean (n)' or 'mean ± h (n)', h the half-width of
+    the 95% Student-t interval over seeds (:data:`INTERVALS`)."""
     def cell(r):
-        sd = "" if pd.isna(r["sd"]) else f" ± {r['sd']:.4f}"
+        sd = "" if pd.isna(r["sd"]) or r["n_seeds"] < 2 else f" ± {r['ci_half']:.4f}"
         label = f" [{r['learned']}]" if r.get("learned") else ""
         return f"{r['mean']:.4f}{sd} (n={r['n_seeds']}){label}"
 
@@ -280,7 +298,7 @@ def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=
         return f"no complete runs under {results}"
     table = wide(agg)
     where = f" (positions t >= {score_from})" if score_from is not None else ""
-    title = f"{metric}{where}: {METRIC_HELP[metric]}; mean ± sd over seeds (n = seeds)"
+    title = f"{metric}{where}: {METRIC_HELP[metric]}; {INTERVALS}"
     if (agg["learned"] != "").any():
         title += f"; {LEARNED_HELP}"
     body = tabulate_table(table, fmt, headers=["model"] + list(table.columns), disable_numparse=True)
@@ -290,7 +308,8 @@ def render(results: Path, fmt: str = "github", warn=lambda msg: print(msg, file=
 def compare(a: Path, b: Path, metric: str = "error", score_from: int | None = None,
             warn=lambda msg: print(msg, file=sys.stderr)) -> pd.DataFrame:
     """Side by side: every (row, task) present in both, B − A, and whether |B − A| exceeds the combined CI
-    half-width sqrt(ci_a² + ci_b²) (see :func:`aggregate` for the CI; 'n/a' where none is known)."""
+    half-width sqrt(ci_a² + ci_b²) (see :func:`aggregate` for the CI: Student-t over seeds, a single run's
+    bootstrap over its evaluation sequences; 'n/a' where none is known)."""
     ra, rb = collect(a, warn, metric, score_from), collect(b, warn, metric, score_from)
     if ra.empty or rb.empty:
         return pd.DataFrame(columns=["row", "task", "A", "B", "B - A", "exceeds CI"])
@@ -321,7 +340,9 @@ def compare_caption(a: Path, b: Path, metric: str = "error", score_from: int | N
     from .labels import differing_settings
 
     where = f" (positions t >= {score_from})" if score_from is not None else ""
-    lines = [f"comparing {metric}{where}: A = {a}, B = {b}"]
+    lines = [f"comparing {metric}{where}: A = {a}, B = {b}; 'exceeds CI': |B - A| above the combined 95% "
+             "intervals (Student-t over seeds; a side with one seed: its run's bootstrap over evaluation "
+             "sequences)"]
     differ = differing_settings(_run_configs(Path(a)), _run_configs(Path(b)))
     lines.append("settings that differ (A → B): " + "; ".join(differ) if differ
                  else "no setting differs between A and B (seeds or code aside)")

@@ -51,7 +51,7 @@ def time_to_learned(task: str, model: str, *, max_steps: int, seed: int = 0, ove
                 *(f"{k}={v}" for k, v in recipe.items())]
         cfg = resolve(registry, task=task, model=model, seed=seed, overrides=sets)
         built_task, net = build(registry, cfg, dev)
-        bayes = registry.task_baselines(built_task).get(BAYES)
+        bayes = registry.task_baselines(built_task.training_task(cfg.seed)).get(BAYES)  # of what it trains on
         if bayes is None:
             raise ICLBenchError(f"task '{task}' has no '{BAYES}' baseline: 'learned' is not defined for it")
         stats = train(net, built_task, cfg.train, cfg.seed, dev, reference=bayes.obj)

@@ -121,10 +121,11 @@ class TrainOptions:
     #: ("scored"), which leaves the first positions untrained
     loss_positions: str = "all"
     #: when training stops: after ``steps`` ("steps"), or when the held-out error is flat ("flat"): scored
-    #: every ``eval_every`` steps on ``heldout`` fixed sequences, flat once the improvement over the last
-    #: ``flat_window`` scorings is, at 95 % confidence, below ``flat_tol`` of the reducible error; then the
-    #: learning rate cools down for ``cooldown`` of the steps so far, and training stops. ``max_steps`` caps
-    #: it (the cooldown then ends at the cap). See :class:`iclbench.trainer.StopRule`.
+    #: every ``eval_every`` steps on ``heldout`` fixed sequences, flat once the mean over the last
+    #: ``flat_window`` scorings has improved on the ``flat_window`` before them by less than ``flat_tol`` of the
+    #: reducible error (by its 95 % interval); then the learning rate cools down for ``cooldown`` of the steps
+    #: so far, and training stops. ``max_steps`` caps it (the cooldown then ends at the cap). See
+    #: :func:`iclbench.trainer.flat_check` and :class:`iclbench.trainer.Schedule`.
     until: str = "steps"
     max_steps: int = 30000
     eval_every: int = 200

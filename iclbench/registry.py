@@ -16,6 +16,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ICLBenchError, did_you_mean, warn
+from .pool import pool_baselines
 from .task import Baseline
 
 GROUP = "iclbench"
@@ -66,9 +67,10 @@ class Registry:
         return table[name]
 
     def task_baselines(self, task) -> dict[str, Entry]:
-        """Baselines the task declares, plus those other plugins add for its name."""
+        """Baselines the task declares, plus those other plugins add for its name, plus ``dmmse`` for a task
+        trained on a pool of rules (:mod:`iclbench.pool`)."""
         own = {n: Entry(n, fn, self.tasks[task.name].plugin if task.name in self.tasks else "?")
-               for n, fn in task.baselines().items()}
+               for n, fn in {**task.baselines(), **pool_baselines(task)}.items()}
         extra = self.baselines.get(task.name, {})
         for n, e in list(extra.items()):
             if n in own:  # the task's own baseline stays; the other plugin's is disabled, not the task

@@ -36,7 +36,8 @@ def pyplot():
 #: ``FIGURE_SCALE`` CSS px per inch of the figure, a little above print size so that 8-point text reads easily
 FIGURE_DPI = 150
 FIGURE_SCALE = 115
-#: the main column's width in CSS px; a wider figure scrolls in its own box instead of shrinking
+#: the main column's width in CSS px; a wider figure is scaled to the column (class "wide"), its image a link to
+#: itself at full size
 PAGE_WIDTH = 1060
 
 STYLE = """
@@ -62,15 +63,15 @@ code{font:.9em ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:v
 table{border-collapse:separate;border-spacing:0;font-size:.875em;min-width:100%}
 th,td{padding:.35em .75em;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 td{max-width:30em;overflow-wrap:break-word}
-th{position:sticky;top:0;z-index:1;background:var(--head);font-weight:600;white-space:nowrap;
+th{position:sticky;top:0;z-index:1;background:var(--head);font-weight:600;overflow-wrap:normal;
  border-bottom:2px solid var(--line)}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{overflow-wrap:normal}
 tbody tr:nth-child(even) td{background:#fafbfc}
 tbody tr:hover td{background:var(--hover)}
 figure{margin:1.5em 0}
-.figure-box{max-width:100%;overflow-x:auto}
+.figure-box{max-width:100%}
 .figure-box img{display:block;max-width:100%;height:auto}
-figure.wide .figure-box img{max-width:none}
 figcaption{font-size:.9em;color:var(--muted);margin-top:.4em;max-width:80ch}
 @media print{.table-box{max-height:none;overflow:visible}th{position:static}}
 """
@@ -145,13 +146,36 @@ def _without_negative_zeros(df: pd.DataFrame, floatfmt: str) -> pd.DataFrame:
     return df.map(clean) if hasattr(df, "map") else df.applymap(clean)
 
 
+#: the most columns one table of the report shows; a wider one is shown as several, each repeating the
+#: columns that name its rows (:func:`column_groups`), so that it fits a page 800 px wide instead of being cut
+MAX_COLUMNS = 8
+#: the columns that name a row (repeated in each part of a table split by :func:`column_groups`)
+ROW_NAMES = ("task", "model", "layer", "predictor", "run", "seed", "shift", "row", "name")
+
+
+def column_groups(df: pd.DataFrame, limit: int = MAX_COLUMNS) -> list[pd.DataFrame]:
+    """``df`` as tables of at most ``limit`` columns: its leading row-naming columns (:data:`ROW_NAMES`, at
+    least the first) in each, the others in order, shared out evenly. A table that fits is itself."""
+    columns = list(df.columns)
+    if len(columns) <= limit:
+        return [df]
+    keep = 1
+    while keep < len(columns) - 1 and keep < limit // 2 and str(columns[keep]) in ROW_NAMES:
+        keep += 1
+    rest = columns[keep:]
+    parts = -(-len(rest) // (limit - keep))
+    size = -(-len(rest) // parts)
+    return [df[columns[:keep] + rest[i:i + size]] for i in range(0, len(rest), size)]
+
+
 def _html_table(df: pd.DataFrame, floatfmt: str, links: dict) -> str:
     """A table in its own scrolling box: sticky header row, numbers right-aligned, every name escaped;
     ``links[(row, column)]`` makes that cell a link to ``#anchor``."""
     columns = list(df.columns)
     rows = [[_cell(v, floatfmt) for v in row] for row in df.itertuples(index=False, name=None)]
     numeric = [bool(rows) and all(r[j][1] or r[j][0] == "—" for r in rows) for j in range(len(columns))]
-    head = "".join(f'<th scope="col"{" class=num" if numeric[j] else ""}>{html.escape(str(c))}</th>'
+    head = "".join(f'<th scope="col"{" class=num" if numeric[j] else ""}>'
+                   f'{html.escape(str(c)).replace("_", "_<wbr>")}</th>'  # lens_error may wrap after the _
                    for j, c in enumerate(columns))
     body = []
     for i, row in enumerate(rows):
@@ -240,7 +264,9 @@ class Document:
                 df = _without_negative_zeros(df, floatfmt)
                 df = df.rename(columns=lambda c: md_escape(c, cell=True))
                 df = df.map(_md_cell) if hasattr(df, "map") else df.applymap(_md_cell)
-                lines += [tabulate(df, headers="keys", tablefmt="github", showindex=False, floatfmt=floatfmt), ""]
+                for part in column_groups(df):
+                    lines += [tabulate(part, headers="keys", tablefmt="github", showindex=False, floatfmt=floatfmt),
+                              ""]
             elif kind == "figure":
                 rel, caption = value[:2]  # a run directory's name is in the file name: quoted, as in HTML
                 alt = md_escape(caption).replace("[", "\\[").replace("]", "\\]")
@@ -264,15 +290,17 @@ class Document:
             elif kind == "table":
                 df, floatfmt = value[:2]
                 links = {k: a for k, a in (value[2] if len(value) > 2 else {}).items() if a in anchors}
-                body.append(_html_table(_without_negative_zeros(df, floatfmt), floatfmt, links))
+                body += [_html_table(part, floatfmt, links)
+                         for part in column_groups(_without_negative_zeros(df, floatfmt))]
             elif kind == "figure":
                 from urllib.parse import quote
 
                 rel, caption = value[:2]  # a run directory's name is in the file name: quote it, then escape it
                 src = html.escape(quote(rel), quote=True)
                 width, height = value[2] if len(value) > 2 else (0, 0)
-                # shown at its drawn size (FIGURE_SCALE CSS px per inch) when that fits the page, else in
-                # its own scrolling box at that size, so no figure's text shrinks below what it was drawn at
+                # shown at its drawn size (FIGURE_SCALE CSS px per inch) where that fits the column, else
+                # scaled to the column's width: no panel is cut off at the window's edge (a scrolling box
+                # hid the right-hand panels at 800-1280 px); the image links to itself at full size
                 css_w, css_h = round(width * FIGURE_SCALE / FIGURE_DPI), round(height * FIGURE_SCALE / FIGURE_DPI)
                 size = f' width="{css_w}" height="{css_h}"' if width and height else ""
                 wide = " wide" if css_w > PAGE_WIDTH else ""
@@ -471,6 +499,9 @@ def run_section(doc: Document, run_dir: Path):
         doc.text(f"**{m['learned']}**: relative excess over Bayes (error − Bayes) / (zero − Bayes) = "
                  f"{m['relative']:.3f}, 95% CI [{m['relative_ci'][0]:.3f}, {m['relative_ci'][1]:.3f}] "
                  "(learned below 0.1, partly within [0.1, 0.5], not learned above 0.5, else inconclusive).")
+    doc.text(f"This run's errors, each with its {int(100 * metrics['curves'].get('confidence', 0.95))}% bootstrap "
+             "interval over the evaluation sequences (ci_low, ci_high; excess_ci paired with Bayes on the same "
+             "sequences): the spread of one trained model's score, not of training seeds (the leaderboard's).")
     doc.table(summary)
     with doc.figures_named(f"{slug}-"):
         doc.figure(error_curve_figure(metrics), "error",
@@ -542,7 +573,7 @@ def cross_run_sections(doc: Document, roots: list[Path], warn_run=None) -> list[
 def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -> tuple[Path, Path]:
     """Write report.md, report.html and figures/ under ``out`` for the given runs (and a leaderboard over
     ``results`` or over the runs' parent directories)."""
-    from .leaderboard import aggregate, collect, wide
+    from .leaderboard import INTERVALS, aggregate, collect, wide
 
     out = Path(out)
     blocker = next((p for p in [out, *out.parents] if p.exists()), None)
@@ -562,7 +593,7 @@ def build_report(run_dirs: list[Path], out: Path, results: Path | None = None) -
     if not board.empty:
         doc.heading("Leaderboard", anchor="leaderboard")
         doc.text("Normalized squared error averaged over positions t ≥ each task's score_from (1.0 = predicting "
-                 "the prior mean); mean ± sd over seeds, n = seeds. Each cell links to its run's section.")
+                 f"the prior mean); {INTERVALS}. Each cell links to its run's section.")
         table = wide(board).reset_index().rename(columns={"row": "model"})
         doc.table(table, links=leaderboard_links(table, tidy, doc.run_anchors))
     probe_lines = cross_run_sections(doc, roots, once)

@@ -32,6 +32,7 @@ def rescore(run_dir, registry: Registry | None = None, device: str = "cpu") -> d
         raise ICLBenchError(f"{run.path} is not a complete run directory: {exc}") from None
     cfg = resolve(registry, config=metrics["config"])
     task = registry.task(cfg.task)(cfg.task_options)
+    task.run_seed = cfg.seed  # a task trained on a pool of rules: dMMSE over the run's pool
     known = set(metrics["summary"]) | set(metrics.get("refused_baselines", {}))
     entries = {n: e for n, e in registry.task_baselines(task).items() if n not in known and n != "model"}
     if not entries:

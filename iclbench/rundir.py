@@ -23,8 +23,8 @@ import torch
 
 from . import contracts, store
 from .build import build
-from .config import RunConfig, resolve
-from .errors import ICLBenchError, TrainingDiverged, one_line, warn
+from .config import RunConfig, resolve, resolved_defaults
+from .errors import ICLBenchError, TrainingDiverged, interruption, one_line, warn
 from .registry import Registry, get_registry
 from .trainer import TrainingState, resolve_device
 
@@ -225,6 +225,8 @@ class OpenRun:
         self.segments: list[dict] = []
         self.running = False  # status.json says "running": a failure from now on is recorded
         self.stats: dict | None = None  # the training figures, once trained
+        #: the step a rerun continues from: that of the latest training state saved (0: none yet)
+        self.saved_step = 0
 
     @property
     def found_complete(self) -> bool:
@@ -282,6 +284,7 @@ class OpenRun:
                     self.log.close()
                 warn(f"cannot continue {self.path} from its checkpoint ({one_line(exc)}); starting it afresh")
                 state, self.log, self.stats, self.earlier = None, None, None, None
+        self.saved_step = 0 if state is None else state.step
         segment = {"from_step": 0 if state is None else state.step, "threads": threads, "device": self.device.type}
         if stacked_with:
             segment["stacked_with"] = len(stacked_with)
@@ -297,7 +300,8 @@ class OpenRun:
         store.remove_file(self.path / store.METRICS)  # the directory now describes this run
         if state is None:
             store.remove_file(self.path / store.TRAIN_STATE)
-        store.write_yaml(self.path / store.CONFIG, self.cfg.to_dict())
+        # the defaults shown as they resolved on this run (score_from, n_ctx, device); the hash reads them as given
+        store.write_yaml(self.path / store.CONFIG, self.written_config())
         store.write_json(self.path / store.STATUS, {"status": "running", "started": time.time(), "pid": os.getpid(),
                                                     "host": socket.gethostname(), "threads": threads}
                          | ({"stacked_with": len(stacked_with)} if stacked_with else {}))
@@ -309,6 +313,11 @@ class OpenRun:
             event = {"event": "start"} if state is None else {"event": "resume", "step": state.step}
             self.write_log({**event, "run": self.cfg.run_name, "device": str(self.device)}
                            | ({"stacked_seeds": stacked_with} if stacked_with else {}))
+
+    def written_config(self) -> dict:
+        """``config.yaml``: the configuration with its defaults resolved on this run (see
+        :func:`iclbench.config.resolved_defaults`)."""
+        return self.cfg.to_dict(resolved=resolved_defaults(self.cfg, self.task, self.model, self.device))
 
     @property
     def resume_from(self) -> TrainingState | None:
@@ -328,6 +337,7 @@ class OpenRun:
         self.log.flush()
         state.log_offset, state.segments = self.log.tell(), self.segments
         store.save_training_state(self.path / store.TRAIN_STATE, state.to_dict())
+        self.saved_step = state.step
 
     def finish_training(self, stats: dict) -> None:
         """Log the end of training and save the weights and a final training state, so that a run killed
@@ -336,7 +346,7 @@ class OpenRun:
         self.write_log({"event": "trained", **stats})
         self.log.flush()
         store.save_state_dict(self.path / store.CHECKPOINT, self.model.state_dict(),
-                              {"config": json.dumps(self.cfg.to_dict())})
+                              {"config": json.dumps(self.written_config())})
         self.checkpoint(TrainingState(step=self.cfg.train.steps, device=self.device.type, trained=stats))
 
     def diverged(self, exc: TrainingDiverged) -> TrainingDiverged:
@@ -350,16 +360,18 @@ class OpenRun:
         return exc
 
     def fail(self, exc: BaseException) -> BaseException | None:
-        """Record that the run ends with ``exc`` (once): ``interrupted`` on Ctrl-C, ``diverged``, else
+        """Record that the run ends with ``exc`` (once): ``interrupted`` on Ctrl-C, SIGHUP or SIGTERM (with the
+        step its rerun continues from), ``diverged``, else
         ``failed`` naming the plugin whose code raised; ``iclbench_run_failed`` is called except on Ctrl-C.
         Returns the error to raise instead of ``exc`` (a plugin's, as one line naming it), or None."""
         if not self.running:
             return None
         self.running = False
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGHUP/SIGTERM (errors.raise_on_signals)
             threads = self.segments[-1]["threads"] if self.segments else torch.get_num_threads()
-            store.write_json(self.path / store.STATUS, {"status": "interrupted", "message": "Ctrl-C",
-                                                        "threads": threads})
+            store.write_json(self.path / store.STATUS, {"status": "interrupted", "message": interruption(exc),
+                                                        "threads": threads, "resumes_from_step": self.saved_step,
+                                                        "time": time.time()})
             return None
         plugin = getattr(exc, "plugin", None) or contracts.blame(exc, self.registry)
         if isinstance(exc, TrainingDiverged):

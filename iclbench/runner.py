@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import store
+from . import gemm, store
 from .build import build, check_plugins
 from .config import RunConfig, resolve
 from .errors import ICLBenchError, TrainingDiverged
 from .evaluate import BAYES, error_curves, evaluation_batch, score
+from .pool import pool_variants
 from .probing import run_probes
 from .registry import Registry, get_registry
 from .rundir import OpenRun, RunDir, non_finite_options
@@ -25,6 +27,9 @@ from .trainer import Trainee, resolve_device, train_together
 
 @dataclass
 class RunResult:
+    """A run: what :func:`run` returns and :func:`load` opens. ``model`` holds the trained weights in eval
+    mode; ``metrics`` is ``metrics.json``; ``config`` the resolved :class:`~iclbench.config.RunConfig`;
+    ``task`` the task built from it."""
     run_dir: Path
     metrics: dict
     config: RunConfig
@@ -35,6 +40,35 @@ class RunResult:
     #: the first attempt's, nothing was retrained
     resumed_after_training: bool = False
 
+    @property
+    def probes(self) -> dict:
+        """The probes' summaries (``probes.json``: name → summary, time, table file); {} where none ran."""
+        try:
+            return RunDir(self.run_dir).probes()
+        except store.DamagedRun as exc:
+            raise ICLBenchError(f"cannot read the probes of {self.run_dir}: {exc}") from None
+
+
+def load(run_dir: str | Path, *, device: str = "cpu", registry: Registry | None = None) -> RunResult:
+    """Open a finished run without training it: its config, task, model (the trained weights, in eval mode,
+    on ``device``) and metrics, from any folder. An incomplete or damaged run directory is one line saying
+    what is wrong."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ICLBenchError(f"{str(run_dir)!r} is not a directory; iclbench.load wants a run directory "
+                            "(RESULTS/<task>-<model>-<hash>-s<seed>)")
+    if not (path / store.CONFIG).is_file():
+        raise ICLBenchError(f"{path} is not a run directory (no {store.CONFIG}); iclbench.load wants "
+                            "RESULTS/<task>-<model>-<hash>-s<seed>")
+    try:
+        metrics = store.read_run(path)
+    except store.DamagedRun as exc:
+        raise ICLBenchError(f"{path} is not a complete run ({exc}); iclbench.run(run_dir=...) continues an "
+                            "interrupted one") from None
+    registry = registry or get_registry()
+    cfg, task, model = RunDir(path).load(registry, resolve_device(device))
+    return RunResult(path, metrics, cfg, task, model, outcome="complete")
+
 
 def run(task: str | None = None, model: str | None = None, *, config=None, steps: int | None = None,
         seed: int | None = None, device: str | None = None, out: str | None = None, overrides=(),
@@ -43,9 +77,13 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     """Train ``model`` on ``task``, evaluate it beside the task's baselines, write the run directory.
 
     ``config``: a YAML path or a dict in the resolved layout; ``overrides``: ``["task.noise=0.1", ...]`` or
-    ``{"task.noise": 0.1}``. Returns the run directory, the metrics dict, and the trained model.
+    ``{"task.noise": 0.1}``. Returns a :class:`RunResult`: ``run_dir``, ``metrics``, ``config``, ``task``,
+    ``model`` (trained, in eval mode) and ``outcome``. A run's ``config.yaml`` as ``config`` finds that run
+    where the file is, from any folder.
     ``run_dir``: write the record there instead of ``out/<run name>`` (a sweep worker without the driver's
-    disk computes into a temporary directory and ships the files back).
+    disk computes into a temporary directory and ships the files back); given alone, the run recorded there
+    (its ``config.yaml``): returned if complete, continued if interrupted. To open a finished run without
+    any chance of training, :func:`load`.
 
     Rerunning a config continues it: a complete run is returned as recorded (``force=True`` retrains it),
     an interrupted one (Ctrl-C, kill -9) continues from its latest checkpoint (``train.checkpoint_every``)
@@ -53,6 +91,13 @@ def run(task: str | None = None, model: str | None = None, *, config=None, steps
     there is an earlier attempt to continue.
     """
     registry = registry or get_registry()
+    if run_dir is not None and config is None and task is None and model is None:
+        recorded = Path(run_dir) / store.CONFIG
+        if not recorded.is_file():
+            raise ICLBenchError(f"iclbench.run(run_dir={str(run_dir)!r}) continues the run recorded there, but it "
+                                f"holds no {store.CONFIG}; give task and model (or config) to compute a run into "
+                                "it, or open a finished run with iclbench.load(run_dir)")
+        config = recorded
     cfg = resolve(registry, config=config, task=task, model=model, steps=steps, seed=seed, device=device,
                   out=out, overrides=overrides)
     return run_configs([cfg], registry, quiet=quiet, run_dirs=None if run_dir is None else [run_dir],
@@ -66,6 +111,8 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     own: its directory, lock, hooks, log, checkpoints and divergence. A run that diverges is recorded so and
     the others go on; the first divergence is raised at the end."""
     dev = resolve_device(cfgs[0].device)
+    # a training bar on a terminal only: written into a log file it is hundreds of redraws
+    progress = not quiet and _isatty(sys.stderr)
     nan = [o for o in non_finite_options(cfgs[0]) if o.endswith("=nan")]
     if nan:  # fails as a bad option, not later as "divergence" with advice to lower the learning rate
         raise ICLBenchError(f"option(s) {', '.join(nan)} must be numbers, got NaN")
@@ -83,16 +130,19 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
             if r.found_complete:
                 results[r.path] = RunResult(r.path, r.read_complete(), r.cfg, r.task, r.model, outcome="complete")
         live = [r for r in runs if not r.found_complete]
-        together = [r for r in live if r.earlier is None] if stack else []
+        # seeds trained on pools of rules (iclbench.pool) sample distributions of their own: each trains alone
+        together = [r for r in live if r.earlier is None and r.task.training_task(r.cfg.seed) is r.task] \
+            if stack else []
         together = together if len(together) > 1 else []
         for r in live:
             r.start(stacked_with=[s.cfg.seed for s in together] if r in together else None)
         after_training = {r.path for r in live if r.earlier is not None and r.trained}
         groups = ([together] if together else []) + [[r] for r in live if r not in together and not r.trained]
         for group in groups:
-            bayes = registry.task_baselines(group[0].task).get(BAYES)
+            # the reference of train.until: flat is the Bayes predictor of the distribution trained on
+            bayes = registry.task_baselines(group[0].task.training_task(group[0].cfg.seed)).get(BAYES)
             for r, outcome in zip(group, train_together([trainee(r) for r in group], group[0].task,
-                                                        group[0].cfg.train, dev, progress=not quiet,
+                                                        group[0].cfg.train, dev, progress=progress,
                                                         reference=bayes and bayes.obj)):
                 if isinstance(outcome, TrainingDiverged):
                     diverged.append(r.diverged(outcome))
@@ -108,6 +158,13 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     if diverged:
         raise diverged[0]
     return [results[path] for path in paths]
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def trainee(r: OpenRun) -> Trainee:
@@ -155,14 +212,15 @@ def evaluate(r: OpenRun, registry: Registry, dev: torch.device) -> dict:
         "train": r.stats,
         "wall_time_s": r.stats["train_time_s"] + time.perf_counter() - started,
         "provenance": {**store.provenance(dev), "seed": cfg.seed, "plugins": registry.plugin_versions(),
-                       "train_segments": r.segments},
+                       "train_segments": r.segments, "gemm": {"mode": gemm.mode(), "auto": gemm.summary()}},
         "config": cfg.to_dict(),
         "extra": {},
     }
 
 
 def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.device, score_from: int) -> dict:
-    """The trained model and the baselines on each of ``task.ood_variants()``.
+    """The trained model and the baselines on each of ``task.ood_variants()``, and on the run's pool of rules
+    for a task trained on one (``pool_rules``, :mod:`iclbench.pool`).
 
     Each variant gets a fixed evaluation set drawn like the main one (same ``eval.seed``, on the CPU) and is
     normalized by its own prior-mean error, so 1.0 still means "no better than the shifted distribution's
@@ -170,7 +228,7 @@ def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.
     than its positions reach, other input widths) is recorded as ``{"skipped": reason}``, never a crash.
     """
     out = {}
-    for name, shifted in task.ood_variants().items():
+    for name, shifted in {**task.ood_variants(), **pool_variants(task)}.items():
         base, new = dataclasses.asdict(task.options), dataclasses.asdict(shifted.options)
         entry = {"options": {k: v for k, v in new.items() if base.get(k) != v}}
         if (shifted.d_in, shifted.d_out) != (task.d_in, task.d_out):

@@ -52,13 +52,18 @@ def parse_seeds(text: str) -> list[int]:
 def _one_thread():
     import torch
 
+    from .sweep import worker_signals
+
     torch.set_num_threads(1)
+    worker_signals()  # a closed terminal (SIGHUP) marks the seed's run interrupted, as Ctrl-C does
 
 
 def _run_one(kwargs: dict):
     from .runner import run
+    from .sweep import _computing
 
-    r = run(**kwargs)
+    with _computing():
+        r = run(**kwargs)
     return r.run_dir, r.outcome, r.metrics
 
 

@@ -44,7 +44,7 @@ import yaml
 
 from . import store
 from .config import TOP_LEVEL, RunConfig, resolve
-from .errors import ICLBenchError, did_you_mean
+from .errors import ICLBenchError, did_you_mean, interruption, raise_on_signals, restore_signals
 from .registry import Registry, get_registry
 
 EXPERIMENT_KEYS = ("name", "base", "grid", "runs")
@@ -341,6 +341,7 @@ class Outcome:
     detail: str | None = None  # the traceback of an internal error
     files: dict[str, bytes] | None = None  # path relative to the run directory -> content
     wall_s: float = 0.0
+    interrupted: str | None = None  # what interrupted it (Ctrl-C, SIGHUP, SIGTERM); its rerun continues it
 
 
 def compute_run(config: dict, threads: int, ship_files: bool = False) -> Outcome:
@@ -358,7 +359,10 @@ def compute_run(config: dict, threads: int, ship_files: bool = False) -> Outcome
     outcome = Outcome()
     with (tempfile.TemporaryDirectory(prefix="iclbench-") if ship_files else contextlib.nullcontext()) as tmp:
         try:
-            run(config=config, quiet=True, run_dir=tmp)
+            with _computing():
+                run(config=config, quiet=True, run_dir=tmp)
+        except KeyboardInterrupt as exc:  # the run is marked interrupted; its rerun continues from its checkpoint
+            outcome.interrupted = outcome.error = interruption(exc)
         except ICLBenchError as exc:
             outcome.error = str(exc)
         except Exception as exc:  # recorded, so that one broken run does not stop the sweep
@@ -387,10 +391,34 @@ def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
 
 # --- executors: submit runs, wait for some to finish ------------------------------------------------------
 
+#: whether this (worker) process is computing a run: Ctrl-C, SIGHUP and SIGTERM interrupt the run then, and
+#: are ignored between runs, where they would kill the worker and break the pool the driver still waits on
+_COMPUTING: list = []
+
+
+@contextlib.contextmanager
+def _computing():
+    previous = raise_on_signals(active=lambda: bool(_COMPUTING))  # re-armed for each run
+    _COMPUTING.append(True)
+    try:
+        yield
+    finally:
+        _COMPUTING.clear()
+        restore_signals(previous)
+
+
+def worker_signals() -> None:
+    """In a worker process: a signal interrupts the run it computes (marked ``interrupted``, resumable), not
+    the worker between runs."""
+    raise_on_signals(active=lambda: bool(_COMPUTING))
+
+
 def _watch_driver(driver: int) -> None:
     """In a pool worker: exit when the driver process is gone (kill -9 included), so no orphan keeps
     computing, and holding the lock of, a run the next sweep will want. Polls the parent pid each second
-    (``PR_SET_PDEATHSIG`` would fire when the spawning *thread* ends, not the driver)."""
+    (``PR_SET_PDEATHSIG`` would fire when the spawning *thread* ends, not the driver). Signals interrupt the
+    run in progress (:func:`worker_signals`)."""
+    worker_signals()
 
     def watch():
         while True:
@@ -401,6 +429,23 @@ def _watch_driver(driver: int) -> None:
     if os.getppid() != driver:
         os._exit(1)
     threading.Thread(target=watch, name="iclbench-driver-watch", daemon=True).start()
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (which a spawned pool needs) with SIGHUP ignored, as it ignores
+    SIGINT and SIGTERM itself: a closed terminal would otherwise kill it, and its relaunch prints tracebacks
+    while the runs record their interruption."""
+    import signal
+    from multiprocessing import resource_tracker
+
+    if not hasattr(signal, "SIGHUP"):
+        return
+    with contextlib.suppress(ValueError):  # not the main thread: leave it to multiprocessing
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            resource_tracker.ensure_running()
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
 
 def run_threads(plan: PlannedRun, default: int) -> int:
@@ -435,6 +480,8 @@ class LocalExecutor:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        start_resource_tracker()
+
         # spawn, not fork: forking a process that already runs torch threads can deadlock
         return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_watch_driver, initargs=(os.getpid(),))
@@ -460,6 +507,22 @@ class LocalExecutor:
             return handle.result()
         except Exception as exc:  # the worker process died
             return Outcome(error=f"worker process failed: {type(exc).__name__}: {exc}")
+
+    def interrupt(self, handles):
+        """Tell each worker's run in progress that the sweep is interrupted (SIGINT; a worker between runs
+        ignores it, and so does one that was told already, by the terminal)."""
+        import signal
+
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError, AttributeError, TypeError):
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGINT)
+
+    def terminate(self):
+        """Kill the workers (a run that did not answer an interruption in time)."""
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                process.kill()
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -634,8 +697,19 @@ class RayExecutor:
     def result(self, handle) -> Outcome:
         try:
             return self.ray.get(handle)
+        except getattr(self.ray.exceptions, "TaskCancelledError", ()):  # by interrupt(): the sweep was stopped
+            return Outcome(error="cancelled", interrupted="cancelled (the sweep was interrupted)")
         except self.ray.exceptions.RayError as exc:  # the worker died or the task could not run
             return Outcome(error=f"Ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    def interrupt(self, handles):
+        """Cancel the runs in flight (Ray raises KeyboardInterrupt in each task's worker)."""
+        for handle in handles:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(handle)
+
+    def terminate(self):
+        pass  # the tasks were cancelled (interrupt); Ray stops its workers with the cluster
 
     def close(self):
         if self.started_here:
@@ -652,6 +726,10 @@ class SweepReport:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     not_run: list[str] = field(default_factory=list)  # left when the sweep was interrupted
+    #: in flight when the sweep was interrupted: name -> the step its rerun continues from
+    interrupted: dict[str, int | None] = field(default_factory=dict)
+    #: what interrupted the sweep (Ctrl-C, SIGHUP, SIGTERM), None when it was not
+    signal: str | None = None
     unstable: dict[str, str] = field(default_factory=dict)  # ran, but unstable (off the leaderboard): why
     wall_s: float = 0.0
 
@@ -663,23 +741,97 @@ class SweepReport:
         exp = self.experiment
         lines = [f"sweep {exp.name} ({exp.path}) on {self.executor}: {len(exp.runs)} runs: {len(self.ran)} ran, "
                  f"{len(self.skipped)} skipped (already complete), {len(self.failed)} failed"
-                 + (f", {len(self.not_run)} not run (interrupted)" if self.not_run else "")
+                 + (f", {len(self.interrupted)} interrupted" if self.interrupted else "")
+                 + (f", {len(self.not_run)} not run" if self.not_run else "")
                  + (f", {len(self.unstable)} unstable (left off the leaderboard)" if self.unstable else "")
+                 + (f" (stopped by {self.signal})" if self.signal else "")
                  + f" in {self.wall_s:.1f}s"]
         for name, error in self.failed.items():
             lines.append(f"  failed {name}: {error}")
         for name, why in self.unstable.items():
             lines.append(f"  unstable {name}: {why}")
+        for name, step in self.interrupted.items():
+            lines.append(f"  interrupted {name}: " + (f"the rerun continues from its checkpoint at step {step}"
+                                                      if step else "no checkpoint yet: the rerun starts it afresh"))
+        if self.signal:
+            lines.append(f"rerun the same command to continue: iclbench sweep {exp.path}")
         lines.append(f"record: {self.record_path}; table: iclbench leaderboard --results {exp.out}")
         return "\n".join(lines)
+
+
+#: seconds an interrupted sweep waits for its in-flight runs to record that they were interrupted
+INTERRUPT_GRACE = 30.0
+
+
+class Progress:
+    """What a sweep shows while it runs. On a terminal: one bar, runs done of those to run, how many are
+    running and failed, the elapsed time and an ETA (tqdm). Elsewhere (a log file, a pipe): one line per
+    finished run and nothing else, so a log holds no progress-bar redraws. ``enabled=False`` (``--quiet``):
+    nothing but failures."""
+
+    def __init__(self, total: int, enabled: bool, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.done, self.failed, self.running = total, 0, 0, 0
+        self.enabled = enabled
+        self.tty = enabled and _isatty(self.stream)
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            try:  # a terminal that reports no size (0 × 0) would hide the bar: it fits in no row
+                width, height = os.get_terminal_size(self.stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                width = height = 0
+            self.bar = tqdm(total=total, desc="sweep", unit="run", file=self.stream, mininterval=0.5,
+                            dynamic_ncols=width > 0, ncols=None if width > 0 else 100,
+                            nrows=None if height > 0 else 24,
+                            bar_format="{desc}: {n}/{total} runs done{postfix} [{elapsed} elapsed, ETA {remaining}]")
+            self._postfix()
+
+    def _postfix(self, refresh: bool = True):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.running} running, {self.failed} failed", refresh=refresh)
+
+    def update(self, running: int):
+        """The runs in flight now (refreshes the elapsed time and ETA)."""
+        self.running = running
+        self._postfix()
+
+    def finished(self, plan: "PlannedRun", error: str | None, wall_s: float, running: int):
+        self.done += 1
+        self.failed += error is not None
+        self.running = running
+        line = (f"failed {plan.name} ({plan.label}): {error}" if error is not None else
+                f"[{self.done}/{self.total}] ran {plan.name} ({plan.label}) in {wall_s:.1f}s")
+        if self.bar is not None:
+            if error is not None:
+                self.bar.write(line, file=self.stream)
+            self.bar.update(1)
+            self._postfix()
+        elif self.enabled or error is not None:
+            print(line, file=self.stream, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | None = None,
               cpus_per_run: float | None = None, gpus_per_run: float = 0, address: str | None = None,
               progress: bool = True, connect_timeout: float = RAY_START_TIMEOUT) -> SweepReport:
-    """Run every incomplete run of ``experiment``; complete ones are skipped, failures recorded."""
-    from tqdm.auto import tqdm
+    """Run every incomplete run of ``experiment``; complete ones are skipped, failures recorded.
 
+    ``progress``: a progress display (:class:`Progress`: a bar on a terminal, a line per run otherwise).
+    Ctrl-C, SIGHUP (the terminal closed) and SIGTERM stop the sweep: each run in flight is told, marks itself
+    ``interrupted`` in its ``status.json`` (with the step its rerun continues from) and the sweep record says
+    so; rerunning the sweep continues each from its latest checkpoint."""
     if executor not in EXECUTORS:
         raise ICLBenchError(f"unknown executor {executor!r} (allowed: {', '.join(EXECUTORS)})")
     if jobs is not None and jobs < 1:
@@ -705,7 +857,8 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
 
     def save_record():
         store.write_json(report.record_path, {"experiment": str(experiment.path), "executor": executor,
-                                              "updated": time.time(), "runs": records})
+                                              "updated": time.time(), "runs": records}
+                         | ({"interrupted_by": report.signal} if report.signal else {}))
 
     save_record()
     if not todo:
@@ -715,36 +868,78 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
     pool, slots, where = _start_executor(executor, len(todo), jobs, cpus_per_run, gpus_per_run, address,
                                          connect_timeout)
     print(f"{len(experiment.runs)} runs: {len(report.skipped)} already complete, {len(todo)} to run ({where})",
-          file=sys.stderr)
-    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True,
-               file=sys.stderr)
+          file=sys.stderr, flush=True)
+    shown = Progress(len(todo), progress)
     in_flight: dict[Any, PlannedRun] = {}
+
+    def finish(handle):
+        plan = in_flight.pop(handle)
+        outcome = pool.result(handle)
+        if outcome.interrupted and not plan.is_complete():  # (a signal just after it completed: it ran)
+            _interrupted(plan, outcome, report, records[plan.name])
+        else:
+            outcome.error = None if outcome.interrupted else outcome.error
+            _record(plan, outcome, pool.ships_files, report, records[plan.name])
+            shown.finished(plan, report.failed.get(plan.name), outcome.wall_s, len(in_flight))
+        save_record()
+
+    previous = raise_on_signals()  # SIGHUP and SIGTERM stop the sweep as Ctrl-C does, not silently
     try:
-        while todo or in_flight:
-            while todo and len(in_flight) < slots:
-                plan = todo.popleft()
-                in_flight[pool.submit(plan)] = plan
-                records[plan.name]["state"] = "running"
-            bar.set_postfix({"running": len(in_flight), "failed": len(report.failed)}, refresh=False)
-            for handle in pool.wait(list(in_flight), timeout=1.0):
-                plan = in_flight.pop(handle)
-                outcome = pool.result(handle)
-                _record(plan, outcome, pool.ships_files, report, records[plan.name])
-                if outcome.error:
-                    bar.write(f"failed {plan.name} ({plan.label}): {outcome.error}", file=sys.stderr)
-                save_record()
-                bar.update(1)
-            bar.set_postfix({"running": len(in_flight), "failed": len(report.failed)})
-    except KeyboardInterrupt:
-        report.not_run = [p.name for p in list(in_flight.values()) + list(todo)]
-        for name in report.not_run:
-            records[name]["state"] = "not run (interrupted)"
+        try:
+            while todo or in_flight:
+                while todo and len(in_flight) < slots:
+                    plan = todo.popleft()
+                    in_flight[pool.submit(plan)] = plan
+                    records[plan.name]["state"] = "running"
+                shown.update(len(in_flight))
+                for handle in pool.wait(list(in_flight), timeout=1.0):
+                    finish(handle)
+        except KeyboardInterrupt as exc:
+            report.signal = interruption(exc)
+            report.not_run = [p.name for p in todo]
+            for name in report.not_run:
+                records[name]["state"] = "not run (interrupted)"
+            # each run in flight records itself interrupted (a terminal's signal may have reached it already)
+            pool.interrupt(list(in_flight))
+            deadline = time.monotonic() + INTERRUPT_GRACE
+            while in_flight and time.monotonic() < deadline:
+                for handle in pool.wait(list(in_flight), timeout=max(0.1, deadline - time.monotonic())):
+                    finish(handle)
+            if in_flight:  # no answer within the grace period: stopped, so that closing the pool cannot hang
+                pool.terminate()
+            for plan in in_flight.values():
+                report.interrupted[plan.name] = None
+                records[plan.name].update(state="interrupted", resumes_from_step=None)
+            in_flight.clear()
     finally:
-        bar.close()
+        shown.close()
         pool.close()
         save_record()
+        restore_signals(previous)
         report.wall_s = time.perf_counter() - started
     return report
+
+
+def _interrupted(plan: PlannedRun, outcome: Outcome, report: SweepReport, record: dict) -> None:
+    """A run stopped by a signal: it marked itself ``interrupted`` (status.json says from which step its rerun
+    continues), which the record repeats."""
+    try:
+        step = store.read_json(plan.run_dir / store.STATUS).get("resumes_from_step")
+    except store.DamagedRun:
+        step = None
+    report.interrupted[plan.name] = step if isinstance(step, int) else None
+    report.signal = report.signal or outcome.interrupted
+    record.update(state="interrupted", resumes_from_step=report.interrupted[plan.name],
+                  wall_s=round(outcome.wall_s, 3))
+
+
+def default_threads(cores: int, jobs: int | None) -> int:
+    """Torch threads per local run without ``--cpus-per-run``: what the environment says (OMP_NUM_THREADS,
+    as torch itself reads it), else the cores shared among ``jobs``, else 1."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    return max(1, cores // jobs) if jobs else 1
 
 
 def _start_executor(kind: str, n_runs: int, jobs: int | None, cpus_per_run: float | None, gpus_per_run: float,
@@ -752,9 +947,10 @@ def _start_executor(kind: str, n_runs: int, jobs: int | None, cpus_per_run: floa
     """The executor, how many runs to keep in flight, and a line saying so."""
     if kind == "local":
         cores = available_cores()
-        threads = max(1, int(cpus_per_run or (cores // jobs if jobs else 1)))
+        threads = max(1, int(cpus_per_run or default_threads(cores, jobs)))
         pool = LocalExecutor(min(n_runs, jobs or max(1, cores // threads)), threads)
-        return pool, pool.jobs, f"local: {pool.jobs} processes × {threads} torch threads"
+        return pool, pool.jobs, (f"local: {pool.jobs} process{'es' if pool.jobs > 1 else ''} × {threads} torch "
+                                 f"thread{'s' if threads > 1 else ''}")
     pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run, timeout=connect_timeout)
     slots = jobs or pool.capacity()
     return pool, slots, f"ray: up to {slots} runs at once, {pool.cpus} CPU / {pool.gpus} GPU each"

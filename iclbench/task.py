@@ -92,6 +92,9 @@ class Task:
     #: the registry this task was built from (set by :func:`iclbench.build.build`), whose baselines for it
     #: are the run's, the probes' included; None: the process-wide registry
     registry = None
+    #: the run's seed (set by :func:`iclbench.build.build`), for a task whose distributions depend on it (a
+    #: pool of rules drawn per training seed, :mod:`iclbench.pool`); None: built outside a run
+    run_seed: int | None = None
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -134,6 +137,12 @@ class Task:
         from ``self.with_options(**changes)``; evaluation always uses the task as configured. ``{}`` (the
         default): train on the task as configured throughout."""
         return {}
+
+    def training_task(self, seed: int) -> "Task":
+        """The task training seed ``seed`` samples its batches from: the task itself (the default), or, for a
+        task trained on a finite pool of rules (:mod:`iclbench.pool`), the same task drawing its rules from
+        that seed's pool. Evaluation always uses the task itself."""
+        return self
 
     def ood_variants(self) -> dict[str, "Task"]:
         """Named distribution shifts, evaluated on the trained model after the main evaluation: parameters

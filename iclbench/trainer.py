@@ -95,7 +95,7 @@ class HeldOut:
 @dataclass
 class Stop:
     """One seed's stopping state under ``train.until: flat``: the held-out curve (``history``), the
-    per-sequence errors of the last ``flat_window + 1`` scorings (``window``), and once decided, the step the
+    per-sequence errors of the last ``2 * flat_window`` scorings (``window``), and once decided, the step the
     cooldown began (``decay_from``) and why (``reason``: "flat", or "cap" when the cap came first)."""
     history: list = field(default_factory=list)
     window: list = field(default_factory=list)
@@ -124,9 +124,9 @@ class Schedule:
     def end(self) -> int:
         if self.stop is None:
             return self.o.steps
-        start = self.decay_from
-        return min(self.o.max_steps, start + math.ceil(self.o.cooldown * start)) if self.stop.decay_from \
-            is not None else self.o.max_steps
+        if self.stop.decay_from is None:
+            return self.o.max_steps
+        return min(self.o.max_steps, self.stop.decay_from + math.ceil(self.o.cooldown * self.stop.decay_from))
 
     def lr(self, step: int) -> float:
         o = self.o
@@ -186,6 +186,13 @@ class Stage:
         self.task, self.device, self.loss_from = task, device, loss_from
         self.normalizer = task.normalizer(device).to(device)
         self._scored: torch.Tensor | None | str = "unset"
+        self._seeds: dict[int, Task] = {}
+
+    def for_seed(self, seed: int) -> Task:
+        """The task training seed ``seed`` samples from in this stage (:meth:`Task.training_task`)."""
+        if seed not in self._seeds:
+            self._seeds[seed] = self.task.training_task(seed)
+        return self._seeds[seed]
 
     def scored(self, batch: Batch) -> torch.Tensor | None:
         if isinstance(self._scored, str):
@@ -312,6 +319,9 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
     resume = trainees[0].resume
     if n > 1 and any(t.resume is not None for t in trainees):
         raise ValueError("stacked seeds start afresh; resume each alone")
+    if n > 1 and any(task.training_task(t.seed) is not task for t in trainees):
+        raise ValueError(f"seeds of {task!r} train on distributions of their own (a pool of rules each); "
+                         "train each alone")
     gens = [torch.Generator(device=device).manual_seed(t.seed) for t in trainees]
     for t in trainees:
         t.model.train()
@@ -327,7 +337,8 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
         if flat and resume.stop:
             stops[0] = Stop(**resume.stop)
     schedules = [Schedule(o, stop) for stop in stops]
-    held = HeldOut(task, o.heldout, device, reference) if flat else None
+    # the held-out set comes from the distribution the seed trains on (its pool of rules, where it has one)
+    held = HeldOut(task.training_task(trainees[0].seed), o.heldout, device, reference) if flat else None
     stages = Curriculum(task, o.cap, device, task.score_from if o.loss_positions == "scored" else 0)
     bar = tqdm(total=o.cap, initial=first, disable=not progress, unit="step", leave=False, dynamic_ncols=True,
                desc=f"train {task.name}" if n == 1 else f"train {n} seeds stacked")
@@ -369,7 +380,7 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
     try:
         while any(live(i) for i in range(n)) and step < o.cap:
             stage = stages(step)
-            batches = [stage.task.sample(o.batch_size, g, device) for g in gens]
+            batches = [stage.for_seed(t.seed).sample(o.batch_size, g, device) for t, g in zip(trainees, gens)]
             lrs = [schedules[i].lr(step) if live(i) else 0.0 for i in range(n)]
             try:
                 losses = stepper.step(batches, stage.normalizer, lrs, stage.scored(batches[0]))
@@ -399,6 +410,7 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
                 acc.sum.zero_()
             if flat and (done % o.eval_every == 0 or any(ending)):
                 score_heldout(done, ending)
+                ending = [e or (live(i) and done >= schedules[i].end) for i, e in enumerate(ending)]  # cooldown 0
             for i in range(n):
                 if ending[i] and live(i):
                     if stops[i] is not None and stops[i].reason is None:

@@ -17,6 +17,7 @@ from torch._C._functorch import is_batchedtensor
 
 from iclbench import Model, hookimpl
 from iclbench.errors import ICLBenchError
+from iclbench.gemm import Linear
 from iclbench.model import HookPoint
 
 
@@ -43,8 +44,8 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = Linear(d_model, 3 * d_model)
+        self.out = Linear(d_model, d_model)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
 
@@ -74,7 +75,7 @@ class Block(nn.Module):
         self.attn_only = o.attn_only
         if not o.attn_only:
             self.ln2 = nn.LayerNorm(o.d_model)
-            self.mlp = nn.Sequential(nn.Linear(o.d_model, o.d_mlp), nn.GELU(), nn.Linear(o.d_mlp, o.d_model))
+            self.mlp = nn.Sequential(Linear(o.d_model, o.d_mlp), nn.GELU(), Linear(o.d_mlp, o.d_model))
             self.hook_mlp_out, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
 
@@ -105,12 +106,12 @@ class GPT(Model):
         super().__init__(options, d_in, d_out, max(n_ctx, options.n_ctx))
         o = options
         self.n_layers, self.n_heads = o.n_layers, o.n_heads
-        self.embed = nn.Linear(d_in, o.d_model)
+        self.embed = Linear(d_in, o.d_model)
         self.pos_embed = nn.Embedding(self.n_ctx, o.d_model)
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
         self.blocks = nn.ModuleList(Block(o) for _ in range(o.n_layers))
         self.ln_final = FinalNorm(o.d_model)
-        self.unembed = nn.Linear(o.d_model, d_out)
+        self.unembed = Linear(o.d_model, d_out)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("attn.out.weight", "mlp.2.weight")):

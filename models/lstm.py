@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from iclbench import Model, hookimpl
+from iclbench.gemm import Linear
 from iclbench.model import HookPoint
 
 
@@ -47,11 +48,11 @@ class LSTM(Model):
     def __init__(self, options: LSTMOptions, d_in: int, d_out: int, n_ctx: int):
         super().__init__(options, d_in, d_out, n_ctx)
         self.n_layers = options.n_layers
-        self.embed = nn.Linear(d_in, options.d_model)
+        self.embed = Linear(d_in, options.d_model)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(LSTMBlock(options.d_model) for _ in range(options.n_layers))
         self.ln_final = nn.Identity()  # no final norm; named so Model.readout (the logit lens) applies
-        self.unembed = nn.Linear(options.d_model, d_out)
+        self.unembed = Linear(options.d_model, d_out)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.hook_embed(self.embed(inputs))

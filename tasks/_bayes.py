@@ -181,8 +181,6 @@ def affine_noisy_quadrature(y, a_low, a_high, b_max, x0_max, noise, n_a=32, n_b=
     64 x 16 grid is within 6e-4 (normalized, max over positions) of a 512 x 64 grid; float32 suffices since
     only differences of log-weights near the maximum matter."""
     dev = y.device
-    y = y.to(dtype)
-    B, T = y.shape
     if a_high > a_low:
         half = a_low + (torch.arange(n_a, dtype=dtype, device=dev) + 0.5) / n_a * (a_high - a_low)
     else:
@@ -190,13 +188,25 @@ def affine_noisy_quadrature(y, a_low, a_high, b_max, x0_max, noise, n_a=32, n_b=
     a = torch.cat([-half.flip(0), half])  # [Ga]
     b = (torch.arange(n_b, dtype=dtype, device=dev) + 0.5) / n_b * 2 * b_max - b_max if b_max > 0 \
         else torch.zeros(1, dtype=dtype, device=dev)
+    return affine_posterior_mean(y, a, b[None, :], x0_max, noise, chunk)
+
+
+def affine_posterior_mean(y, a, b, x0_max, noise, chunk=64):
+    """Posterior-mean predictions ``[B, T]`` for noisy affine sequences ``y [B, T]`` when the rule is one of
+    the pairs ``(a[g], b[g', j])``, all equally likely a priori (``a [Ga]``, ``b [Ga or 1, Gb]``: a grid when
+    ``b`` has one row, a list of pairs when it has a column), and ``x_0 ~ U[-x0_max, x0_max]`` (integrated
+    in closed form). Computed in ``a``'s dtype. The grid of :func:`affine_noisy_quadrature`; the pool of
+    rules of :mod:`iclbench.pool` (dMMSE)."""
+    dtype, dev = a.dtype, y.device
+    y = y.to(dtype)
+    B, T = y.shape
     s = torch.arange(T + 1, dtype=dtype, device=dev)
     pw = a[None, :] ** s[:, None]  # [T+1, Ga]: a^s
     S = torch.cat([torch.zeros_like(pw[:1]), pw[:-1].cumsum(0)])  # [T+1, Ga]: sum_{k<s} a^k
     P, A2, C2 = (pw * pw).cumsum(0), (pw * S).cumsum(0), (S * S).cumsum(0)  # [T+1, Ga], data-free
     X = max(x0_max, 1e-9)
     out = torch.empty(B, T, dtype=dtype, device=dev)
-    bb = b[None, None, :]
+    bb = b[None]  # [1, Ga or 1, Gb]
     for i in range(0, B, chunk):
         yc = y[i:i + chunk]
         A1 = (yc[:, :, None] * pw[None, :T]).cumsum(1)  # [b, T, Ga]

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from iclbench import hookimpl
+from iclbench.pool import NOISE_FLOOR, RulePool, mixture, validate_pool
 from iclbench.task import uniform
 
-from ._bayes import affine_noisy_quadrature, affine_segment_mean_a, exact_from, mark
+from ._bayes import affine_noisy_quadrature, affine_posterior_mean, affine_segment_mean_a, exact_from, mark
 from ._fit import least_squares_recurrence
 from ._scalar import Recurrence, copy_last
 from ._shifts import standard_shifts
@@ -33,8 +34,12 @@ class AffineOptions:
     b_max: float = 0.25
     x0_max: float = 1.0
     noise: float = 0.0
+    #: task diversity: train on a pool of this many rules (a, b), drawn once per training seed; 0: a fresh
+    #: rule for every sequence (see iclbench.pool)
+    pool: int = 0
 
     def validate(self):
+        validate_pool(self.pool)
         if self.context_len < 2:
             raise ValueError(f"context_len must be >= 2, got {self.context_len}")
         if not 0 <= self.a_low <= self.a_high:
@@ -70,22 +75,46 @@ def unroll_affine(x0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, T: int,
     return powers * x0[:, None] + b[:, None] * geometric
 
 
-class AffineTask(Recurrence):
+class AffineTask(RulePool, Recurrence):
     name = "affine"
     description = "scalar affine recurrences x_{t+1} = a*x_t + b, rule drawn per sequence (seed paper)"
     Options = AffineOptions
     rule_latents = ("a", "b")
     transition_features = staticmethod(lambda y: torch.stack([y, torch.ones_like(y)], -1))
 
-    def sample(self, n, generator, device="cpu"):
+    def draw_rules(self, n, generator, device):
         o = self.options
-        T = o.context_len
         mag = uniform((n,), o.a_low, o.a_high, generator, device)
         sign = torch.randint(0, 2, (n,), generator=generator, device=device) * 2 - 1
-        a = mag * sign
-        b = uniform((n,), -o.b_max, o.b_max, generator, device)
-        x = unroll_affine(uniform((n,), -o.x0_max, o.x0_max, generator, device), a, b, T)
+        return {"a": mag * sign, "b": uniform((n,), -o.b_max, o.b_max, generator, device)}
+
+    def sample_with_rules(self, rules, generator, device):
+        o = self.options
+        a, b = rules["a"], rules["b"]
+        x = unroll_affine(uniform((a.shape[0],), -o.x0_max, o.x0_max, generator, device), a, b, o.context_len)
         return self.batch(x, {"a": a, "b": b}, generator)
+
+    def pool_posterior_mean(self, rules, batch):
+        """The posterior over the pool's (a, b) (float64). With noise x_0 is integrated in closed form (the
+        quadrature of noisy affine, the pool for a grid). Without it x_0 = y_0, so a rule's likelihood is that
+        of the transitions seen, y_{s+1} = a y_s + b, a point mass for which a Gaussian of NOISE_FLOOR x
+        max(x0_max, b_max) stands in."""
+        o = self.options
+        a, b = rules["a"].double(), rules["b"].double()
+        y = batch.inputs[..., 0].double()
+        if o.noise:
+            return affine_posterior_mean(y, a, b[:, None], o.x0_max, o.noise,
+                                         chunk=max(1, (1 << 16) // a.shape[0]))[..., None]
+        var = (NOISE_FLOOR * max(o.x0_max, o.b_max, 1e-9)) ** 2
+        B, T = y.shape
+        out, step = [], max(1, (1 << 22) // (a.shape[0] * T))  # at most 4M values at a time
+        for i in range(0, B, step):
+            yc = y[i:i + step]
+            pred = yc[..., None] * a + b  # [b, T, K]: each rule's next value
+            sq = (yc[:, 1:, None] - pred[:, :-1]) ** 2  # transition s -> s + 1, seen from position s + 1 on
+            seen = torch.cat([torch.zeros_like(sq[:, :1]), sq.cumsum(1)], 1)
+            out.append(mixture(pred[..., None], -seen / (2 * var))[..., 0])
+        return torch.cat(out)[..., None]
 
     def normalizer(self, device="cpu"):
         """Closed form of Var(y_{t+1}) (the prior mean is 0 by symmetry):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from iclbench import Task, hookimpl
+from iclbench.pool import NOISE_FLOOR, RulePool, mixture, validate_pool
 from iclbench.task import Batch
 
 from ._bayes import arccos_relu_kernel, gp_prefix_mean, mark, sparse_linreg_mixture
@@ -46,8 +47,12 @@ class LinRegOptions:
     curriculum: bool = False
     #: coordinates of x in use (the rest are 0); 0: all d. What the curriculum changes, with n_points
     active_dims: int = 0
+    #: task diversity: train on a pool of this many functions, drawn once per training seed; 0: a fresh
+    #: function for every sequence (see iclbench.pool)
+    pool: int = 0
 
     def validate(self):
+        validate_pool(self.pool)
         if not 0 <= self.active_dims <= self.d:
             raise ValueError(f"active_dims must be in [0, d={self.d}] (0: all), got {self.active_dims}")
         if self.d < 1:
@@ -198,15 +203,16 @@ def oracle(batch):
 
 
 # --- tasks ----------------------------------------------------------------------------------------------
-class InContextRegression(Task):
+class InContextRegression(RulePool, Task):
     """Shared layout, sampling and baselines; subclasses draw the function and give its variance."""
 
     Options = LinRegOptions
     score_from = 2  # from the second query on (k >= 1 example seen)
-    # at the engine's lr 2e-3 gpt3l plateaus on linreg (0.55 after 8000 steps); at 5e-4 it reaches 0.27 in 3000.
-    # A fixed 3000 steps stops while the error still falls: trained until flat, gpt3l reaches 0.235 on linreg
-    # (flat at step 5200, stopped at 6240; experiments/recipes.yaml, BENCHMARKS.md). `--steps N` still trains N.
-    train_defaults = {"lr": 5e-4, "until": "flat", "max_steps": 20000}
+    # experiments/recipes.yaml (BENCHMARKS.md, "Training until flat"), gpt3l on linreg until flat: batch 64
+    # plateaus at lr 2e-3 (0.55) and 1e-3 (0.63); at 5e-4 it is flat at 0.235 (Bayes 0.136); batch 256 at lr 1e-3
+    # with a 500-step warmup is learned by step 4000 and at 0.178, still falling, at the 9000-step cap.
+    # `--steps N` still trains N steps.
+    train_defaults = {"lr": 1e-3, "batch_size": 256, "warmup": 500, "until": "flat", "max_steps": 20000}
 
     @property
     def d_in(self):
@@ -258,9 +264,37 @@ class InContextRegression(Task):
         o = self.options
         return (o.active_dims or o.d) / o.d
 
-    def sample(self, n, generator, device="cpu"):
+    def draw_rules(self, n, generator, device):
+        return self.draw(n, generator, device)
+
+    def pool_posterior_mean(self, rules, batch):
+        """Each pool function's value at the query, weighted by its Gaussian likelihood of the pairs before
+        it (float64); without noise a Gaussian of NOISE_FLOOR x sqrt(Var f) stands in for the point mass."""
         o = self.options
-        params = self.draw(n, generator, device)
+        var = max(o.noise, NOISE_FLOOR * math.sqrt(max(self.signal_variance(), 1e-12))) ** 2
+        x, y = examples(batch)
+        B, N, d = x.shape
+        K = next(iter(rules.values())).shape[0]
+        out, step = [], max(1, (1 << 22) // (K * N * d))  # at most 4M values at a time
+        for i in range(0, B, step):
+            xc = x[i:i + step]
+            b = xc.shape[0]
+            f = self.pool_values(rules, xc)  # [b, N, K]: each rule's value at each x
+            sq = (y[i:i + b, :, None].double() - f) ** 2
+            seen = torch.cat([torch.zeros_like(sq[:, :1]), sq[:, :-1].cumsum(1)], 1)  # pairs j < i
+            out.append(mixture(f[..., None], -seen / (2 * var))[..., 0])
+        return at_queries(torch.cat(out))
+
+    def pool_values(self, rules, x):
+        """``f_k(x)`` for each of the K rules ``rules [K, ...]`` at each ``x [b, N, d]``: ``[b, N, K]``, float64."""
+        b, N, d = x.shape
+        K = next(iter(rules.values())).shape[0]
+        f = self.function(rules, x.reshape(1, b * N, d).expand(K, b * N, d)).double()
+        return f.reshape(K, b, N).permute(1, 2, 0)
+
+    def sample_with_rules(self, params, generator, device="cpu"):
+        o = self.options
+        n = next(iter(params.values())).shape[0]
         x = o.x_scale * torch.randn(n, o.n_points, o.d, generator=generator, device=device)
         if o.active_dims:
             x[..., o.active_dims:] = 0
@@ -306,6 +340,9 @@ class LinearRegression(InContextRegression):
 
     def function(self, params, x):
         return (x * params["w"][:, None]).sum(-1)
+
+    def pool_values(self, rules, x):
+        return x.double() @ rules["w"].double().T  # one product instead of K broadcasts
 
     def signal_variance(self):
         o = self.options

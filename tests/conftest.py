@@ -66,3 +66,8 @@ def installed_plugins(tmp_path_factory):
                     "--no-index", "--target", str(target), *(str(PLUGINS / p) for p in EXAMPLE_PACKAGES)],
                    check=True, cwd=build, capture_output=True)
     return {"PYTHONPATH": str(target)}
+
+# The models' CPU GEMM path (iclbench.gemm): MKL, torch's default, for the whole suite, so numbers do not depend
+# on a timing made on the test machine (tests/test_lifecycle.py compares with a reference recorded on MKL) and
+# no test writes the user's cache directory; tests/test_gemm.py sets the other paths itself.
+os.environ.setdefault("ICLBENCH_GEMM", "mkl")

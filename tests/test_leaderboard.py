@@ -5,7 +5,7 @@ import pytest
 
 from iclbench import store
 from conftest import cli
-from iclbench.leaderboard import aggregate, collect, compare, render
+from iclbench.leaderboard import aggregate, collect, compare, render, wide
 
 
 def fake_run(root: Path, task, model, seed, err, base=0.5, task_cfg="t1", model_cfg="m1", ci=0.0, config=None):
@@ -37,7 +37,9 @@ def test_mean_over_seeds_with_counts_and_configs_kept_apart(tmp_path):
     base = agg[(agg.row == "baseline: copy_last") & (agg.task == "affine")].iloc[0]
     assert base["mean"] == 0.5 and base["n_seeds"] == 2
     text = render(tmp_path, "github")
-    assert "0.0200 ± 0.0141 (n=2)" in text and "| baseline: copy_last" in text
+    # ± is the 95% Student-t interval over the two seeds (t = 12.706), as the specialization table's
+    assert "0.0200 ± 0.1271 (n=2)" in text and "| baseline: copy_last" in text
+    assert "95% Student-t interval over seeds" in text.splitlines()[0]
     assert json.loads(render(tmp_path, "json"))[0]["kind"] == "model"
     assert render(tmp_path, "csv").splitlines()[0] == ("kind,row,task,mean,sd,n_seeds,ci_half,learned,config,"
                                                        "task_config")
@@ -310,6 +312,31 @@ def test_the_specialization_table_gives_the_leaderboards_error(tmp_path):
     board = aggregate(collect(tmp_path))
     mean = float(board[board.row == "gpt2l"]["mean"].iloc[0])
     assert table["model error"].iloc[0].startswith(f"{mean:.4f} [")
+    # one interval kind for one quantity: the leaderboard's ± is the specialization interval's half-width
+    half = float(board[board.row == "gpt2l"]["ci_half"].iloc[0])
+    assert table["model error"].iloc[0] == f"{mean:.4f} [{mean - half:.4f}, {mean + half:.4f}]"
+    cell = wide(board).loc["gpt2l"].iloc[0]
+    assert cell.startswith(f"{mean:.4f} ± {half:.4f} (n=2)")
+
+
+def test_each_table_says_what_its_interval_is(tmp_path, capsys):
+    from iclbench.cli import main
+
+    est = {"mean": 0.5, "ci": [0.4, 0.6]}
+    summary = {"roles": ["copy_last"], "claim_1": {"verdict": "n/a"},
+               "claim_2": {"verdict": "n/a", "any_later_layer": "n/a"},
+               "refines_with_depth": {"verdict": "n/a", "relative_gain": est}, "model_error": est}
+    _, kw = resolved("affine", "gpt2l")
+    for seed in (0, 1):
+        d = fake_run(tmp_path, "affine", "gpt2l", seed, 0.1 + seed / 100, **kw)
+        store.write_json(d / "probes.json", {"probes": {"specialization": {"summary": summary}}})
+    assert main(["specialization", "--results", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "95% Student-t interval over seeds" in err and "the leaderboard's number" in err and "Student" not in out
+    assert main(["leaderboard", "--results", str(tmp_path)]) == 0
+    assert "95% Student-t interval over seeds" in capsys.readouterr().out.splitlines()[0]
+    assert main(["leaderboard", "--compare", str(tmp_path), str(tmp_path)]) == 0
+    assert "Student-t over seeds" in capsys.readouterr().err
 
 
 def test_loggers_record_the_readable_label_beside_the_hash():

@@ -71,6 +71,11 @@ PAGE_CHECK = """<script>window.addEventListener('load', function () {
            links: Array.from(document.querySelectorAll('a[href^="#"]')).filter(function (a) {
                     return !document.getElementById(decodeURIComponent(a.getAttribute('href').slice(1))); })
                     .map(function (a) { return a.getAttribute('href'); }),
+           clipped: Array.from(document.querySelectorAll('.table-box, .figure-box')).filter(function (b) {
+                      return b.scrollWidth > b.clientWidth + 1; }).map(function (b) {
+                      var img = b.querySelector('img'), th = b.querySelector('th');
+                      return (img ? img.getAttribute('src') : th && th.textContent) + ': ' + b.scrollWidth + ' > ' +
+                             b.clientWidth; }),
            sticky: getComputedStyle(document.querySelector('th')).position,
            numeric: getComputedStyle(document.querySelector('td.num')).textAlign};
   var pre = document.createElement('pre'); pre.id = 'iclbench-check'; pre.textContent = JSON.stringify(r);
@@ -81,7 +86,9 @@ PAGE_CHECK = """<script>window.addEventListener('load', function () {
 @pytest.mark.slow  # headless Chromium
 def test_report_reads_well_in_headless_chromium(report, tmp_path):
     """Rendered by a real browser: every image loads, every in-page link has its target, the page is no
-    wider than the window (wide tables and figures scroll in their own boxes), even at 700 px; a
+    wider than the window, even at 700 px, and from 800 to 1280 px nothing is cut off: no table or figure
+    needs its box scrolled sideways (a wide table is shown as several, a wide figure scaled to the column;
+    issue 26: the specialization table was cut mid-header at 1280 px, the ablation panel at 800 px); a
     screenshot is saved beside the report (report-1280.png) to look at."""
     import shutil
     import subprocess
@@ -100,7 +107,7 @@ def test_report_reads_well_in_headless_chromium(report, tmp_path):
                                f"--window-size={width},{height}", *args], capture_output=True, text=True,
                               timeout=120)
 
-    for width in (1280, 700):
+    for width in (1280, 1024, 800, 700):
         done = chromium_run(width, 900, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
         found = re.search(r'<pre id="iclbench-check">(.*?)</pre>', done.stdout, re.S)
         assert found, f"chromium printed no check result: {done.stderr[-1000:]}"
@@ -108,6 +115,7 @@ def test_report_reads_well_in_headless_chromium(report, tmp_path):
         assert seen["images"] >= 6 and seen["broken"] == [], seen
         assert seen["links"] == [], seen
         assert seen["scrollWidth"] <= seen["innerWidth"] == width, seen
+        assert width < 800 or seen["clipped"] == [], seen
         assert seen["sticky"] == "sticky" and seen["numeric"] == "right", seen
     shot = out / "report-1280.png"
     done = chromium_run(1280, 2400, f"--screenshot={shot}", page.as_uri())
@@ -115,3 +123,40 @@ def test_report_reads_well_in_headless_chromium(report, tmp_path):
     probe.unlink()
     if os.environ.get("ICLBENCH_SCREENSHOT_DIR"):  # to look at it after the run
         shutil.copy(shot, os.environ["ICLBENCH_SCREENSHOT_DIR"])
+
+
+def test_a_wide_table_is_shown_as_parts_that_keep_the_row_names(tmp_path):
+    import pandas as pd
+
+    from iclbench.report import MAX_COLUMNS, Document, column_groups
+
+    wide = pd.DataFrame({"task": ["affine"], "model": ["gpt3l"], **{f"c{i}": [float(i)] for i in range(14)}})
+    parts = column_groups(wide)
+    assert len(parts) == 3 and all(len(p.columns) <= MAX_COLUMNS for p in parts)
+    assert all(list(p.columns[:2]) == ["task", "model"] for p in parts)
+    assert [c for p in parts for c in p.columns[2:]] == [f"c{i}" for i in range(14)]  # every column, in order
+    narrow = wide.iloc[:, :MAX_COLUMNS]
+    assert column_groups(narrow)[0] is narrow
+    doc = Document(tmp_path, "t")
+    doc.table(wide)
+    assert doc.html().count("<table>") == 3 and doc.markdown().count("| task ") == 3
+
+
+def test_probe_legends_hide_no_curve():
+    import pandas as pd
+
+    from iclbench.probes.figures import lens_figure, linear_probe_figure
+
+    rows = [{"lens": lens, "reference": ref, "layer": layer, "position": 3, "distance": 0.1 * (layer + 1)}
+            for lens in ("logit", "tuned") for ref in ("target", "bayes", "copy_last", "least_squares")
+            for layer in range(3)]
+    fig = lens_figure(pd.DataFrame(rows), 0, "t")
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert not any(legend.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    probe = pd.DataFrame([{"latent": latent, "layer": layer, "position": 3, "r2": 0.2 * layer}
+                          for latent in ("a", "b") for layer in range(3)])
+    fig = linear_probe_figure(probe, 0, "t")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())

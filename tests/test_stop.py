@@ -145,8 +145,11 @@ def test_until_steps_keeps_every_recorded_hash_and_naming_steps_means_steps():
     base = resolve(registry, task="affine", model="gpt1l")
     # the hashes these configurations had before the stop rule and the curriculum options existed
     assert base.config_hash == "1013c344"
-    assert resolve(registry, task="linreg", model="gpt3l", overrides=["train.until=steps"]).config_hash == "1cfdbc58"
-    assert resolve(registry, task="relu-nn", model="gpt3l", overrides=["train.steps=1500"]).config_hash == "7821b60b"
+    old_recipe = ["train.lr=0.0005", "train.batch_size=64", "train.warmup=200"]  # the regression defaults before
+    assert resolve(registry, task="linreg", model="gpt3l", overrides=["train.until=steps", *old_recipe]) \
+        .config_hash == "1cfdbc58"
+    assert resolve(registry, task="relu-nn", model="gpt3l", overrides=["train.steps=1500", *old_recipe]) \
+        .config_hash == "7821b60b"
     for key, value in (("eval_every", 7), ("max_steps", 5), ("flat_tol", 0.5)):
         assert resolve(registry, task="affine", model="gpt1l", overrides=[f"train.{key}={value}"]).config_hash \
             == base.config_hash  # meaningless under until: steps
@@ -156,8 +159,8 @@ def test_until_steps_keeps_every_recorded_hash_and_naming_steps_means_steps():
         == flat.config_hash  # steps means nothing until flat
     assert resolve(registry, task="affine", model="gpt1l", overrides=["train.until=flat", "train.eval_every=7"]) \
         .config_hash != flat.config_hash
-    assert resolve(registry, task="linreg", model="gpt3l", overrides=["train.until=steps", "task.curriculum=false"]) \
-        .config_hash == "1cfdbc58"
+    assert resolve(registry, task="linreg", model="gpt3l",
+                   overrides=["train.until=steps", "task.curriculum=false", *old_recipe]).config_hash == "1cfdbc58"
     explicit = resolve(registry, task="linreg", model="gpt1l", overrides=["train.steps=50"])
     assert explicit.train.until == "steps" and explicit.train.steps == 50
 
@@ -213,3 +216,9 @@ def test_bench_to_learned_reads_both_recipes_off_their_heldout_curves(capsys):
     assert code == 0
     assert "| ours " in out and "| garg " in out and "Garg et al.'s recipe over ours" in out
     assert main(["bench", "--task", "affine", "--model", "gpt1l", "--to-learned", "--max-steps", "0"]) == 2
+
+
+def test_without_a_cooldown_training_ends_at_the_step_it_was_flat():
+    task = get_registry().task("affine")()
+    stats = train(tiny_model(task), task, dataclasses.replace(FLAT, cooldown=0.0, flat_tol=0.5), seed=0, device=CPU)
+    assert stats["stop"]["reason"] == "flat" and stats["steps"] == stats["stop"]["decay_from"]

@@ -105,8 +105,11 @@ def test_cli_bad_experiment_is_one_line_and_nonzero(tmp_path):
     path.write_text(BASE + "grid:\n  model.n_heads: [3]\n")
     out = cli("sweep", str(path), "--dry-run")
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.strip() == (f"iclbench: error: {path} line 3 (grid model.n_heads: 3): model: d_model (64) "
-                                  "must be divisible by n_heads (3)")
+    # the dry run lists each invalid run in one line, then one error line (docs/usage.md, Sweeps)
+    assert out.stderr.strip().splitlines() == [
+        f"iclbench: invalid run: {path} line 3 (grid model.n_heads: 3): model: d_model (64) must be divisible by "
+        "n_heads (3)",
+        f"iclbench: error: 1 invalid run(s) in {path} (listed above); fix them before running the sweep"]
 
 
 # --- running: local process pool ----------------------------------------------------------------------------
@@ -171,6 +174,178 @@ def test_sweep_killed_midway_continues_where_it_stopped(tmp_path):
     for name, (mtime, content) in done.items():  # nothing redone, nothing lost
         metrics = out / name / "metrics.json"
         assert metrics.stat().st_mtime_ns == mtime and metrics.read_bytes() == content
+
+
+@pytest.mark.slow  # a real sweep, a real signal to its process group (as a terminal sends), and its rerun
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP"])
+def test_signal_marks_the_run_in_flight_interrupted_and_the_rerun_resumes_it(tmp_path, sig):
+    """Ctrl-C and a closed terminal reach the driver and its workers alike: the run in flight is marked
+    interrupted (not left "running" with a dead pid), the record says so, and the rerun continues it from its
+    checkpoint, not from step 0; output that is not a terminal gets no progress-bar redraws."""
+    out = tmp_path / "results"
+    path = experiment(tmp_path, out, steps=400, grid={"seed": [0]})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"].update({"train.checkpoint_every": 10, "train.log_every": 10})
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    args = ["sweep", str(path), "--jobs", "1", "--cpus-per-run", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "iclbench.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/train_state.pt")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the sweep ended before its first checkpoint"
+        os.killpg(proc.pid, getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    run_dir, = [p.parent for p in out.glob("*/status.json")]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and sig in status["message"], status
+    step = status["resumes_from_step"]
+    assert isinstance(step, int) and 10 <= step < 400 and step % 10 == 0
+    assert "1 interrupted (stopped by " in stdout and f"continues from its checkpoint at step {step}" in stdout
+    record = json.loads((out / ".sweeps" / "exp.json").read_text())
+    assert record["runs"][run_dir.name]["state"] == "interrupted" and sig in record["interrupted_by"]
+    assert "Traceback" not in stderr, stderr
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "1 ran, 0 skipped" in again.stdout and "\r" not in again.stderr  # a log, not a redrawn bar
+    assert f"[1/1] ran {run_dir.name} (seed=0) in " in again.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from_step"] == step
+    events = [json.loads(line) for line in (run_dir / "train.log").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "resume"] == [step]
+
+
+@pytest.mark.slow  # a real `iclbench run` and a real signal
+def test_a_closed_terminal_marks_a_single_run_interrupted(tmp_path):
+    """`iclbench run` (not a sweep) under SIGHUP: the run says interrupted, with the step its rerun continues
+    from, and the command exits 130 with one line (no traceback)."""
+    from conftest import sets
+
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "iclbench.cli", "run", "--task", "affine", "--model", "gpt3l", "--steps", "2000",
+           "--out", str(out), *sets(tiny_run(cheap=True, train__checkpoint_every=10))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/train_state.pt")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130 and stderr.strip().splitlines() == [
+        "iclbench: interrupted by SIGHUP (the terminal closed); rerun the same command to continue from the latest "
+        "checkpoint"], stderr
+    status = json.loads(next(out.glob("*/status.json")).read_text())
+    assert status["status"] == "interrupted" and status["resumes_from_step"] >= 10, status
+
+
+def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path, monkeypatch):
+    """The driver's side of Ctrl-C: the run in flight is told, a run that does not answer within the grace
+    period is stopped (closing the pool cannot hang) and recorded interrupted, the rest not run."""
+    from iclbench import sweep
+
+    class Pool:  # one slot; its run never answers
+        ships_files, calls = False, []
+
+        def submit(self, plan):
+            return plan.name
+
+        def wait(self, handles, timeout):
+            if not self.calls:
+                self.calls.append("wait")
+                raise KeyboardInterrupt
+            time.sleep(min(timeout, 0.05))
+            return []
+
+        def interrupt(self, handles):
+            self.calls.append(("interrupt", tuple(handles)))
+
+        def terminate(self):
+            self.calls.append("terminate")
+
+        def close(self):
+            self.calls.append("close")
+
+    pool = Pool()
+    monkeypatch.setattr(sweep, "_start_executor", lambda *a: (pool, 1, "fake"))
+    monkeypatch.setattr(sweep, "INTERRUPT_GRACE", 0.2)
+    exp = load_experiment(experiment(tmp_path, tmp_path / "results", grid={"seed": [0, 1, 2]}))
+    report = run_sweep(exp, progress=False)
+    first, *rest = [r.name for r in exp.runs]
+    assert pool.calls == ["wait", ("interrupt", (first,)), "terminate", "close"]
+    assert report.interrupted == {first: None} and report.not_run == rest and report.signal == "Ctrl-C (SIGINT)"
+    assert f"interrupted {first}: no checkpoint yet: the rerun starts it afresh" in report.summary()
+    record = json.loads(report.record_path.read_text())
+    assert [record["runs"][n]["state"] for n in [first, *rest]] == ["interrupted"] + ["not run (interrupted)"] * 2
+    assert record["interrupted_by"] == "Ctrl-C (SIGINT)"
+
+
+def test_progress_on_a_terminal_shows_done_running_failed_and_eta():
+    import io
+
+    from iclbench.sweep import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Plan:
+        name, label = "affine-gpt3l-0-s0", "seed=0"
+
+    screen = Terminal()
+    shown = Progress(3, True, stream=screen)
+    shown.update(2)
+    shown.finished(Plan(), None, 1.0, 1)
+    shown.finished(Plan(), "boom", 1.0, 0)
+    shown.close()
+    last = screen.getvalue().split("\r")[-1]
+    assert "2/3 runs done, 0 running, 1 failed" in last and "ETA" in last and "elapsed" in last
+    assert "failed affine-gpt3l-0-s0 (seed=0): boom" in screen.getvalue()
+
+    # stderr a real terminal that reports no size (0 x 0: a fresh pty, some IDE and remote terminals), where
+    # tqdm's own sizing hid the bar (issue 26: "silent in a terminal")
+    master, slave = os.openpty()
+    with open(slave, "w", closefd=True) as tty:
+        assert tuple(os.get_terminal_size(tty.fileno())) == (0, 0)
+        real, sys.stderr = sys.stderr, tty
+        try:
+            shown = Progress(3, True)
+            shown.update(1)
+            shown.close()
+        finally:
+            sys.stderr = real
+        tty.flush()
+        seen = os.read(master, 65536).decode()
+    os.close(master)
+    assert "0/3 runs done, 1 running, 0 failed" in seen, seen
+
+    log = io.StringIO()  # not a terminal: one line per finished run, no redraws
+    shown = Progress(2, True, stream=log)
+    shown.update(1)
+    shown.finished(Plan(), None, 1.25, 0)
+    shown.close()
+    assert log.getvalue() == "[1/2] ran affine-gpt3l-0-s0 (seed=0) in 1.2s\n"
+
+
+def test_local_threads_follow_the_environment(monkeypatch):
+    from iclbench.sweep import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads(cores=8, jobs=1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(cores=8, jobs=None) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads(cores=8, jobs=2) == 4 and default_threads(cores=8, jobs=None) == 1
 
 
 # --- running: Ray ------------------------------------------------------------------------------------------

@@ -39,7 +39,10 @@ def lens_figure(table: pd.DataFrame, score_from: int, title: str):
         ax.set_title(f"{lens} lens")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"normalized squared distance (t >= {score_from})")
-    axes[0][-1].legend(fontsize=8)
+    # under the panels, not over a curve (the best place inside an axes can still cover one)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(4, len(labels)), frameon=False)
     fig.suptitle(title)
     return fig
 
@@ -111,7 +114,7 @@ def linear_probe_figure(table: pd.DataFrame, score_from: int, title: str):
     ax.set_xlabel("residual stream after layer")
     ax.set_ylabel(f"held-out R² (mean over t >= {score_from})")
     ax.set_title(title)
-    ax.legend(title="latent")
+    ax.legend(title="latent", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the axes
     ax.grid(alpha=0.3)
     return fig
 

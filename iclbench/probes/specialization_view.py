@@ -6,6 +6,8 @@ this module only reads what it stored."""
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 import pandas as pd
@@ -190,6 +192,12 @@ def verdict_table(summary: dict) -> pd.DataFrame:
 
 # --- iclbench specialization ----------------------------------------------------------------------------
 
+#: what the table's numbers are (printed on stderr above it): the same interval kind as the leaderboard's ±
+CAPTION = ("Numbers: mean over training seeds [95% Student-t interval over seeds]. 'model error' is each run's "
+           "evaluation error, the leaderboard's number, whose ± is the half-width of this same interval; the "
+           "other numbers are measured on the probe sequences. Labels: each seed's verdict (from an interval over "
+           "probe sequences), counted over seeds.")
+
 @hookimpl
 def iclbench_add_commands(subparsers):
     s = subparsers.add_parser("specialization", help="role per layer and the seed paper's claims, tasks x models")
@@ -207,6 +215,8 @@ def specialization_command(args) -> int:
     from iclbench.probing import cross_run
 
     narrow = (args.table or ("paper" if args.format == "latex" else "full")) == "paper"
+    if args.format not in ("csv", "json"):  # on stderr, as the leaderboard's --compare caption: stdout pastes as is
+        print(CAPTION, file=sys.stderr)
     print(cross_run(results_dir(args.results), Specialization.name, args.format,
                     columns=PAPER_COLUMNS if narrow else None))
     return 0
