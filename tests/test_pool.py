@@ -193,7 +193,7 @@ def test_a_run_on_a_pool_writes_both_evaluations(tmp_path):
     assert math.isfinite(pool["summary"]["model"]["mean"])
 
 
-@pytest.mark.parametrize("name", ["affine", "linreg", "sparse-linreg", "relu-nn"])
+@pytest.mark.parametrize("name", ["affine", "linreg", "sparse-linreg", "relu-nn", "decision-tree"])
 @pytest.mark.parametrize("noise", [0.0, 0.1])
 def test_dmmse_uses_only_the_context_before_each_position(name, noise):
     task = make(name, pool=5, noise=noise)
