@@ -259,6 +259,6 @@ def test_stacked_seeds_still_train_with_onednn_forced(path):
     for step in range(3):
         batches = [task.sample(o.batch_size, g) for g in gens]
         scored = mask_index(batches[0].mask)
-        together = stacked.step(batches, norm, 1e-3, scored)
+        together = stacked.step(batches, norm, [1e-3] * len(batches), scored)
         alone = [train_step(m, opt, b, norm, 1e-3, o, scored) for m, opt, b in zip(separate, opts, batches)]
         assert torch.allclose(together, torch.stack(alone), rtol=1e-5, atol=1e-6)

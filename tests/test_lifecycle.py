@@ -17,7 +17,7 @@ import torch
 
 import iclbench
 from conftest import PLUGINS
-from iclbench.config import FLAT_ONLY
+from iclbench.config import FLAT_ONLY, OMIT_AT
 from iclbench.registry import build_registry
 from iclbench.seeds import run_seeds
 
@@ -84,10 +84,13 @@ def test_a_single_run_and_a_stacked_run_give_the_recorded_numbers(tmp_path):
         assert len(run["probes"]) >= 5  # ablation, attention, attribution, similarity, patching still compared
     got = json.loads(json.dumps(produce(tmp_path)))  # through JSON, as the reference was stored
     for run in [got["single"], *got["stacked"]]:  # options added since, at the values that change nothing
-        train = run["metrics"]["config"]["train"]
-        assert train["until"] == "steps"
+        config = run["metrics"]["config"]
+        assert config["train"]["until"] == "steps"
         for key in FLAT_ONLY:
-            del train[key]
+            del config["train"][key]
+        for (section, key), value in OMIT_AT.items():
+            if key in config[section]:
+                assert config[section].pop(key) == value
     assert got["single"] == expected["single"]
     for seed, (new, old) in enumerate(zip(got["stacked"], expected["stacked"])):
         assert new == old, f"stacked seed {seed}"
