@@ -2,7 +2,7 @@
 evaluation's error beside Bayes and the best classical baseline, the learned label, and when the held-out
 relative excess over Bayes first cleared 0.1 (learned) by its interval.
 
-    python experiments/recipe_table.py [RESULTS_DIR]   # default results/recipes-runs
+    python experiments/recipe_table.py [RESULTS_DIR]   # default: the committed records
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def row(metrics: dict) -> list:
             "—" if learned is None else f"{learned['step']} ({learned['elapsed_s']:.0f} s)"]
 
 
-def main(results: str = "results/recipes-runs") -> None:
+def main(results: str = "results/reference/records/recipes-runs") -> None:
     rows = []
     for run in find_runs(Path(results)):
         try:
