@@ -17,7 +17,7 @@ import torch
 from .errors import ICLBenchError, TrainingDiverged
 from .options import TrainOptions
 from .stacked import StackedSeeds
-from .step import OneModel, compile_error, mask_index
+from .step import OneModel, compile_error, mask_index, normalized_error
 from .task import Batch, Task
 
 
@@ -83,10 +83,13 @@ class HeldOut:
         self.cols = mask_index(mask if bool(mask.any()) else self.batch.mask)
         self.reference = None if reference is None else self.errors(reference(self.batch).float())
         self.zero = self.errors(torch.zeros_like(self.batch.targets))
+        from .probes.stats import t_quantile
+
+        self.t = t_quantile(0.5 + FLAT_CONFIDENCE / 2, n - 1)  # once: every scoring has n sequences
 
     def errors(self, pred: torch.Tensor) -> torch.Tensor:
         """Per-sequence error ``[..., B]`` of predictions ``[..., B, T, d_out]``, float64 on the CPU."""
-        err = (pred.float() - self.batch.targets.float()).pow(2).mean(-1) / self.normalizer
+        err = normalized_error(pred, self.batch, self.normalizer)
         if self.cols is not None:
             err = err.index_select(-1, self.cols)
         return err.mean(-1).double().cpu()
@@ -151,10 +154,9 @@ def flat_check(stop: Stop, errors: torch.Tensor, held: HeldOut, step: int, o: Tr
     Never while ``may_stop`` is False (warmup, a curriculum stage) or before the run is at least partly
     learned (relative excess over the reference below 0.5 by its interval): an in-context learner's curve has
     long plateaus before it learns, and stopping on one would report a plateau as the answer."""
-    from .probes.stats import EXCESS_FLOOR, t_quantile
+    from .probes.stats import EXCESS_FLOOR
 
-    n, w = errors.numel(), o.flat_window
-    t = t_quantile(0.5 + FLAT_CONFIDENCE / 2, n - 1)
+    n, w, t = errors.numel(), o.flat_window, held.t
     ref = held.reference if held.reference is not None else torch.zeros_like(errors)
     excess = errors - ref
     gap = float((held.zero - ref).mean().clamp_min(EXCESS_FLOOR))

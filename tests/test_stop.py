@@ -25,6 +25,8 @@ FLAT = TrainOptions(until="flat", max_steps=1200, warmup=10, eval_every=10, flat
 class Held:
     """A stand-in :class:`HeldOut`: a reference of 0.1 per sequence, the zero predictor at 1."""
 
+    t = 1.966  # Student's t, 95 %, 399 degrees of freedom
+
     def __init__(self, n=400, reference=True):
         self.reference = torch.full((n,), 0.1, dtype=torch.float64) if reference else None
         self.zero = torch.ones(n, dtype=torch.float64)
