@@ -4,7 +4,9 @@
 # the reference study's gpt12l cells (issue 15: affine x 10 seeds stacked, 1500 steps, specialization probe),
 # the benchmark (fp32 with 8 seeds stacked vs separate, bf16), run --seeds stacked vs one after another,
 # CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep.
-# PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep.
+# Then the converged study's GPU cells (issue 24: the regression family at depths 2, 3 and 6, each cell's 10
+# seeds stacked, trained until flat) while time is left.
+# PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep converged.
 # Every part has its own timeout, is skipped once the deadline (DEADLINE seconds, default 480) has passed, and a
 # failing part does not stop the rest.
 #   bash benchmarks/device_check.sh            (from the repository root)
@@ -20,7 +22,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 START=$(date +%s)
 DEADLINE=${DEADLINE:-480}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
-PARTS=" ${PARTS:-test default sync study bench seeds compile bench12 more sweep} "
+PARTS=" ${PARTS:-test default sync study bench seeds compile bench12 more sweep converged} "
 part() {  # part KEY TITLE: false when KEY is not in PARTS or the deadline has passed
     case "$PARTS" in *" $1 "*) ;; *) return 1 ;; esac
     echo; echo "=== $2 ($(( $(date +%s) - START ))s elapsed)"
@@ -123,5 +125,27 @@ grid: {model: [gpt1l, gpt2l], seed: [0, 1]}
 YAML
 run 60 $PY -m iclbench.cli sweep "$WORK/sweep.yaml" --jobs 2 | tail -8; }
 
+converged_cell() {  # converged_cell TASK MODEL [--set ...]: 10 seeds stacked until flat (the task's recipe), + probes
+    local task=$1 model=$2; shift 2
+    run 240 $PY -m iclbench.cli run --task "$task" --model "$model" --device cuda --out "$CONV" --no-probes \
+        --set train.max_steps=12000 "$@" --seeds 0-9 --stack yes --quiet | tail -2
+    ls -d "$CONV/$task-$model"-*-s* | run 90 xargs -P 10 -I{} sh -c "test -f {}/metrics.json || exit 0;
+        for p in specialization circuit; do OMP_NUM_THREADS=1 $PY -m iclbench.cli probe {} --probe \$p \
+        --device cuda > /dev/null; done"
+}
+CONV=$WORK/converged-runs
+for cell in "linreg gpt3l" "relu-nn gpt3l" "sparse-linreg gpt3l" "decision-tree gpt3l" "linreg gpt2l" "linreg gpt6l" \
+            "relu-nn gpt2l" "relu-nn gpt6l" "sparse-linreg gpt2l" "sparse-linreg gpt6l" "decision-tree gpt2l" \
+            "decision-tree gpt6l"; do
+  [ "$(left)" -gt 300 ] || break
+  part converged "converged study: $cell x 10 seeds stacked, until flat (cap 12000)" && converged_cell $cell
+done
+
 echo; echo "=== done in $(( $(date +%s) - START ))s; outputs under $WORK"
-if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpt12l-runs.tgz" --exclude=model.safetensors --exclude=train_state.pt -C "$RUNS" . && ls -la "$OUT"; fi
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpt12l-runs.tgz" --exclude=model.safetensors --exclude=train_state.pt -C "$RUNS" .
+  if [ -d "$CONV" ]; then  # seed 0's weights are kept (the reference models), the others' are not
+    tar czf "$OUT/converged-runs.tgz" --exclude=train_state.pt --exclude="*-s[1-9]/model.safetensors" -C "$CONV" .
+  fi
+  ls -la "$OUT"
+fi

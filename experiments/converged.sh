@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The converged study (issue 24): the reference study rerun with every run trained until flat (with a cap), the
+# unfoolable verdicts and the circuit probe, then scale (width x depth) and task diversity (a finite pool of K
+# rules). Resumable in parts that fit a sitting:
+#   bash experiments/converged.sh PART...   # affine | recurrences | regression | priors | scale | pool
+#                                           # | probes | records
+# A sweep skips runs that are complete, a run killed mid-training continues from its last checkpoint, and a run
+# already probed by this code is not probed again. `records` copies each finished run's compact record (config,
+# metrics with the held-out curve and the stop reason, status, probe summaries and the small probe tables; no
+# weights) to results/reference/records/, so a later sitting on a fresh machine can build the tables.
+# On a GPU the sweeps train each cell's seeds stacked: STACK=yes bash experiments/converged.sh regression.
+# CPU cost per run on one thread: recurrences 1-3 min, regression 10-40 min (BENCHMARKS.md); wall times of
+# each part, as run, are in results/reference/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=${JOBS:-2}
+stack=${STACK:-auto}
+export OMP_NUM_THREADS=1   # one thread per process: a small model's step is GEMM-bound on one core
+dirs="results/converged-runs results/converged-priors-runs results/converged-pool-runs"
+sweep() {
+    local args=(--jobs "$jobs" --cpus-per-run 1 --quiet)
+    if iclbench sweep --help | grep -q -- "--stack"; then args+=(--stack "$stack"); fi
+    iclbench sweep "experiments/converged/$1.yaml" "${args[@]}"
+}
+probe_all() {  # the verdicts (specialization, with its untrained controls) and the circuit on every finished run
+    for d in $dirs; do
+        ls -d "$d"/*/ 2>/dev/null | xargs -r -P "$jobs" -I{} sh -c '
+            test -f {}/metrics.json || exit 0
+            for p in specialization circuit; do
+                grep -q "\"$p\"" {}/probes.json 2>/dev/null || iclbench probe {} --probe $p > /dev/null || exit 0
+            done'
+    done
+}
+records() {  # compact records (no weights) of every finished run, beside the committed tables
+    for d in $dirs; do
+        test -d "$d" || continue
+        out="results/reference/records/$(basename "$d")"
+        for run in "$d"/*/; do
+            run=${run%/}
+            test -f "$run/metrics.json" || continue
+            dest="$out/$(basename "$run")"
+            mkdir -p "$dest/probes"
+            cp "$run"/config.yaml "$run"/metrics.json "$run"/status.json "$dest"/
+            test -f "$run/probes.json" && cp "$run/probes.json" "$dest"/
+            for t in specialization circuit; do
+                test -f "$run/probes/$t.csv" && cp "$run/probes/$t.csv" "$dest/probes/"
+            done
+            rmdir "$dest/probes" 2>/dev/null || true
+        done
+    done
+}
+part() {
+    case "$1" in
+        affine|recurrences|regression|priors|scale|pool) sweep "$1" ;;
+        probes) probe_all ;;
+        records) records ;;
+        *) echo "converged.sh: unknown part '$1' (affine, recurrences, regression, priors, scale, pool, probes," \
+                "records)" >&2; exit 2 ;;
+    esac
+}
+if [ $# -eq 0 ]; then set -- affine recurrences priors regression scale pool probes records; fi
+for p in "$@"; do
+    start=$(date +%s); part "$p"; echo "converged: part $p took $(( $(date +%s) - start )) s"
+done
