@@ -3,10 +3,11 @@
 # Parts, most valuable first: the CUDA tests, the default job on cuda (fp32, then bf16), the no-sync check of the training step,
 # the reference study's gpt12l cells (issue 15: affine x 10 seeds stacked, 1500 steps, specialization probe),
 # the benchmark (fp32 with 8 seeds stacked vs separate, bf16), run --seeds stacked vs one after another,
-# CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep.
-# Then the converged study's GPU cells (issue 24: the regression family at depths 2, 3 and 6, each cell's 10
-# seeds stacked, trained until flat) while time is left.
-# PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep converged.
+# CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep,
+# a sweep whose seeds train as one stacked job. Then the converged study's GPU cells (issue 24: the regression
+# family at depths 2, 3 and 6, each cell's 10 seeds stacked, trained until flat) while time is left.
+# PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep stacksweep
+# converged.
 # Every part has its own timeout, is skipped once the deadline (DEADLINE seconds, default 480) has passed, and a
 # failing part does not stop the rest.
 #   bash benchmarks/device_check.sh            (from the repository root)
@@ -22,7 +23,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 START=$(date +%s)
 DEADLINE=${DEADLINE:-480}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
-PARTS=" ${PARTS:-test default sync study bench seeds compile bench12 more sweep converged} "
+PARTS=" ${PARTS:-test default sync study bench seeds compile bench12 more sweep stacksweep converged} "
 part() {  # part KEY TITLE: false when KEY is not in PARTS or the deadline has passed
     case "$PARTS" in *" $1 "*) ;; *) return 1 ;; esac
     echo; echo "=== $2 ($(( $(date +%s) - START ))s elapsed)"
@@ -124,6 +125,16 @@ base: {task: affine, device: cuda, train: {steps: 300}, out: $WORK/sweep, eval: 
 grid: {model: [gpt1l, gpt2l], seed: [0, 1]}
 YAML
 run 60 $PY -m iclbench.cli sweep "$WORK/sweep.yaml" --jobs 2 | tail -8; }
+
+part stacksweep "sweep --stack yes: gpt3l x 4 seeds as one stacked job, 1000 steps, on cuda" && {
+cat > "$WORK/stacksweep.yaml" <<YAML
+name: device-check-stack
+base: {task: affine, model: gpt3l, device: cuda, train: {steps: 1000}, out: $WORK/stacksweep, eval: {probes: false}}
+grid: {seed: [0, 1, 2, 3]}
+YAML
+t0=$(date +%s)
+run 90 $PY -m iclbench.cli sweep "$WORK/stacksweep.yaml" --stack yes --jobs 1 --quiet | tail -3
+echo "sweep --stack yes: $(( $(date +%s) - t0 )) s wall for 4 seeds (training and evaluation)"; }
 
 converged_cell() {  # converged_cell TASK MODEL [--set ...]: 10 seeds stacked until flat (the task's recipe), + probes
     local task=$1 model=$2; shift 2

@@ -23,8 +23,8 @@ def _add_run(sub):
                    "on a CPU as parallel 1-thread processes (--jobs)")
     p.add_argument("--jobs", type=int, help="processes for --seeds on a CPU (default: one per core)")
     p.add_argument("--stack", choices=("auto", "yes", "no"), default="auto",
-                   help="--seeds trained together as one stacked model: auto (on a GPU or MPS; on a CPU separate "
-                   "processes are as fast), yes, no")
+                   help="--seeds trained together as one stacked model: auto (on a GPU or MPS, not when compiled; "
+                   "on a CPU separate processes are as fast), yes, no")
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", help="results directory (default: results)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -153,13 +153,17 @@ def _run_overrides(args) -> list:
             + ([("log", list(args.log))] if args.log else []))
 
 
+#: ``--stack`` of ``run --seeds`` and ``sweep``: None lets the device decide (iclbench.seeds.stacks_by_default)
+STACK = {"auto": None, "yes": True, "no": False}
+
+
 def run_many_seeds(args) -> int:
     from .seeds import parse_seeds, run_seeds
 
     if args.seed is not None:
         raise ICLBenchError("give --seed or --seeds, not both")
     seeds = parse_seeds(args.seeds)
-    stack = {"auto": None, "yes": True, "no": False}[args.stack]
+    stack = STACK[args.stack]
     results = run_seeds(seeds, jobs=args.jobs, stack=stack, task=args.task, model=args.model, config=args.config,
                         steps=args.steps, resume=args.resume, force=args.force, device=args.device, out=args.out,
                         overrides=_run_overrides(args))
@@ -274,8 +278,13 @@ def _add_sweep(sub):
     p.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --address: give up joining the Ray cluster after this long, the whole start "
                    "included (default: 60)")
+    p.add_argument("--stack", choices=("auto", "yes", "no"), default="auto",
+                   help="the seeds of each config (runs that differ only in seed) as one job, trained together "
+                   "as one stacked model, each still a run of its own: auto (where their device is a GPU or MPS, "
+                   "not when compiled; on a CPU separate processes are as fast), yes, no")
     p.add_argument("--out", help="results directory for every run (default: base.out, else results)")
-    p.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs (and the stacked jobs); "
+                   "run nothing")
     p.add_argument("--max-runs", type=int, default=None,
                    help="refuse an experiment of more runs than this (default: 100000), counted before expanding")
     p.add_argument("--quiet", action="store_true", help="no progress display (on a terminal a bar, otherwise a "
@@ -283,17 +292,22 @@ def _add_sweep(sub):
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import MAX_RUNS, RAY_START_TIMEOUT, check_runs, load_experiment, plan_table, run_sweep
+    from .sweep import MAX_RUNS, RAY_START_TIMEOUT, check_runs, load_experiment, plan_jobs, plan_table, run_sweep
 
     max_runs = MAX_RUNS if args.max_runs is None else args.max_runs
     if max_runs < 1:
         raise ICLBenchError(f"--max-runs must be >= 1, got {max_runs}")
+    stack = STACK[args.stack]
     experiment = load_experiment(args.experiment, out=args.out, max_runs=max_runs, collect_errors=args.dry_run)
     if args.dry_run:  # every run's config checked as a run would check it before training: one line each
         checked = check_runs(experiment, devices=args.executor == "local")
         problems = experiment.invalid + list(checked.values())
         if experiment.runs:
-            print(plan_table(experiment, checked))
+            jobs, notes = plan_jobs([p for p in experiment.runs if p.name not in checked and not p.is_complete()],
+                                    stack, args.executor, args.gpus_per_run)
+            print(plan_table(experiment, checked, jobs))
+            for note in notes:
+                print(note)
         for line in problems:  # one line each, then one error line
             print(f"iclbench: invalid run: {line}", file=sys.stderr)
         if problems:
@@ -303,7 +317,8 @@ def cmd_sweep(args) -> int:
         return 0
     report = run_sweep(experiment, args.executor, jobs=args.jobs, cpus_per_run=args.cpus_per_run,
                        gpus_per_run=args.gpus_per_run, address=args.address, progress=not args.quiet,
-                       connect_timeout=RAY_START_TIMEOUT if args.connect_timeout is None else args.connect_timeout)
+                       connect_timeout=RAY_START_TIMEOUT if args.connect_timeout is None else args.connect_timeout,
+                       stack=stack)
     print(report.summary())
     if report.signal:
         return 130

@@ -130,9 +130,7 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
             if r.found_complete:
                 results[r.path] = RunResult(r.path, r.read_complete(), r.cfg, r.task, r.model, outcome="complete")
         live = [r for r in runs if not r.found_complete]
-        # seeds trained on pools of rules (iclbench.pool) sample distributions of their own: each trains alone
-        together = [r for r in live if r.earlier is None and r.task.training_task(r.cfg.seed) is r.task] \
-            if stack else []
+        together = [r for r in live if r.earlier is None and stackable(r.task, r.cfg.seed)] if stack else []
         together = together if len(together) > 1 else []
         for r in live:
             r.start(stacked_with=[s.cfg.seed for s in together] if r in together else None)
@@ -158,6 +156,12 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     if diverged:
         raise diverged[0]
     return [results[path] for path in paths]
+
+
+def stackable(task, seed: int) -> bool:
+    """Whether ``seed``'s run may train stacked with other seeds: not where it trains on a pool of rules of
+    its own (:mod:`iclbench.pool`), a distribution of its own; such a seed trains alone."""
+    return task.training_task(seed) is task
 
 
 def _isatty(stream) -> bool:

@@ -67,6 +67,14 @@ def _run_one(kwargs: dict):
     return r.run_dir, r.outcome, r.metrics
 
 
+def stacks_by_default(cfg, device_type: str) -> bool:
+    """``--stack auto`` (of ``run --seeds`` and of ``sweep``): seeds of ``cfg`` training on a device of
+    ``device_type`` are stacked on a GPU or MPS, where one small model leaves the device idle, not on a CPU,
+    where separate 1-thread processes are as fast (BENCHMARKS.md); nor when compiled, as torch.compile does
+    not see through the stacked (vmapped) step."""
+    return device_type != "cpu" and not cfg.train.compile
+
+
 def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None = None, registry=None,
               **kwargs) -> list[tuple]:
     """Run each seed of one configuration (``kwargs`` as :func:`~iclbench.runner.run`, without ``seed``);
@@ -85,9 +93,10 @@ def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None =
     cfgs = [resolve(registry, config=kwargs.get("config"), task=kwargs.get("task"), model=kwargs.get("model"),
                     steps=kwargs.get("steps"), seed=s, device=kwargs.get("device"), out=kwargs.get("out"),
                     overrides=kwargs.get("overrides", ())) for s in seeds]
-    cpu = resolve_device(cfgs[0].device).type == "cpu"
-    if stack is None:  # torch.compile does not see through the stacked (vmapped) step: compiled runs go alone
-        stack = not cpu and not cfgs[0].train.compile
+    device_type = resolve_device(cfgs[0].device).type
+    cpu = device_type == "cpu"
+    if stack is None:
+        stack = stacks_by_default(cfgs[0], device_type)
     jobs = min(len(seeds), jobs or (os.cpu_count() or 1)) if cpu and not stack else 1
     if jobs <= 1:
         results = run_configs(cfgs, registry, quiet=kwargs.get("quiet", True), resume=kwargs.get("resume", False),

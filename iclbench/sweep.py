@@ -17,12 +17,14 @@ Every run's config is resolved through :func:`iclbench.config.resolve` before an
 names the file, line and key that caused it. Runs are idempotent: one whose directory already holds complete
 results (``metrics.json``) is skipped, so a sweep that was killed continues where it stopped. Workers compute;
 the driver records: with Ray, a worker runs into a temporary directory and returns the files, and the driver
-writes them under ``out`` (no shared filesystem needed).
+writes them under ``out`` (no shared filesystem needed). With ``--stack`` the seeds of one config are one
+job (:func:`plan_jobs`), trained stacked as ``run --seeds --stack yes`` trains them, each still a run of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -314,8 +316,7 @@ def check_runs(experiment: Experiment, registry: Registry | None = None, devices
     problems, seen = {}, {}
     for plan in experiment.runs:
         cfg = plan.config
-        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out", "log")},
-                         sort_keys=True, default=str)  # seeds of one config fail alike: checked once
+        key = _apart_from(cfg, "seed", "out", "log")  # seeds of one config fail alike: checked once
         if key not in seen:
             try:
                 device = resolve_device(cfg.device) if devices else None
@@ -332,7 +333,71 @@ def check_runs(experiment: Experiment, registry: Registry | None = None, devices
     return problems
 
 
-# --- computing one run (in a worker) ------------------------------------------------------------------------
+def _apart_from(cfg: RunConfig, *keys: str) -> str:
+    """``cfg`` without ``keys``, as a comparable string: runs equal on it differ in those keys only."""
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in keys}, sort_keys=True, default=str)
+
+
+def _device_type(cfg: RunConfig, executor: str, gpus_per_run: float) -> str:
+    """The kind of device ``cfg``'s run trains on: this machine's (local), or a Ray worker's, which sees a GPU
+    only when each run asks for one (``--gpus-per-run``). "cpu" for a device that is not there: the run fails
+    on its own."""
+    from .trainer import resolve_device
+
+    if executor == "ray":
+        return "cpu" if not gpus_per_run else "cuda" if cfg.device == "auto" else cfg.device.partition(":")[0]
+    try:
+        return resolve_device(cfg.device).type
+    except ICLBenchError:
+        return "cpu"
+
+
+def plan_jobs(plans: list[PlannedRun], stack: bool | None = None, executor: str = "local",
+              gpus_per_run: float = 0, registry: Registry | None = None) -> tuple[list[list[PlannedRun]], list[str]]:
+    """``plans`` as jobs, what one worker computes at once. With ``stack`` (None: ``--stack auto``, as
+    :func:`iclbench.seeds.stacks_by_default` decides for the seeds' device), runs that differ only in their
+    seed are one job, trained stacked into one model; every other run is a job of its own. Also returns a
+    line per reason some seeds of one config are not stacked after all (they run as separate jobs)."""
+    from .runner import stackable
+    from .seeds import stacks_by_default
+
+    if stack is False:
+        return [[plan] for plan in plans], []
+    groups: dict[str, list[PlannedRun]] = {}
+    for plan in plans:
+        groups.setdefault(_apart_from(plan.config, "seed"), []).append(plan)
+    jobs, apart = [], []
+    for group in groups.values():
+        cfg = group[0].config
+        together = len(group) > 1 and (stack or stacks_by_default(cfg, _device_type(cfg, executor, gpus_per_run)))
+        if together:
+            registry = registry or get_registry()
+            try:
+                task = registry.task(cfg.task)(cfg.task_options)
+            except Exception:  # fails in each seed's run alike, stacked or not
+                task = None
+            if task is not None and not all(stackable(task, plan.config.seed) for plan in group):
+                apart.append(group[0])
+                together = False
+        jobs += [group] if together else [[plan] for plan in group]
+    notes = [f"the seeds of {len(apart)} config(s) ({', '.join(_group_name(g) for g in apart[:3])}"
+             f"{', ...' if len(apart) > 3 else ''}) run separately, not stacked: each seed trains on "
+             "a distribution of its own (a pool of rules, task.pool > 0)"] if apart else []
+    return jobs, notes
+
+
+def _group_name(plan: PlannedRun) -> str:
+    return f"{plan.config.task}-{plan.config.model}-{plan.config.config_hash}"
+
+
+def job_line(job: list[PlannedRun]) -> str:
+    """A stacked job in one line (``--dry-run``)."""
+    label = ", ".join(str(s) for s in job[0].settings if s.origin != "base" and s.key != "seed")
+    return (f"stacked job: {_group_name(job[0])}{f' ({label})' if label else ''}: seeds "
+            f"{', '.join(str(plan.config.seed) for plan in job)} trained together")
+
+
+# --- computing a job (in a worker) --------------------------------------------------------------------------
 
 @dataclass
 class Outcome:
@@ -344,36 +409,66 @@ class Outcome:
     interrupted: str | None = None  # what interrupted it (Ctrl-C, SIGHUP, SIGTERM); its rerun continues it
 
 
-def compute_run(config: dict, threads: int, ship_files: bool = False) -> Outcome:
-    """Run one resolved config through :func:`iclbench.runner.run` with ``threads`` torch threads.
+def compute_job(configs: list[dict], threads: int, ship_files: bool = False) -> list[Outcome]:
+    """Compute one job with ``threads`` torch threads: one resolved config, or seeds of one config trained
+    stacked, through :func:`iclbench.runner.run_configs` as ``run --seeds --stack yes`` does. Returns an
+    :class:`Outcome` per config: each run is recorded, fails or is interrupted on its own.
 
-    ``ship_files=False``: write the run directory under the config's ``out`` (the driver's disk).
-    ``ship_files=True``: write into a temporary directory and return its files for the driver to store.
+    ``ship_files=False``: write the run directories under the configs' ``out`` (the driver's disk).
+    ``ship_files=True``: write into temporary directories and return their files for the driver to store.
     """
     import torch
 
-    from .runner import run
+    from .runner import run_configs
 
     torch.set_num_threads(max(1, int(threads)))
     started = time.perf_counter()
-    outcome = Outcome()
-    with (tempfile.TemporaryDirectory(prefix="iclbench-") if ship_files else contextlib.nullcontext()) as tmp:
+    error = interrupted = detail = None
+    with contextlib.ExitStack() as temporary:
+        tmps = [temporary.enter_context(tempfile.TemporaryDirectory(prefix="iclbench-")) for _ in configs] \
+            if ship_files else None
+        paths = [Path(t) for t in tmps] if tmps else []
         try:
             with _computing():
-                run(config=config, quiet=True, run_dir=tmp)
-        except KeyboardInterrupt as exc:  # the run is marked interrupted; its rerun continues from its checkpoint
-            outcome.interrupted = outcome.error = interruption(exc)
+                registry = get_registry()
+                cfgs = [resolve(registry, config=config) for config in configs]
+                paths = paths or [Path(cfg.out) / cfg.run_name for cfg in cfgs]
+                run_configs(cfgs, registry, run_dirs=paths, stack=len(cfgs) > 1)
+        except KeyboardInterrupt as exc:  # each run is marked interrupted; its rerun continues from its checkpoint
+            interrupted = error = interruption(exc)
         except ICLBenchError as exc:
-            outcome.error = str(exc)
+            error = str(exc)
         except Exception as exc:  # recorded, so that one broken run does not stop the sweep
-            outcome.error = f"internal error: {type(exc).__name__}: {exc}"
-            outcome.detail = traceback.format_exc()
-        if tmp is not None:
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            detail = traceback.format_exc()
+        wall_s = time.perf_counter() - started
+        outcomes = [_outcome(path, error, interrupted, detail, wall_s) for path in paths] if paths else \
+            [Outcome(error, detail, interrupted=interrupted, wall_s=wall_s) for _ in configs]
+        for outcome, tmp in zip(outcomes, tmps or []):
             outcome.files = {path.relative_to(tmp).as_posix(): path.read_bytes()
                              for path in sorted(Path(tmp).rglob("*"))
                              if path.is_file() and not path.name.startswith(".")}
-    outcome.wall_s = time.perf_counter() - started
-    return outcome
+    return outcomes
+
+
+def _outcome(run_dir: Path, error: str | None, interrupted: str | None, detail: str | None,
+             wall_s: float) -> Outcome:
+    """One run's outcome after its job ended with ``error`` (None: every run completed): a run that completed
+    before a stacked seed's error did; a diverged seed says so itself (its ``status.json``)."""
+    try:
+        store.read_run(run_dir)
+        return Outcome(wall_s=wall_s)
+    except store.DamagedRun:
+        pass
+    if error is None:
+        return Outcome("the job finished but the run directory has no metrics.json", wall_s=wall_s)
+    try:
+        status = store.read_json(run_dir / store.STATUS)
+    except store.DamagedRun:
+        status = {}
+    if status.get("status") == "diverged" and isinstance(status.get("message"), str):
+        error = status["message"]
+    return Outcome(error, detail, interrupted=interrupted, wall_s=wall_s)
 
 
 def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
@@ -467,7 +562,8 @@ def available_cores() -> int:
 
 
 class LocalExecutor:
-    """A process pool on this machine; each worker runs one run at a time with ``threads`` torch threads."""
+    """A process pool on this machine; each worker computes one job (a run, or seeds stacked) at a time with
+    ``threads`` torch threads."""
 
     name = "local"
     ships_files = False
@@ -486,23 +582,24 @@ class LocalExecutor:
         return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_watch_driver, initargs=(os.getpid(),))
 
-    def submit(self, plan: PlannedRun):
+    def submit(self, job: list[PlannedRun]):
         from concurrent.futures.process import BrokenProcessPool
 
-        threads = run_threads(plan, self.threads)
+        configs, threads = [plan.config.to_dict() for plan in job], run_threads(job[0], self.threads)
         try:
-            return self.pool.submit(compute_run, plan.config.to_dict(), threads)
+            return self.pool.submit(compute_job, configs, threads)
         except BrokenProcessPool:  # a worker died earlier (killed, out of memory): start a fresh pool
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
-            return self.pool.submit(compute_run, plan.config.to_dict(), threads)
+            return self.pool.submit(compute_job, configs, threads)
 
     def wait(self, handles, timeout: float):
         from concurrent.futures import FIRST_COMPLETED, wait
 
         return list(wait(handles, timeout=timeout, return_when=FIRST_COMPLETED).done)
 
-    def result(self, handle) -> Outcome:
+    def result(self, handle) -> list[Outcome] | Outcome:
+        """An outcome per run of the job, or one for all of them (the worker died)."""
         try:
             return handle.result()
         except Exception as exc:  # the worker process died
@@ -628,7 +725,8 @@ def _stderr_held():
 
 
 class RayExecutor:
-    """Each run a Ray task asking for ``cpus``/``gpus``; the worker returns the run's files."""
+    """Each job (a run, or seeds stacked) a Ray task asking for ``cpus``/``gpus``; the worker returns the runs'
+    files."""
 
     name = "ray"
     ships_files = True
@@ -675,10 +773,10 @@ class RayExecutor:
                                     f"{' '.join(str(exc).split())[:300]}") from None
             self.started_here = True
         self.cpus, self.gpus = cpus, gpus
-        self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(compute_run)
+        self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(compute_job)
 
     def capacity(self) -> int:
-        """How many runs the cluster can hold at once with the resources each asks for."""
+        """How many jobs the cluster can hold at once with the resources each asks for."""
         resources = self.ray.cluster_resources()
         n = int(resources.get("CPU", 1) // self.cpus) if self.cpus else 1 << 30
         if self.gpus:
@@ -687,14 +785,15 @@ class RayExecutor:
                 raise ICLBenchError(f"--gpus-per-run {self.gpus} but the Ray cluster has no GPUs")
         return max(1, n)
 
-    def submit(self, plan: PlannedRun):
-        return self.task.remote(plan.config.to_dict(), max(1, round(self.cpus)), True)
+    def submit(self, job: list[PlannedRun]):
+        return self.task.remote([plan.config.to_dict() for plan in job], max(1, round(self.cpus)), True)
 
     def wait(self, handles, timeout: float):
         ready, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
         return ready
 
-    def result(self, handle) -> Outcome:
+    def result(self, handle) -> list[Outcome] | Outcome:
+        """An outcome per run of the job, or one for all of them (cancelled, or the worker died)."""
         try:
             return self.ray.get(handle)
         except getattr(self.ray.exceptions, "TaskCancelledError", ()):  # by interrupt(): the sweep was stopped
@@ -825,9 +924,12 @@ def _isatty(stream) -> bool:
 
 def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | None = None,
               cpus_per_run: float | None = None, gpus_per_run: float = 0, address: str | None = None,
-              progress: bool = True, connect_timeout: float = RAY_START_TIMEOUT) -> SweepReport:
+              progress: bool = True, connect_timeout: float = RAY_START_TIMEOUT,
+              stack: bool | None = None) -> SweepReport:
     """Run every incomplete run of ``experiment``; complete ones are skipped, failures recorded.
 
+    ``stack``: the incomplete seeds of one config are one job, trained stacked into one model, each still a
+    run of its own (:func:`plan_jobs`; None: where their device is a GPU or MPS, as ``run --seeds``).
     ``progress``: a progress display (:class:`Progress`: a bar on a terminal, a line per run otherwise).
     Ctrl-C, SIGHUP (the terminal closed) and SIGTERM stop the sweep: each run in flight is told, marks itself
     ``interrupted`` in its ``status.json`` (with the step its rerun continues from) and the sweep record says
@@ -865,22 +967,35 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         report.wall_s = time.perf_counter() - started
         return report
 
+    n_runs = len(todo)
+    todo, notes = plan_jobs(list(todo), stack, executor, gpus_per_run)
+    todo = deque(todo)
+    stacked = [job for job in todo if len(job) > 1]
+    for note in notes:
+        print(f"iclbench: {note}", file=sys.stderr)
     pool, slots, where = _start_executor(executor, len(todo), jobs, cpus_per_run, gpus_per_run, address,
                                          connect_timeout)
-    print(f"{len(experiment.runs)} runs: {len(report.skipped)} already complete, {len(todo)} to run ({where})",
-          file=sys.stderr, flush=True)
-    shown = Progress(len(todo), progress)
-    in_flight: dict[Any, PlannedRun] = {}
+    print(f"{len(experiment.runs)} runs: {len(report.skipped)} already complete, {n_runs} to run"
+          + (f", {sum(map(len, stacked))} of them as {len(stacked)} stacked job(s)" if stacked else "")
+          + f" ({where})", file=sys.stderr, flush=True)
+    shown = Progress(n_runs, progress)
+    in_flight: dict[Any, list[PlannedRun]] = {}
+
+    def running() -> int:
+        return sum(map(len, in_flight.values()))
 
     def finish(handle):
-        plan = in_flight.pop(handle)
-        outcome = pool.result(handle)
-        if outcome.interrupted and not plan.is_complete():  # (a signal just after it completed: it ran)
-            _interrupted(plan, outcome, report, records[plan.name])
-        else:
-            outcome.error = None if outcome.interrupted else outcome.error
-            _record(plan, outcome, pool.ships_files, report, records[plan.name])
-            shown.finished(plan, report.failed.get(plan.name), outcome.wall_s, len(in_flight))
+        job = in_flight.pop(handle)
+        outcomes = pool.result(handle)
+        if isinstance(outcomes, Outcome):  # cancelled, or the worker died: every run of the job alike
+            outcomes = [dataclasses.replace(outcomes) for _ in job]
+        for plan, outcome in zip(job, outcomes):
+            if outcome.interrupted and not plan.is_complete():  # (a signal just after it completed: it ran)
+                _interrupted(plan, outcome, report, records[plan.name])
+            else:
+                outcome.error = None if outcome.interrupted else outcome.error
+                _record(plan, outcome, pool.ships_files, report, records[plan.name])
+                shown.finished(plan, report.failed.get(plan.name), outcome.wall_s, running())
         save_record()
 
     previous = raise_on_signals()  # SIGHUP and SIGTERM stop the sweep as Ctrl-C does, not silently
@@ -888,15 +1003,16 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
         try:
             while todo or in_flight:
                 while todo and len(in_flight) < slots:
-                    plan = todo.popleft()
-                    in_flight[pool.submit(plan)] = plan
-                    records[plan.name]["state"] = "running"
-                shown.update(len(in_flight))
+                    job = todo.popleft()
+                    in_flight[pool.submit(job)] = job
+                    for plan in job:
+                        records[plan.name]["state"] = "running"
+                shown.update(running())
                 for handle in pool.wait(list(in_flight), timeout=1.0):
                     finish(handle)
         except KeyboardInterrupt as exc:
             report.signal = interruption(exc)
-            report.not_run = [p.name for p in todo]
+            report.not_run = [plan.name for job in todo for plan in job]
             for name in report.not_run:
                 records[name]["state"] = "not run (interrupted)"
             # each run in flight records itself interrupted (a terminal's signal may have reached it already)
@@ -907,7 +1023,7 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
                     finish(handle)
             if in_flight:  # no answer within the grace period: stopped, so that closing the pool cannot hang
                 pool.terminate()
-            for plan in in_flight.values():
+            for plan in (plan for job in in_flight.values() for plan in job):
                 report.interrupted[plan.name] = None
                 records[plan.name].update(state="interrupted", resumes_from_step=None)
             in_flight.clear()
@@ -942,13 +1058,13 @@ def default_threads(cores: int, jobs: int | None) -> int:
     return max(1, cores // jobs) if jobs else 1
 
 
-def _start_executor(kind: str, n_runs: int, jobs: int | None, cpus_per_run: float | None, gpus_per_run: float,
+def _start_executor(kind: str, n_jobs: int, jobs: int | None, cpus_per_run: float | None, gpus_per_run: float,
                     address: str | None, connect_timeout: float = RAY_START_TIMEOUT):
-    """The executor, how many runs to keep in flight, and a line saying so."""
+    """The executor, how many jobs (runs, or seeds stacked) to keep in flight, and a line saying so."""
     if kind == "local":
         cores = available_cores()
         threads = max(1, int(cpus_per_run or default_threads(cores, jobs)))
-        pool = LocalExecutor(min(n_runs, jobs or max(1, cores // threads)), threads)
+        pool = LocalExecutor(min(n_jobs, jobs or max(1, cores // threads)), threads)
         return pool, pool.jobs, (f"local: {pool.jobs} process{'es' if pool.jobs > 1 else ''} × {threads} torch "
                                  f"thread{'s' if threads > 1 else ''}")
     pool = RayExecutor(address, cpus_per_run or 1, gpus_per_run, timeout=connect_timeout)
@@ -992,8 +1108,9 @@ def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepRepo
         pass
 
 
-def plan_table(experiment: Experiment, invalid=()) -> str:
-    """What a sweep would do, one line per run (``--dry-run``); the runs named in ``invalid`` marked so."""
+def plan_table(experiment: Experiment, invalid=(), jobs=()) -> str:
+    """What a sweep would do, one line per run (``--dry-run``); the runs named in ``invalid`` marked so;
+    then one line per stacked job of ``jobs`` (:func:`plan_jobs`)."""
     from tabulate import tabulate
 
     rows = [[p.name, "invalid" if p.name in invalid else "complete (skip)" if p.is_complete() else "to run",
@@ -1002,4 +1119,5 @@ def plan_table(experiment: Experiment, invalid=()) -> str:
     dup = f" ({experiment.duplicates} duplicate grid points merged)" if experiment.duplicates else ""
     bad = len(invalid) + len(experiment.invalid)
     bad = f", {bad} invalid (on stderr)" if bad else ""
-    return f"{table}\n{len(experiment.runs)} runs{dup}{bad}, results in {experiment.out}"
+    stacked = [job_line(job) for job in jobs if len(job) > 1]
+    return "\n".join([table, *stacked, f"{len(experiment.runs)} runs{dup}{bad}, results in {experiment.out}"])

@@ -249,16 +249,18 @@ def test_a_closed_terminal_marks_a_single_run_interrupted(tmp_path):
     assert status["status"] == "interrupted" and status["resumes_from_step"] >= 10, status
 
 
-def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path, monkeypatch):
-    """The driver's side of Ctrl-C: the run in flight is told, a run that does not answer within the grace
-    period is stopped (closing the pool cannot hang) and recorded interrupted, the rest not run."""
+@pytest.mark.parametrize("stack", [False, True])
+def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path, monkeypatch, stack):
+    """The driver's side of Ctrl-C: the job in flight is told, a job that does not answer within the grace
+    period is stopped (closing the pool cannot hang) and each of its runs (every seed of a stacked job)
+    recorded interrupted, the rest not run."""
     from iclbench import sweep
 
     class Pool:  # one slot; its run never answers
         ships_files, calls = False, []
 
-        def submit(self, plan):
-            return plan.name
+        def submit(self, job):
+            return job[0].name
 
         def wait(self, handles, timeout):
             if not self.calls:
@@ -280,13 +282,16 @@ def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path,
     monkeypatch.setattr(sweep, "_start_executor", lambda *a: (pool, 1, "fake"))
     monkeypatch.setattr(sweep, "INTERRUPT_GRACE", 0.2)
     exp = load_experiment(experiment(tmp_path, tmp_path / "results", grid={"seed": [0, 1, 2]}))
-    report = run_sweep(exp, progress=False)
-    first, *rest = [r.name for r in exp.runs]
+    report = run_sweep(exp, progress=False, stack=stack)
+    names = [r.name for r in exp.runs]
+    first, in_flight, rest = names[0], names if stack else names[:1], [] if stack else names[1:]
     assert pool.calls == ["wait", ("interrupt", (first,)), "terminate", "close"]
-    assert report.interrupted == {first: None} and report.not_run == rest and report.signal == "Ctrl-C (SIGINT)"
+    assert report.interrupted == dict.fromkeys(in_flight) and report.not_run == rest
+    assert report.signal == "Ctrl-C (SIGINT)"
     assert f"interrupted {first}: no checkpoint yet: the rerun starts it afresh" in report.summary()
     record = json.loads(report.record_path.read_text())
-    assert [record["runs"][n]["state"] for n in [first, *rest]] == ["interrupted"] + ["not run (interrupted)"] * 2
+    assert [record["runs"][n]["state"] for n in names] == ["interrupted"] * len(in_flight) + \
+        ["not run (interrupted)"] * len(rest)
     assert record["interrupted_by"] == "Ctrl-C (SIGINT)"
 
 
@@ -380,3 +385,128 @@ def test_ray_workers_return_results_and_the_driver_records_them(ray_cluster, loc
     again = cli("sweep", str(exp.path), "--executor", "ray", "--address", ray_cluster, "--quiet", timeout=120)
     assert again.returncode == 1, again.stderr
     assert "3 runs: 0 ran, 2 skipped (already complete), 1 failed" in again.stdout
+
+
+# --- seeds stacked into one job (--stack) ---------------------------------------------------------------------
+
+def test_stack_groups_the_seeds_of_each_config_into_one_job(tmp_path):
+    """``--stack yes``: runs that differ only in seed are one job; a config whose seeds train on pools of
+    rules of their own is run seed by seed, said once; ``auto`` stacks where the seeds' device is a GPU."""
+    from iclbench.sweep import plan_jobs, plan_table
+
+    path = experiment(tmp_path, tmp_path / "results", runs=[{"model.n_layers": 1}, {"model.n_layers": 2},
+                                                           {"model.n_layers": 1, "task.pool": 4}],
+                      grid={"seed": [0, 1, 2]})
+    exp = load_experiment(path)
+    one, two, pooled = exp.runs[:3], exp.runs[3:6], exp.runs[6:]
+    jobs, notes = plan_jobs(exp.runs, True)
+    assert jobs == [one, two] + [[p] for p in pooled]
+    assert len(notes) == 1 and "task.pool > 0" in notes[0] and pooled[0].name[:-3] in notes[0]
+    assert plan_jobs(exp.runs, False) == ([[p] for p in exp.runs], [])
+    # a group with seeds already complete: the missing ones stacked, or alone when one is left
+    assert plan_jobs(one[1:], True)[0] == [one[1:]] and plan_jobs(one[2:], True)[0] == [one[2:]]
+    # auto: a Ray worker that gets a GPU stacks (device auto); one without, or a CPU here, does not
+    assert plan_jobs(one, None, "ray", gpus_per_run=1)[0] == [one]
+    assert plan_jobs(one, None, "ray", gpus_per_run=0)[0] == [[p] for p in one]
+    cpu = load_experiment(experiment(tmp_path, tmp_path / "results", grid={"seed": [0, 1], "device": ["cpu"]},
+                                     name="cpu"))
+    assert plan_jobs(cpu.runs, None)[0] == [[p] for p in cpu.runs]
+    table = plan_table(exp, jobs=jobs).splitlines()
+    assert [line for line in table if line.startswith("stacked job")] == [
+        f"stacked job: {one[0].name[:-3]} (model.n_layers=1): seeds 0, 1, 2 trained together",
+        f"stacked job: {two[0].name[:-3]} (model.n_layers=2): seeds 0, 1, 2 trained together"]
+
+
+STACK_RUN = tiny_run(cheap=True, train__checkpoint_every=10, train__log_every=10)
+
+
+def _configs(tmp_path, seeds=(0, 1, 2)):
+    from iclbench.config import resolve
+    from iclbench.registry import get_registry
+
+    return [resolve(get_registry(), task="affine", model="gpt3l", steps=20, seed=s, device="cpu",
+                    out=str(tmp_path), overrides=STACK_RUN).to_dict() for s in seeds]
+
+
+def test_a_stacked_job_reports_each_seed_and_ships_each_seeds_files(tmp_path, monkeypatch):
+    """A seed of a stacked job that diverges is a failure of its own; the others complete. With shipped files
+    (the Ray worker's way) each seed's files come back apart."""
+    import torch
+
+    from iclbench import stacked, store
+    from iclbench.sweep import compute_job
+
+    real, calls = stacked.StackedSeeds.step, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        losses = real(self, *args, **kwargs)
+        calls["n"] += 1
+        return torch.where(torch.arange(3) == 1, float("nan"), losses) if calls["n"] == 7 else losses
+
+    monkeypatch.setattr(stacked.StackedSeeds, "step", poisoned)
+    outcomes = compute_job(_configs(tmp_path), torch.get_num_threads(), ship_files=True)
+    assert [o.error is None for o in outcomes] == [True, False, True]
+    assert outcomes[1].error.startswith("training diverged at step 7") and outcomes[1].interrupted is None
+    assert all(store.METRICS in o.files for o in (outcomes[0], outcomes[2])) and store.METRICS not in outcomes[1].files
+    assert json.loads(outcomes[1].files[store.STATUS])["status"] == "diverged"
+    assert not list(tmp_path.iterdir())  # computed elsewhere: the driver stores the files
+
+
+def test_an_interrupted_stacked_job_marks_every_seed_interrupted_and_resumes(tmp_path, monkeypatch):
+    import torch
+
+    from iclbench import stacked, store
+    from iclbench.sweep import compute_job
+
+    real, calls = stacked.StackedSeeds.step, {"n": 0}
+
+    def interrupted_at_step_15(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(stacked.StackedSeeds, "step", interrupted_at_step_15)
+    outcomes = compute_job(_configs(tmp_path, (0, 1)), torch.get_num_threads())
+    assert [o.interrupted for o in outcomes] == ["Ctrl-C (SIGINT)"] * 2
+    dirs = sorted(tmp_path.iterdir())
+    assert [(store.read_json(d / store.STATUS)["status"], store.read_json(d / store.STATUS)["resumes_from_step"])
+            for d in dirs] == [("interrupted", 10)] * 2
+    again = compute_job(_configs(tmp_path, (0, 1)), torch.get_num_threads())  # seed by seed, from step 10
+    assert [o.error for o in again] == [None, None]
+    assert [store.read_run(d)["train"]["resumed_from_step"] for d in dirs] == [10, 10]
+
+
+@pytest.mark.slow  # three small sweeps, each in a worker process
+def test_a_stacked_sweep_writes_the_runs_of_separate_ones_and_trains_only_missing_seeds(tmp_path, capsys):
+    """``--stack yes`` against ``--stack no``: the same run directories and status files, metrics within the
+    tolerance of stacked against separate runs (tests/test_stacked.py); a seed already complete is skipped and
+    the two missing ones are trained stacked, each with its own progress line and record."""
+    from iclbench import store
+
+    stacked_out, separate_out = tmp_path / "stacked", tmp_path / "separate"
+    first = run_sweep(load_experiment(experiment(tmp_path, stacked_out, grid={"seed": [0]}, name="first")),
+                      jobs=1, cpus_per_run=1, progress=False, stack=True)
+    assert len(first.ran) == 1
+    capsys.readouterr()
+    exp = load_experiment(experiment(tmp_path, stacked_out, grid={"seed": [0, 1, 2]}, name="all"))
+    report = run_sweep(exp, jobs=1, cpus_per_run=1, stack=True)
+    err = capsys.readouterr().err
+    assert report.skipped == [exp.runs[0].name] and report.ran == [r.name for r in exp.runs[1:]]
+    assert "3 runs: 1 already complete, 2 to run, 2 of them as 1 stacked job(s)" in err
+    assert [line.split(" in ")[0] for line in err.splitlines() if line.startswith("[")] == [
+        f"[{i}/2] ran {r.name} ({r.label})" for i, r in enumerate(exp.runs[1:], 1)]
+    record = json.loads(report.record_path.read_text())["runs"]
+    assert [record[r.name]["state"] for r in exp.runs] == ["skipped", "ran", "ran"]
+    separate = run_sweep(load_experiment(experiment(tmp_path, separate_out, grid={"seed": [0, 1, 2]}, name="sep")),
+                         jobs=1, cpus_per_run=1, progress=False, stack=False)
+    assert len(separate.ran) == 3
+    files = {out: sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".sweeps" not in p.parts)
+             for out in (stacked_out, separate_out)}
+    assert files[stacked_out] == files[separate_out]
+    for run in exp.runs:
+        m1, m2 = store.read_run(stacked_out / run.name), store.read_run(separate_out / run.name)
+        assert store.read_json(stacked_out / run.name / store.STATUS)["status"] == "complete"
+        assert m1["train"].get("stacked_with") == (None if run.config.seed == 0 else 2)
+        for name, s in m2["summary"].items():
+            assert abs(m1["summary"][name]["mean"] - s["mean"]) <= 1e-3 * abs(s["mean"]) + 1e-6, (run.name, name)
