@@ -22,6 +22,7 @@ from .pool import pool_variants
 from .probing import run_probes
 from .registry import Registry, get_registry
 from .rundir import OpenRun, RunDir, non_finite_options
+from .terminal import isatty
 from .trainer import Trainee, resolve_device, train_together
 
 
@@ -112,7 +113,7 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     the others go on; the first divergence is raised at the end."""
     dev = resolve_device(cfgs[0].device)
     # a training bar on a terminal only: written into a log file it is hundreds of redraws
-    progress = not quiet and _isatty(sys.stderr)
+    progress = not quiet and isatty(sys.stderr)
     nan = [o for o in non_finite_options(cfgs[0]) if o.endswith("=nan")]
     if nan:  # fails as a bad option, not later as "divergence" with advice to lower the learning rate
         raise ICLBenchError(f"option(s) {', '.join(nan)} must be numbers, got NaN")
@@ -158,13 +159,6 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     if diverged:
         raise diverged[0]
     return [results[path] for path in paths]
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 def trainee(r: OpenRun) -> Trainee:
