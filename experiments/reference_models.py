@@ -56,7 +56,7 @@ def index(out: Path) -> str:
         m = read_manifest(folder)
         total += m["bytes"]
         error = m["error"]
-        rows.append([m["task"], m["model"], m["label"]["model"] if m["label"]["model"] != m["model"] else "",
+        rows.append([m["label"]["task"], m["model"], m["label"]["model"].removeprefix(m["model"]).strip(),
                      m["steps"], m["stop"], f"{error['mean']:.4f} [{error['ci'][0]:.4f}, {error['ci'][1]:.4f}]",
                      f"{m['reevaluated']['stored']['mean']:.4f}", m["learned"] or "—", m["dtype"],
                      f"{m['bytes'] / 1024:.0f} KB", f"[{m['name']}]({m['name']}/)"])
