@@ -26,9 +26,9 @@ def run(*args, **kwargs):
 
 
 def load(run_dir, *, device: str = "cpu", registry=None):
-    """Open a finished run without training: a :class:`~iclbench.runner.RunResult` with its ``config``,
-    ``task``, ``model`` (trained weights, eval mode), ``metrics`` and ``probes``; see
-    :func:`iclbench.runner.load`."""
+    """Open a finished run (or an exported model, ``iclbench export``) without training: a
+    :class:`~iclbench.runner.RunResult` with its ``config``, ``task``, ``model`` (trained weights, eval mode),
+    ``metrics`` and ``probes`` (an export: ``manifest``); see :func:`iclbench.runner.load`."""
     from .runner import load as _load
 
     return _load(run_dir, device=device, registry=registry)

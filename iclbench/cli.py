@@ -326,8 +326,13 @@ def cmd_sweep(args) -> int:
 
 
 def _add_probe(sub):
-    p = sub.add_parser("probe", help="run interpretability probes on a finished run; store them in its directory")
-    p.add_argument("run_dir", help="a run directory (results/<task>-<model>-<hash>-s<seed>)")
+    p = sub.add_parser("probe", help="run interpretability probes on a finished run (stored in its directory) "
+                       "or an exported model (printed)")
+    p.add_argument("run_dir", metavar="PATH", help="a run directory (results/<task>-<model>-<hash>-s<seed>) or an "
+                   "exported model (results/reference/models/<run name>, see `iclbench export`)")
+    p.add_argument("--out", help="store probes.json and the tables (probes/<name>.csv) in this folder instead "
+                   "of the run directory; an exported model is never written to: without --out its probes are "
+                   "printed only")
     p.add_argument("--probe", action="append", help="only this probe (repeatable; see `iclbench list probes`)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=None,
@@ -336,9 +341,38 @@ def _add_probe(sub):
 
 
 def cmd_probe(args) -> int:
+    from .export import is_export
     from .probing import describe, probe_run_dir
+    from .rundir import PROBES_DIR
 
-    print(describe(probe_run_dir(args.run_dir, args.probe, args.device, seed=args.seed)))
+    outcomes = probe_run_dir(args.run_dir, args.probe, args.device, seed=args.seed, out=args.out)
+    stored = args.out is not None or not is_export(args.run_dir)
+    print(describe(outcomes, tables=(os.path.join(args.out, PROBES_DIR) if args.out else PROBES_DIR) if stored
+                   else None))
+    if not stored:
+        print(f"(printed only: {args.run_dir} is an exported model, never written to; --out DIR stores "
+              "probes.json and the tables)")
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="a finished run's weights, resolved config and manifest in a folder of "
+                       "their own, which `iclbench probe` and iclbench.load open (reference models)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    p.add_argument("--out", required=True, help="folder to export into: one OUT/<run name>/ per run "
+                   "(model.safetensors, config.yaml, manifest.json)")
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                   help="storage dtype of the weights (default float16: measured, docs/usage.md); where rounding "
+                   "moves the error beyond the tolerance, float32 is stored instead")
+
+
+def cmd_export(args) -> int:
+    from .export import STORAGE_DTYPE, check_exportable, describe_export, export_run
+
+    check_exportable(args.run_dirs)  # every input checked before anything is written
+    for run_dir in args.run_dirs:
+        manifest = export_run(run_dir, args.out, dtype=args.dtype or STORAGE_DTYPE)
+        print(describe_export(manifest, os.path.join(args.out, manifest["name"])))
     return 0
 
 
@@ -425,6 +459,7 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_bench(sub)
     _add_probe(sub)
+    _add_export(sub)
     _add_plugin_tools(sub)
     lp = sub.add_parser("list", help="list registered tasks, models, baselines, probes")
     lp.add_argument("kind", nargs="?", choices=KINDS)
@@ -457,7 +492,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"report": cmd_report, "run": cmd_run, "sweep": cmd_sweep, "list": cmd_list,
             "leaderboard": cmd_leaderboard}
-COMMANDS.update(probe=cmd_probe)
+COMMANDS.update(probe=cmd_probe, export=cmd_export)
 
 COMMANDS["bench"] = cmd_bench
 COMMANDS.update(check=cmd_check, rescore=cmd_rescore)

@@ -19,7 +19,7 @@ from . import store
 from .errors import ICLBenchError, warn
 from .labels import run_labels
 from .registry import Registry, get_registry
-from .rundir import PROBES_DIR, PROBES_JSON, RunDir, distinct_runs, find_runs
+from .rundir import EXPORT_MANIFEST, NOT_RUNS, PROBES_DIR, PROBES_JSON, RunDir, distinct_runs, find_runs
 from .trainer import resolve_device
 
 
@@ -62,34 +62,61 @@ def run_probes(model, task, names=None, *, seed: int, device, registry: Registry
 
 
 def probe_run_dir(run_dir, names=None, device: str = "cpu", registry: Registry | None = None,
-                  seed: int | None = None) -> dict:
-    """``iclbench probe``: load a finished run, run the probes, store them in the run directory. ``seed``
-    draws another probe sample (default ``eval.seed + 1``, the one the run itself used); it is recorded
-    with each probe's result."""
-    run = RunDir(run_dir)
-    if not (run.path / store.CHECKPOINT).exists():
-        raise ICLBenchError(f"{str(run.path)!r} is not a finished run directory (no {store.CHECKPOINT})")
-    registry = registry or get_registry()
-    cfg, task, model = run.load(registry, resolve_device(device))
+                  seed: int | None = None, out=None) -> dict:
+    """``iclbench probe``: load a finished run or an exported reference model (:mod:`iclbench.export`), run
+    the probes, store them in the run directory, or in ``out`` where given. An exported model is never
+    written to: without ``out`` its results are only returned. ``seed`` draws another probe sample (default
+    ``eval.seed + 1``, the one the run itself used); it is recorded with each probe's result."""
+    from .export import is_export, load_export
+
+    path = Path(run_dir)
+    exported = is_export(path)
+    if not exported and not (path / store.CHECKPOINT).exists():
+        raise ICLBenchError(f"{str(path)!r} is not a finished run directory (no {store.CHECKPOINT}) nor an "
+                            f"exported model (no {EXPORT_MANIFEST})")
+    if out is not None:
+        check_probe_out(Path(out))
     if seed is not None and not 0 <= seed < 2 ** 63:
         raise ICLBenchError(f"--seed must be in [0, 2**63), got {seed}")
+    registry = registry or get_registry()
+    if exported:
+        _, cfg, task, model = load_export(path, registry, device)
+    else:
+        cfg, task, model = RunDir(path).load(registry, resolve_device(device))
     seed = cfg.eval.seed + 1 if seed is None else seed
     outcomes = run_probes(model, task, names, seed=seed, device=next(model.parameters()).device,
                           registry=registry)
     for outcome in outcomes.values():
         outcome["seed"] = seed
-    run.save_probes(outcomes)
+    target = Path(out) if out is not None else None if exported else path
+    if target is not None:
+        RunDir(target).save_probes(outcomes)
     return outcomes
 
 
-def describe(outcomes: dict, registry: Registry | None = None) -> str:
-    """A few lines for the terminal: time per probe, then what each probe says of its summary
-    (:meth:`iclbench.Probe.terminal_lines`)."""
+def check_probe_out(out: Path) -> None:
+    """``--out`` of ``iclbench probe``: not an exported model nor a folder in one, nor a folder marked as
+    holding copies of runs (``results/reference/models``, ``records``): committed folders are not probed into."""
+    from .export import is_export
+
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):
+        if is_export(folder):
+            raise ICLBenchError(f"--out {str(out)!r} lies in the exported model {folder}, which is never written "
+                                "to; choose another folder")
+    if (resolved / NOT_RUNS).exists():
+        raise ICLBenchError(f"--out {str(out)!r} is a folder of exported models or copies of runs ({NOT_RUNS}), "
+                            "which is not written to; choose another folder")
+
+
+def describe(outcomes: dict, registry: Registry | None = None, tables: str | None = PROBES_DIR) -> str:
+    """A few lines for the terminal: time per probe (and its table file under the folder ``tables``; None:
+    not stored), then what each probe says of its summary (:meth:`iclbench.Probe.terminal_lines`)."""
     registry = registry or get_registry()
     lines = []
     for name, o in outcomes.items():
         if "time_s" in o:
-            lines.append(f"{name:16s} {o['time_s']:6.2f}s  -> {PROBES_DIR}/{name}.csv")
+            lines.append(f"{name:16s} {o['time_s']:6.2f}s" + (f"  -> {tables}/{name}.csv" if tables else ""))
         else:
             lines.append(f"{name:16s} {'skipped' if 'skipped' in o else 'failed'}: {o.get('skipped', o.get('error'))}")
     for name, o in outcomes.items():

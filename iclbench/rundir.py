@@ -33,6 +33,8 @@ PROBES_JSON, PROBES_DIR = "probes.json", "probes"
 MARKERS = (store.CONFIG, store.METRICS, store.STATUS)
 #: the file that marks a folder (and all below it) as holding no runs, though it may hold copies of them
 NOT_RUNS = ".iclbench-not-runs"
+#: the file that marks a folder as an exported reference model (:mod:`iclbench.export`): read, never written to
+EXPORT_MANIFEST = "manifest.json"
 
 
 def load_run(run_dir: str | Path, registry: Registry | None = None, device: str = "cpu"):
@@ -123,8 +125,10 @@ class RunDir:
         try:
             self.load_weights(model)
         except Exception as exc:  # truncated or foreign weights: safetensors and torch raise their own types
-            raise ICLBenchError(f"damaged weights {self.path / store.CHECKPOINT} ({one_line(exc)}); rerun the "
-                                "run with --force") from None
+            advice = ("export the run again (iclbench export)" if (self.path / EXPORT_MANIFEST).exists()
+                      else "rerun the run with --force")
+            raise ICLBenchError(f"damaged weights {self.path / store.CHECKPOINT} ({one_line(exc)}); {advice}") \
+                from None
         return cfg, task, model
 
     def probes(self) -> dict:
@@ -186,6 +190,9 @@ class RunDir:
         :class:`OpenRun`. Once :meth:`OpenRun.start` has said "running", a run that raises is recorded as
         failed (diverged, or interrupted on Ctrl-C) and ``iclbench_run_failed`` is called; a plugin's error
         reaches the user as one line naming it."""
+        if (self.path / EXPORT_MANIFEST).exists():  # a committed reference model is never trained into
+            raise ICLBenchError(f"{self.path} is an exported reference model, not a run directory: nothing is "
+                                "trained or written there; pass --out DIR to train this configuration anew")
         if resume:
             self.check_resumable()
         try:

@@ -22,6 +22,7 @@ from .pool import pool_variants
 from .probing import run_probes
 from .registry import Registry, get_registry
 from .rundir import OpenRun, RunDir, non_finite_options
+from .terminal import isatty
 from .trainer import Trainee, resolve_device, train_together
 
 
@@ -35,10 +36,13 @@ class RunResult:
     config: RunConfig
     task: object
     model: torch.nn.Module
-    outcome: str = "trained"  # "trained", "resumed" (from a checkpoint) or "complete" (found done, not rerun)
+    outcome: str = "trained"  # "trained", "resumed" (from a checkpoint), "complete" (found done, not rerun) or
+    # "exported" (an exported reference model opened by load)
     #: resumed after its training had finished (killed while evaluating or probing): the training figures are
     #: the first attempt's, nothing was retrained
     resumed_after_training: bool = False
+    #: an exported reference model's ``manifest.json`` (:mod:`iclbench.export`), whose ``metrics`` are {}
+    manifest: dict | None = None
 
     @property
     def probes(self) -> dict:
@@ -52,11 +56,17 @@ class RunResult:
 def load(run_dir: str | Path, *, device: str = "cpu", registry: Registry | None = None) -> RunResult:
     """Open a finished run without training it: its config, task, model (the trained weights, in eval mode,
     on ``device``) and metrics, from any folder. An incomplete or damaged run directory is one line saying
-    what is wrong."""
+    what is wrong. An exported reference model (``iclbench export``) opens too: ``outcome`` "exported",
+    ``metrics`` {} (it keeps none), ``manifest`` its record (the run's headline error, steps, provenance)."""
+    from .export import is_export, load_export
+
     path = Path(run_dir)
     if not path.is_dir():
         raise ICLBenchError(f"{str(run_dir)!r} is not a directory; iclbench.load wants a run directory "
-                            "(RESULTS/<task>-<model>-<hash>-s<seed>)")
+                            "(RESULTS/<task>-<model>-<hash>-s<seed>) or an exported model")
+    if is_export(path):
+        manifest, cfg, task, model = load_export(path, registry, device)
+        return RunResult(path, {}, cfg, task, model, outcome="exported", manifest=manifest)
     if not (path / store.CONFIG).is_file():
         raise ICLBenchError(f"{path} is not a run directory (no {store.CONFIG}); iclbench.load wants "
                             "RESULTS/<task>-<model>-<hash>-s<seed>")
@@ -112,7 +122,7 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
     the others go on; the first divergence is raised at the end."""
     dev = resolve_device(cfgs[0].device)
     # a training bar on a terminal only: written into a log file it is hundreds of redraws
-    progress = not quiet and _isatty(sys.stderr)
+    progress = not quiet and isatty(sys.stderr)
     nan = [o for o in non_finite_options(cfgs[0]) if o.endswith("=nan")]
     if nan:  # fails as a bad option, not later as "divergence" with advice to lower the learning rate
         raise ICLBenchError(f"option(s) {', '.join(nan)} must be numbers, got NaN")
@@ -162,13 +172,6 @@ def stackable(task, seed: int) -> bool:
     """Whether ``seed``'s run may train stacked with other seeds: not where it trains on a pool of rules of
     its own (:mod:`iclbench.pool`), a distribution of its own; such a seed trains alone."""
     return task.training_task(seed) is task
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 def trainee(r: OpenRun) -> Trainee:

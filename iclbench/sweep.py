@@ -48,6 +48,7 @@ from . import store
 from .config import TOP_LEVEL, RunConfig, resolve
 from .errors import ICLBenchError, did_you_mean, interruption, raise_on_signals, restore_signals
 from .registry import Registry, get_registry
+from .terminal import bar_size, isatty
 
 EXPERIMENT_KEYS = ("name", "base", "grid", "runs")
 SECTIONS = ("task", "model", "train", "eval")
@@ -872,18 +873,13 @@ class Progress:
         self.stream = stream or sys.stderr
         self.total, self.done, self.failed, self.running = total, 0, 0, 0
         self.enabled = enabled
-        self.tty = enabled and _isatty(self.stream)
+        self.tty = enabled and isatty(self.stream)
         self.bar = None
         if self.tty:
             from tqdm import tqdm
 
-            try:  # a terminal that reports no size (0 × 0) would hide the bar: it fits in no row
-                width, height = os.get_terminal_size(self.stream.fileno())
-            except (OSError, ValueError, AttributeError):
-                width = height = 0
             self.bar = tqdm(total=total, desc="sweep", unit="run", file=self.stream, mininterval=0.5,
-                            dynamic_ncols=width > 0, ncols=None if width > 0 else 100,
-                            nrows=None if height > 0 else 24,
+                            **bar_size(self.stream),  # a terminal that reports no size (0 × 0) would hide it
                             bar_format="{desc}: {n}/{total} runs done{postfix} [{elapsed} elapsed, ETA {remaining}]")
             self._postfix()
 
@@ -913,13 +909,6 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | None = None,

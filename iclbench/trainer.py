@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +20,7 @@ from .options import TrainOptions
 from .stacked import StackedSeeds
 from .step import OneModel, compile_error, mask_index, normalized_error
 from .task import Batch, Task
+from .terminal import bar_size
 
 
 def resolve_device(name: str) -> torch.device:
@@ -342,8 +344,8 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
     # the held-out set comes from the distribution the seed trains on (its pool of rules, where it has one)
     held = HeldOut(task.training_task(trainees[0].seed), o.heldout, device, reference) if flat else None
     stages = Curriculum(task, o.cap, device, task.score_from if o.loss_positions == "scored" else 0)
-    bar = tqdm(total=o.cap, initial=first, disable=not progress, unit="step", leave=False, dynamic_ncols=True,
-               desc=f"train {task.name}" if n == 1 else f"train {n} seeds stacked")
+    bar = tqdm(total=o.cap, initial=first, disable=not progress, unit="step", leave=False, file=sys.stderr,
+               **bar_size(sys.stderr), desc=f"train {task.name}" if n == 1 else f"train {n} seeds stacked")
     start = window_start = time.perf_counter()
     acc = DeviceLoss(device, running)
     outcomes: list = [None] * n

@@ -118,3 +118,29 @@ def test_divergence_stops_names_the_step_and_keeps_the_log(tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "diverged"
     board = cli("leaderboard", "--results", str(tmp_path))
     assert board.returncode == 0 and "skipping damaged run directory" in board.stderr
+
+
+def test_training_bar_shows_on_a_terminal_that_reports_no_size(tmp_path):
+    """stderr a real terminal that reports no size (0 x 0: a fresh pty, some CI and remote terminals), where
+    tqdm's own sizing hid the training bar, as it hid the sweep's (iclbench.terminal.bar_size serves both)."""
+    import os
+    import select
+    import sys
+
+    from conftest import tiny_run
+    from iclbench.runner import run
+
+    master, slave = os.openpty()
+    with open(slave, "w", closefd=True) as tty:
+        assert tuple(os.get_terminal_size(tty.fileno())) == (0, 0)
+        real, sys.stderr = sys.stderr, tty
+        try:
+            run("affine", "gpt3l", steps=5, out=str(tmp_path), quiet=False, overrides=tiny_run(cheap=True))
+        finally:
+            sys.stderr = real
+        tty.flush()
+        seen = b""
+        while select.select([master], [], [], 0)[0]:  # what was written, without blocking on a silent bar
+            seen += os.read(master, 65536)
+    os.close(master)
+    assert "train affine" in seen.decode() and "/5" in seen.decode(), seen
