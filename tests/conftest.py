@@ -71,3 +71,20 @@ def installed_plugins(tmp_path_factory):
 # on a timing made on the test machine (tests/test_lifecycle.py compares with a reference recorded on MKL) and
 # no test writes the user's cache directory; tests/test_gemm.py sets the other paths itself.
 os.environ.setdefault("ICLBENCH_GEMM", "mkl")
+
+
+@pytest.fixture
+def seed_1_diverges_at_step_7(monkeypatch):
+    """Of three stacked seeds, seed 1's loss turns NaN at the 7th step (the others' stay as they are)."""
+    import torch
+
+    from iclbench import stacked
+
+    real, calls = stacked.StackedSeeds.step, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        losses = real(self, *args, **kwargs)
+        calls["n"] += 1
+        return torch.where(torch.arange(3) == 1, float("nan"), losses) if calls["n"] == 7 else losses
+
+    monkeypatch.setattr(stacked.StackedSeeds, "step", poisoned)

@@ -142,21 +142,6 @@ def test_a_killed_stacked_job_resumes_seed_by_seed(tmp_path, monkeypatch):
 
 
 
-@pytest.fixture
-def seed_1_diverges_at_step_7(monkeypatch):
-    """Of three stacked seeds, seed 1's loss turns NaN at the 7th step (the others' stay as they are)."""
-    from iclbench import stacked
-
-    real, calls = stacked.StackedSeeds.step, {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        losses = real(self, *args, **kwargs)
-        calls["n"] += 1
-        return torch.where(torch.arange(3) == 1, float("nan"), losses) if calls["n"] == 7 else losses
-
-    monkeypatch.setattr(stacked.StackedSeeds, "step", poisoned)
-
-
 def test_a_stacked_seed_that_diverges_stops_alone_and_the_others_train_on(seed_1_diverges_at_step_7):
     """The loop checks each seed's loss: a seed whose loss turns non-finite gets that step logged and a
     TrainingDiverged; the other seeds keep training to the end, logged as before."""
