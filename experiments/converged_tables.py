@@ -55,7 +55,8 @@ def training(results: Path) -> pd.DataFrame:
         task, model = run_labels(m["config"], registry)
         stop = m["train"].get("stop") or {}
         excess = m["curves"]["predictors"]["model"].get("excess_bayes") or {}
-        rows.append({"task": task.split()[0], "variant": task, "model": model.split()[0], "label": model,
+        label = " ".join(w for w in model.split() if not w.startswith(("train.", "eval.")))  # the model alone
+        rows.append({"task": task.split()[0], "variant": task, "model": model.split()[0], "label": label,
                      "seed": m["seed"], "reason": stop.get("reason", "steps"), "steps": m["train"]["steps"],
                      "flat_at": stop.get("decay_from"), "train_s": m["train"]["train_time_s"],
                      "learned": excess.get("learned"), "relative": excess.get("relative")})
@@ -118,8 +119,9 @@ def main():
     registry = get_registry()
     runs = training(RUNS)
     main_runs = runs[runs.label == runs.model]  # the named depths, not the scale study's variants
-    seeds = order(seeds_table(RUNS))
-    seeds = seeds[seeds.variant == seeds.task]  # the default prior and pool
+    every = seeds_table(RUNS)
+    every = every[every.variant == every.task]  # the default prior and pool
+    seeds = order(every)  # the named depths
     family = {t: f for f, ts in FAMILIES.items() for t in ts}
     seeds = seeds.assign(family=seeds.task.map(family))
     parts = [
@@ -137,13 +139,12 @@ def main():
         "## Why training stopped", "", md(stops(main_runs)), "",
     ]
     if len(seeds):
-        parts += ["## Claims per depth (all tasks)", "", md(order(aggregate(seeds[~seeds.model.str.endswith("-attn")],
-                                                                            ["model"]))), "",
+        parts += ["## Claims per depth (all tasks)", "", md(order(aggregate(seeds, ["model"]))), "",
                   "## Claims per task family and depth", "", md(order(aggregate(seeds, ["family", "model"]))), "",
                   "## Claims per task and depth", "", md(order(aggregate(seeds, ["task", "model"]))), "",
                   "![claims by task and depth](converged-claims.png)", ""]
         heatmap(seeds, OUT / "converged-claims.png")
-        twins = seeds[(seeds.task == "affine") & seeds.model.isin(TWINS)]
+        twins = every[(every.task == "affine") & every.model.isin(TWINS)]
         if twins.model.str.endswith("-attn").any():
             parts += ["## Without MLPs: affine, each depth beside its attention-only twin", "",
                       md(aggregate(twins.sort_values(["model", "seed"]), ["model"])), ""]
