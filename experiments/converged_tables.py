@@ -96,6 +96,23 @@ def stops(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def roles(results: Path) -> pd.DataFrame:
+    """Per cell and layer: the roles the specialization probe gives that layer over the learned seeds, with
+    counts ("bayes 7/8"): which layer does what, and how consistently across seeds."""
+    runs = collect_probe(results, "specialization", registry=get_registry())
+    runs = runs[runs.summary.map(lambda s: isinstance(s, dict) and "roles" in s) & (runs.learned != "not learned")]
+    rows = []
+    for (task, model), g in runs.groupby([runs.task.str.split().str[0], runs.model.str.split().str[0]], sort=False):
+        row = {"task": task, "model": model, "learned seeds": len(g)}
+        for layer in range(max(len(s["roles"]) for s in g.summary)):
+            counts = pd.Series([s["roles"][layer] for s in g.summary if layer < len(s["roles"])]).value_counts()
+            row[f"layer {layer}"] = ", ".join(f"{r} {c}/{len(g)}" for r, c in counts.items())
+        rows.append(row)
+    rank = {m: i for i, m in enumerate(DEPTHS + TWINS)}
+    rows.sort(key=lambda r: (ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, rank.get(r["model"], 99)))
+    return pd.DataFrame(rows).fillna("—")
+
+
 def untrained(cells: list[tuple[str, str]]) -> pd.DataFrame:
     """The specialization probe on each cell's model at its random initialisation (seed 0): every role and
     claim below must beat this."""
@@ -148,6 +165,8 @@ def main():
         if twins.model.str.endswith("-attn").any():
             parts += ["## Without MLPs: affine, each depth beside its attention-only twin", "",
                       md(aggregate(twins.sort_values(["model", "seed"]), ["model"])), ""]
+        parts += ["## Which layer does what: roles per layer over learned seeds (none = no better than the "
+                  "same read-out on untrained controls)", "", md(roles(RUNS)), ""]
         cells = sorted({(t, m) for t, m in zip(seeds.task, seeds.model)},
                        key=lambda c: (ALL_TASKS.index(c[0]) if c[0] in ALL_TASKS else 99, c[1]))
         parts += ["## Untrained controls (seed 0 of each cell's model at initialisation)", "",
