@@ -32,6 +32,8 @@ from iclbench.rundir import find_runs  # noqa: E402
 
 ALL_TASKS = TASKS + ["decision-tree"]
 TWINS = ["gpt2l", "gpt2l-attn", "gpt3l", "gpt3l-attn"]
+#: the order of models in a table: the depths, then the attention-only twins
+RANK = {m: i for i, m in enumerate(DEPTHS + ["gpt2l-attn", "gpt3l-attn"])}
 
 
 def source(name: str) -> Path:
@@ -93,6 +95,7 @@ def stops(runs: pd.DataFrame) -> pd.DataFrame:
                      "flat at (median step)": f"{flat.flat_at.median():.0f}" if len(flat) else "—",
                      "steps (median)": f"{g.steps.median():.0f}",
                      "train s (median, 1 thread)": f"{g.train_s.median():.0f}"})
+    rows.sort(key=lambda r: (ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, RANK.get(r["model"], 99)))
     return pd.DataFrame(rows)
 
 
@@ -108,8 +111,7 @@ def roles(results: Path) -> pd.DataFrame:
             counts = pd.Series([s["roles"][layer] for s in g.summary if layer < len(s["roles"])]).value_counts()
             row[f"layer {layer}"] = ", ".join(f"{r} {c}/{len(g)}" for r, c in counts.items())
         rows.append(row)
-    rank = {m: i for i, m in enumerate(DEPTHS + TWINS)}
-    rows.sort(key=lambda r: (ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, rank.get(r["model"], 99)))
+    rows.sort(key=lambda r: (ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, RANK.get(r["model"], 99)))
     return pd.DataFrame(rows).fillna("—")
 
 
@@ -176,7 +178,7 @@ def main():
         circuits = circuits.assign(model=circuits.model.str.split().str[0])
         parts += ["## Circuits per cell (learned seeds' circuits; Jaccard overlap over pairs of seeds)", "",
                   md(Circuit.cross_run_table(circuits)), "",
-                  "## Circuit overlap across cells", "", md(circuit_overlap(circuits)), ""]
+                  "## Circuit overlap across cells", "", md(circuit_overlap(circuits).round(2)), ""]
     (OUT / "converged.md").write_text("\n".join(parts))
     print(f"wrote {OUT / 'converged.md'}")
 
