@@ -50,14 +50,10 @@ def cell(v, spec):
     return "—" if v is None else format(v, spec)
 
 
-def ratio(theirs, ours):
-    if ours is None:
-        return "—"
-    return f"{theirs / ours:.1f}×" if theirs is not None else "> cap"
-
-
 def table():
     from tabulate import tabulate
+
+    from iclbench.learned import ratio
 
     src = OUT if OUT.exists() else RECORDS
     rows = []
@@ -68,13 +64,11 @@ def table():
         rec = json.loads(path.read_text())
         by = {r["recipe"]: r for r in rec["rows"]}
         ours, garg = by["ours"], by["garg"]
-        garg_learned = garg["s_to_learned"] if garg["s_to_learned"] is not None else None
         rows.append([
             task, f"{ours['lr']:g}/{ours['batch_size']}",
             f"{cell(ours['steps_to_learned'], 'd')} / {cell(ours['s_to_learned'], '.0f')} s",
             f"{cell(garg['steps_to_learned'], 'd')} / {cell(garg['s_to_learned'], '.0f')} s",
-            ratio(garg_learned, ours["s_to_learned"]) if garg_learned is not None or ours["s_to_learned"] is None
-            else f"> {garg['train_s'] / ours['s_to_learned']:.1f}×",
+            ratio(garg, ours, "s_to_learned"),
             f"{ours['steps']} ({ours['stopped']})", f"{garg['steps']} ({garg['stopped']})",
             "[{:.3f}, {:.3f}]".format(*ours["final_relative_excess"]),
             "[{:.3f}, {:.3f}]".format(*garg["final_relative_excess"]), rec["max_steps"]])
