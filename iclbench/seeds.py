@@ -12,8 +12,6 @@ diverges is recorded so while the others train on.
 
 from __future__ import annotations
 
-import os
-
 from .errors import ICLBenchError
 
 
@@ -97,7 +95,9 @@ def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None =
     cpu = device_type == "cpu"
     if stack is None:
         stack = stacks_by_default(cfgs[0], device_type)
-    jobs = min(len(seeds), jobs or (os.cpu_count() or 1)) if cpu and not stack else 1
+    from .sweep import available_cores  # the cores this process may use (taskset), not the machine's
+
+    jobs = min(len(seeds), jobs or available_cores()) if cpu and not stack else 1
     if jobs <= 1:
         results = run_configs(cfgs, registry, quiet=kwargs.get("quiet", True), resume=kwargs.get("resume", False),
                               force=kwargs.get("force", False), stack=stack) if stack else \

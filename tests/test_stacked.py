@@ -70,6 +70,25 @@ def test_run_seeds_in_processes_writes_ordinary_runs_equal_to_one_seed_alone(tmp
     assert together["summary"] == single["summary"]  # a worker computes what a 1-thread run does
 
 
+def test_run_seeds_starts_no_more_processes_than_the_cores_it_may_use(tmp_path, monkeypatch):
+    """Under `taskset -c 1` (one core allowed) the seeds run one after another in this process, not as one
+    process per core of the machine sharing that core."""
+    from types import SimpleNamespace
+
+    from iclbench import runner, seeds, sweep
+
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {1}, raising=False)
+    ran = []
+
+    def here(registry=None, **kw):  # stands in for a run, in this process
+        ran.append(kw["seed"])
+        return SimpleNamespace(run_dir=tmp_path / str(kw["seed"]), outcome="trained", metrics={})
+
+    monkeypatch.setattr(runner, "run", here)
+    seeds.run_seeds([0, 1], stack=False, task="affine", model="gpt1l", device="cpu", out=str(tmp_path))
+    assert ran == [0, 1]
+
+
 from conftest import tiny_run  # noqa: E402
 
 TINY = tiny_run(eval__n_sequences=256, eval__bootstrap=50, eval__ood=False, eval__probes=False,
