@@ -88,3 +88,17 @@ def seed_1_diverges_at_step_7(monkeypatch):
         return torch.where(torch.arange(3) == 1, float("nan"), losses) if calls["n"] == 7 else losses
 
     monkeypatch.setattr(stacked.StackedSeeds, "step", poisoned)
+
+
+def read_pty(master: int, expected: str, timeout: float = 10.0) -> str:
+    """What was written to a pty's other end, read until ``expected`` is in it or ``timeout`` passes: the
+    kernel hands pty output to the reader asynchronously, so one read after a flush may see only part of it
+    (a loaded machine showed it)."""
+    import select
+    import time
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while expected not in seen.decode(errors="replace") and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            seen += os.read(master, 65536)
+    return seen.decode(errors="replace")

@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, cli, tiny_run
+from conftest import ROOT, cli, read_pty, tiny_run
 from iclbench.errors import ICLBenchError
 from iclbench.leaderboard import collect
 from iclbench.sweep import load_experiment, run_sweep
@@ -330,7 +330,7 @@ def test_progress_on_a_terminal_shows_done_running_failed_and_eta():
         finally:
             sys.stderr = real
         tty.flush()
-        seen = os.read(master, 65536).decode()
+        seen = read_pty(master, "0/3 runs done, 1 running, 0 failed")
     os.close(master)
     assert "0/3 runs done, 1 running, 0 failed" in seen, seen
 
