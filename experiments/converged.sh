@@ -3,7 +3,7 @@
 # unfoolable verdicts and the circuit probe, then scale (width x depth) and task diversity (a finite pool of K
 # rules). Resumable in parts that fit a sitting:
 #   bash experiments/converged.sh PART...   # affine | recurrences | regression | priors | scale | pool
-#                                           # | probes | records
+#                                           # | probes | records | tables
 # A sweep skips runs that are complete, a run killed mid-training continues from its last checkpoint, and a run
 # already probed by this code is not probed again. `records` copies each finished run's compact record (config,
 # metrics with the held-out curve and the stop reason, status, probe summaries and the small probe tables; no
@@ -52,16 +52,24 @@ records() {  # compact records (no weights) of every finished run, beside the co
         done
     done
 }
+tables() {  # the leaderboard at convergence and the answer tables, from the runs or else their committed records
+    local runs=results/converged-runs out=results/reference
+    test -d "$runs" || runs=results/reference/records/converged-runs
+    iclbench leaderboard --results "$runs" > "$out/converged-leaderboard.md"
+    iclbench leaderboard --results "$runs" --format csv > "$out/converged-leaderboard.csv"
+    python experiments/converged_tables.py
+}
 part() {
     case "$1" in
         affine|recurrences|regression|priors|scale|pool) sweep "$1" ;;
         probes) probe_all ;;
         records) records ;;
+        tables) tables ;;
         *) echo "converged.sh: unknown part '$1' (affine, recurrences, regression, priors, scale, pool, probes," \
-                "records)" >&2; exit 2 ;;
+                "records, tables)" >&2; exit 2 ;;
     esac
 }
-if [ $# -eq 0 ]; then set -- affine recurrences priors regression scale pool probes records; fi
+if [ $# -eq 0 ]; then set -- affine recurrences priors regression scale pool probes records tables; fi
 for p in "$@"; do
     start=$(date +%s); part "$p"; echo "converged: part $p took $(( $(date +%s) - start )) s"
 done

@@ -44,14 +44,16 @@ def load_run(run_dir: str | Path, registry: Registry | None = None, device: str 
 
 def find_runs(results: Path) -> list[Path]:
     """The run directories under ``results``: every directory holding config.yaml, metrics.json or
-    status.json, outside hidden directories and folders marked as holding no runs (:func:`mark_not_runs`)."""
+    status.json, outside hidden directories, exported models (:data:`EXPORT_MANIFEST`) and folders marked as
+    holding no runs (:func:`mark_not_runs`), ``results`` itself included."""
     results = Path(results)
     if not results.is_dir():
         return []
     dirs = {p.parent for pattern in MARKERS for p in results.rglob(pattern)}
     return sorted(d for d in dirs if not any(part.startswith(".") for part in d.relative_to(results).parts)
-                  and not any((folder / NOT_RUNS).exists() for folder in (d, *d.parents) if folder != results
-                              and folder.is_relative_to(results)))
+                  and not (d / EXPORT_MANIFEST).is_file()
+                  and not any((folder / NOT_RUNS).exists() for folder in (d, *d.parents)
+                              if folder.is_relative_to(results)))
 
 
 #: the copies already warned about in this process (a report reads one results directory several times)

@@ -65,6 +65,22 @@ def test_export_writes_weights_config_and_a_manifest(trained):
     assert "affine × gpt3l seed 0, 40 steps" in stdout and "float16" in stdout
 
 
+def test_a_folder_of_exports_holds_no_runs_whichever_folder_is_given(trained, tmp_path):
+    """Exports are not runs: neither the folder the export command marked nor an export copied elsewhere is
+    listed by the leaderboard (before the fix, `--results` on the marked folder listed each export as an
+    incomplete run)."""
+    home, _, export, _ = trained
+    for given in (home / "models", export):
+        printed = cli("leaderboard", "--results", str(given))
+        assert "no complete runs under" in printed.stdout and "incomplete" not in printed.stdout + printed.stderr
+    from iclbench.rundir import find_runs
+    copy = tmp_path / "copied"  # an export copied without its folder's marker
+    copy.mkdir()
+    for f in export.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert find_runs(tmp_path) == [] and find_runs(home) == [home / "results" / export.name]
+
+
 def test_load_opens_an_export_with_its_weights_rounded_and_its_manifest(trained):
     _, result, export, _ = trained
     run = iclbench.load(export)
