@@ -174,3 +174,39 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, case):
         proc = main(capsys, "run", "--config", str(copy / "config.yaml"), "--quiet")
         one_line_refusal(proc, "is an exported reference model", "--out")
     assert sorted(p.name for p in copy.iterdir()) == ["config.yaml", "manifest.json", "model.safetensors"]
+
+
+COMMITTED = ROOT / "results" / "reference" / "models"
+
+
+def test_every_committed_reference_model_opens_and_is_indexed():
+    """The committed reference models open without training: manifest, config and weights agree (config hash,
+    storage dtype, finite weights that fit the configured model), and the folder's index lists each one."""
+    from iclbench.export import is_export
+
+    exports = sorted(p for p in COMMITTED.iterdir() if is_export(p))
+    readme = (COMMITTED / "README.md").read_text()
+    assert len(exports) >= 29 and f"{len(exports)} models" in readme
+    for folder in exports:
+        run = iclbench.load(folder)
+        m = run.manifest
+        assert m["config_hash"] == run.config.config_hash and m["name"] == folder.name, folder.name
+        assert m["seed"] == 0 and m["dtype"] in ("float16", "float32") and m["label"]["task"] == run.config.task
+        assert all(torch.isfinite(w).all() for w in run.model.state_dict().values()), folder.name
+        assert f"[{folder.name}]({folder.name}/)" in readme
+
+
+def test_probing_a_committed_reference_model_gives_its_runs_recorded_verdicts(tmp_path):
+    """`iclbench probe` on a committed export reproduces the verdicts its run recorded in the study (the compact
+    record under results/reference/records), and writes nothing into the export."""
+    name = "affine-gpt2l-c8e38598-s0"
+    export, record = COMMITTED / name, ROOT / "results" / "reference" / "records" / "converged-runs" / name
+    before = files(export)
+    proc = cli("probe", str(export), "--probe", "specialization", "--out", str(tmp_path / "p"))
+    assert proc.returncode == 0, proc.stderr
+    assert files(export) == before
+    got = json.loads((tmp_path / "p" / "probes.json").read_text())["probes"]["specialization"]["summary"]
+    want = json.loads((record / "probes.json").read_text())["probes"]["specialization"]["summary"]
+    assert got["roles"] == want["roles"]
+    for claim in ("claim_1", "claim_2", "refines_with_depth"):
+        assert got[claim]["verdict"] == want[claim]["verdict"], claim
