@@ -5,7 +5,8 @@
 # the benchmark (fp32 with 8 seeds stacked vs separate, bf16), run --seeds stacked vs one after another,
 # CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep,
 # a sweep whose seeds train as one stacked job. Then the converged study's GPU cells (issue 24: the regression
-# family at depths 2, 3 and 6, each cell's 10 seeds stacked, trained until flat) while time is left.
+# family at every depth, each cell's 10 seeds stacked, trained until flat) while time is left, skipping the cells
+# whose records an earlier sitting committed.
 # PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep stacksweep
 # converged.
 # Every part has its own timeout, is skipped once the deadline (DEADLINE seconds, default 480) has passed, and a
@@ -145,11 +146,18 @@ converged_cell() {  # converged_cell TASK MODEL [--set ...]: 10 seeds stacked un
         --device cuda > /dev/null; done"
 }
 CONV=$WORK/converged-runs
-for cell in "linreg gpt3l" "relu-nn gpt3l" "sparse-linreg gpt3l" "decision-tree gpt3l" "linreg gpt2l" "linreg gpt6l" \
-            "relu-nn gpt2l" "relu-nn gpt6l" "sparse-linreg gpt2l" "sparse-linreg gpt6l" "decision-tree gpt2l" \
-            "decision-tree gpt6l"; do
+# A cell whose 10 seeds' compact records are committed (results/reference/records/converged-runs, from an earlier
+# sitting) is skipped, so each sitting with a GPU trains the next cells; CELLS="task:model ..." picks cells.
+CELLS=${CELLS:-"linreg:gpt3l relu-nn:gpt3l sparse-linreg:gpt3l decision-tree:gpt3l linreg:gpt2l linreg:gpt6l
+    relu-nn:gpt2l relu-nn:gpt6l sparse-linreg:gpt2l sparse-linreg:gpt6l decision-tree:gpt2l decision-tree:gpt6l
+    linreg:gpt1l relu-nn:gpt1l sparse-linreg:gpt1l decision-tree:gpt1l"}
+for cell in $CELLS; do
+  task=${cell%%:*} model=${cell#*:}
+  h8='[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]'  # a config hash: gpt3l is not gpt3l-attn
+  done_seeds=$(ls results/reference/records/converged-runs/"$task-$model"-$h8-s*/metrics.json 2>/dev/null | wc -l)
+  [ "$done_seeds" -ge 10 ] && continue
   [ "$(left)" -gt 300 ] || break
-  part converged "converged study: $cell x 10 seeds stacked, until flat (cap 12000)" && converged_cell $cell
+  part converged "converged study: $task $model x 10 seeds stacked, until flat (cap 12000)" && converged_cell "$task" "$model"
 done
 
 echo; echo "=== done in $(( $(date +%s) - START ))s; outputs under $WORK"
