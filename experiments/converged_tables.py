@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_tables import DEPTHS, FAMILIES, OUT, ROOT, TASKS, aggregate, heatmap, md, order, seeds_table  # noqa: E402
@@ -26,6 +27,7 @@ from iclbench import store  # noqa: E402
 from iclbench.labels import run_labels  # noqa: E402
 from iclbench.probes.circuit import Circuit, circuit_overlap  # noqa: E402
 from iclbench.probes.specialization import claim_verdicts, layer_roles  # noqa: E402
+from iclbench.probes.stats import seed_ci, verdict  # noqa: E402
 from iclbench.probing import collect_probe  # noqa: E402
 from iclbench.registry import get_registry  # noqa: E402
 from iclbench.rundir import find_runs  # noqa: E402
@@ -34,6 +36,8 @@ ALL_TASKS = TASKS + ["decision-tree"]
 TWINS = ["gpt2l", "gpt2l-attn", "gpt3l", "gpt3l-attn"]
 #: the order of models in a table: the depths, then the attention-only twins
 RANK = {m: i for i, m in enumerate(DEPTHS + ["gpt2l-attn", "gpt3l-attn"])}
+#: the scale study: width x depth on these tasks (experiments/converged/scale.yaml)
+SCALE_TASKS, SCALE_DEPTHS = ["affine", "linreg"], [2, 3, 6]
 
 
 def source(name: str) -> Path:
@@ -61,9 +65,89 @@ def training(results: Path) -> pd.DataFrame:
         rows.append({"task": task.split()[0], "variant": task, "model": model.split()[0], "label": label,
                      "seed": m["seed"], "reason": stop.get("reason", "steps"), "steps": m["train"]["steps"],
                      "flat_at": stop.get("decay_from"), "train_s": m["train"]["train_time_s"],
-                     "learned": excess.get("learned"), "relative": excess.get("relative")})
+                     "learned": excess.get("learned"), "relative": excess.get("relative"),
+                     **shape(m["config"]), "pool": m["config"]["task"].get("pool", 0), "metrics": m})
     return pd.DataFrame(rows, columns=["task", "variant", "model", "label", "seed", "reason", "steps", "flat_at",
-                                       "train_s", "learned", "relative"])
+                                       "train_s", "learned", "relative", "d_model", "depth", "attn_only", "pool",
+                                       "metrics"])
+
+
+def shape(config: dict) -> dict:
+    """Width, depth and whether attention-only, from a run's resolved config."""
+    model = config["model"]
+    return {"d_model": model.get("d_model"), "depth": model.get("n_layers"), "attn_only": model.get("attn_only")}
+
+
+def with_shape(seeds: pd.DataFrame) -> pd.DataFrame:
+    """The per-seed claims table with each run's width and depth (from its config.yaml) and task pool size."""
+    configs = [yaml.safe_load((Path(run) / "config.yaml").read_text()) for run in seeds.run]
+    return seeds.assign(**{k: [shape(c)[k] for c in configs] for k in ("d_model", "depth", "attn_only")},
+                        pool=[c["task"].get("pool", 0) for c in configs])
+
+
+def scale(runs: pd.DataFrame, seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Width x depth on the scale study's tasks (GPT blocks with MLPs, default prior and pool): learned seeds
+    and training length per cell, and the claims over learned seeds per cell."""
+    keep = lambda df: df[df.task.isin(SCALE_TASKS) & (df.attn_only == False) & (df.pool == 0)  # noqa: E712,E731
+                         & df.depth.isin(SCALE_DEPTHS) & (df.variant == df.task)]
+    runs, seeds = keep(runs), keep(with_shape(seeds))
+    cells = []
+    for (task, width, depth), g in runs.groupby(["task", "d_model", "depth"]):
+        cells.append({"task": task, "d_model": width, "depth": depth, "runs": len(g),
+                      "learned": learned_cell(g), "flat": int((g.reason == "flat").sum()),
+                      "steps (median)": f"{g.steps.median():.0f}",
+                      "train s (median, 1 thread)": f"{g.train_s.median():.0f}"})
+    claims = aggregate(seeds.sort_values(["task", "d_model", "depth", "seed"]), ["task", "d_model", "depth"])
+    return pd.DataFrame(cells), claims
+
+
+def fresh_position(m: dict) -> float | None:
+    """Where a pool-trained model sits on fresh rules between the task's Bayes predictor (0: it infers the rule
+    in context) and the posterior over its training pool, dMMSE (1: it recalls the pool)."""
+    s = m["summary"]
+    if "dmmse" not in s or s["dmmse"]["mean"] - s["bayes"]["mean"] <= 0:
+        return None
+    return (s["model"]["mean"] - s["bayes"]["mean"]) / (s["dmmse"]["mean"] - s["bayes"]["mean"])
+
+
+def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
+         unbounded_seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Task diversity (Raventós et al.): per task and pool size K, the model on fresh rules and on the pool's
+    rules beside Bayes and dMMSE, where it sits between them on fresh rules (over seeds, Student-t; the verdict
+    on "nearer Bayes than dMMSE", < 0.5, and at 0.25 / 0.75), and the claims over the learned seeds. K = ∞ is
+    the unbounded gpt3l cell of the main study."""
+    tasks = set(runs.task)
+    gpt3l = lambda df: df[(df.d_model == 64) & (df.depth == 3) & (df.attn_only == False)  # noqa: E712,E731
+                          & (df.variant == df.task) & df.task.isin(tasks)]
+    runs = pd.concat([runs, gpt3l(unbounded)])
+    mean = lambda values: f"{sum(values) / len(values):.3f}" if values else "—"  # noqa: E731
+    rows = []
+    for (task, k), g in sorted(runs.groupby(["task", "pool"]), key=lambda kv: (kv[0][0], kv[0][1] or 1e18)):
+        fresh = [m["summary"] for m in g.metrics]
+        pooled = [m["ood"]["pool_rules"]["summary"] for m in g.metrics if "pool_rules" in m.get("ood", {})]
+        position = [p for p in map(fresh_position, g.metrics) if p is not None]
+        ci = seed_ci(position)
+        rows.append({"task": task, "K": k or "∞", "runs": len(g), "learned (fresh rules)": learned_cell(g),
+                     "model, fresh": mean([s["model"]["mean"] for s in fresh]),
+                     "Bayes, fresh": mean([s["bayes"]["mean"] for s in fresh]),
+                     "dMMSE, fresh": mean([s["dmmse"]["mean"] for s in fresh if "dmmse" in s]),
+                     "model, pool rules": mean([s["model"]["mean"] for s in pooled]),
+                     "dMMSE, pool rules": mean([s["bayes"]["mean"] for s in pooled]),
+                     "fresh: 0 = Bayes, 1 = dMMSE": "—" if ci is None else
+                     f"{sum(position) / len(position):.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+                     "< 0.5 (< 0.25 / < 0.75)": "—" if ci is None else
+                     "{} ({} / {})".format(*[verdict(ci, c, above=False) for c in (0.5, 0.25, 0.75)])})
+    seeds = pd.concat([with_shape(seeds), gpt3l(with_shape(unbounded_seeds))]) if len(seeds) else seeds
+    if len(seeds):
+        seeds = seeds.sort_values(["task", "pool", "seed"],
+                                  key=lambda c: c.replace(0, 10**18) if c.name == "pool" else c)
+        seeds = aggregate(seeds.assign(K=seeds.pool.map(lambda k: k or "∞")), ["task", "K"])
+    return pd.DataFrame(rows), seeds
+
+
+def learned_cell(g: pd.DataFrame) -> str:
+    k, p = int((g.learned == "learned").sum()), int(g.learned.astype(str).str.startswith("partly").sum())
+    return f"{k}/{len(g)}" + (f" ({p} partly)" if p else "")
 
 
 def learned_cells(runs: pd.DataFrame) -> pd.DataFrame:
@@ -103,7 +187,8 @@ def roles(results: Path) -> pd.DataFrame:
     """Per cell and layer: the roles the specialization probe gives that layer over the learned seeds, with
     counts ("bayes 7/8"): which layer does what, and how consistently across seeds."""
     runs = collect_probe(results, "specialization", registry=get_registry())
-    runs = runs[runs.summary.map(lambda s: isinstance(s, dict) and "roles" in s) & (runs.learned != "not learned")]
+    runs = runs[runs.summary.map(lambda s: isinstance(s, dict) and "roles" in s) & (runs.learned != "not learned")
+                & ~runs.model.str.contains(" model.")]  # the named models; the scale study has its own tables
     rows = []
     for (task, model), g in runs.groupby([runs.task.str.split().str[0], runs.model.str.split().str[0]], sort=False):
         row = {"task": task, "model": model, "learned seeds": len(g)}
@@ -131,6 +216,36 @@ def untrained(cells: list[tuple[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def further(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
+    """The sections on priors, scale and task diversity, for the parts that have runs."""
+    parts = []
+    if PRIORS.exists() and len(priors := training(PRIORS)):
+        default = runs[(runs.task == "affine") & (runs.label == "gpt3l")]
+        cells = [{"prior": v, "runs": len(g), "learned": learned_cell(g), "steps (median)": f"{g.steps.median():.0f}"}
+                 for v, g in pd.concat([default, priors]).groupby("variant", sort=False)]
+        seeds = seeds_table(PRIORS)
+        base = every[(every.variant == "affine") & (every.label.str.split().str[0] == "gpt3l")
+                     & ~every.label.str.contains(" model.")]
+        parts += ["## The seed task under other priors (gpt3l; the first row is the default prior)", "",
+                  md(pd.DataFrame(cells)), "",
+                  md(aggregate(pd.concat([base, seeds]).rename(columns={"variant": "prior"}), ["prior"])), ""]
+    cells, claims = scale(runs, every)
+    if (cells.d_model != 64).any() if len(cells) else False:
+        parts += ["## Scale: width x depth (d_model 64 at depths 2, 3, 6 are gpt2l, gpt3l, gpt6l)", "",
+                  "Learned seeds and training length per cell:", "", md(cells), "",
+                  "The claims over the learned seeds per cell:", "", md(claims), ""]
+    if POOL.exists() and len(pooled := training(POOL)):
+        table, claims = pool(pooled, runs, seeds_table(POOL), every)
+        parts += ["## Task diversity: a finite pool of K training rules (gpt3l)", "",
+                  "Errors are means over seeds. Fresh rules are new draws from the prior (the leaderboard's "
+                  "number); pool rules are the K rules the model trained on, where the Bayes predictor is the "
+                  "posterior over the pool (dMMSE). The position column puts the model's fresh-rule error between "
+                  "Bayes (0: it infers each rule in context) and dMMSE (1: it recalls its pool), with its "
+                  "Student-t interval over seeds and the verdict on \"nearer Bayes\" (< 0.5).", "",
+                  md(table), "", "The claims over the learned seeds per pool size:", "", md(claims), ""]
+    return parts
+
+
 def main():
     if not RUNS.exists():
         sys.exit(f"converged_tables.py: no runs at {RUNS} (run experiments/converged.sh first)")
@@ -138,8 +253,9 @@ def main():
     registry = get_registry()
     runs = training(RUNS)
     main_runs = runs[runs.label == runs.model]  # the named depths, not the scale study's variants
-    every = seeds_table(RUNS)
-    every = every[every.variant == every.task]  # the default prior and pool
+    every = all_seeds = seeds_table(RUNS)
+    scaled = every.label.str.contains(" model.")  # the scale study's widths and depths, tabled on their own
+    every = every[(every.variant == every.task) & ~scaled]  # the default prior and pool, the named models
     seeds = order(every)  # the named depths
     family = {t: f for f, ts in FAMILIES.items() for t in ts}
     seeds = seeds.assign(family=seeds.task.map(family))
@@ -174,11 +290,13 @@ def main():
         parts += ["## Untrained controls (seed 0 of each cell's model at initialisation)", "",
                   md(untrained(cells)), ""]
     circuits = collect_probe(RUNS, "circuit", registry=registry)
+    circuits = circuits[~circuits.model.str.contains(" model.")]  # the named models
     if len(circuits):
         circuits = circuits.assign(model=circuits.model.str.split().str[0])
         parts += ["## Circuits per cell (learned seeds' circuits; Jaccard overlap over pairs of seeds)", "",
                   md(Circuit.cross_run_table(circuits)), "",
                   "## Circuit overlap across cells", "", md(circuit_overlap(circuits).round(2)), ""]
+    parts += further(runs, all_seeds)
     (OUT / "converged.md").write_text("\n".join(parts))
     print(f"wrote {OUT / 'converged.md'}")
 

@@ -58,7 +58,7 @@ def seeds_table(results: Path) -> pd.DataFrame:
         if not (isinstance(s, dict) and "claim_1" in s):
             continue
         row = {"task": r.task.split()[0], "variant": r.task, "model": r.model.split()[0], "seed": r.seed,
-               "learned": r.learned}
+               "learned": r.learned, "run": r.run, "label": r.model}
         verdicts = claim_verdicts(s)
         row.update({c: verdicts[c] for c in CLAIMS})
         rows.append(row)
