@@ -69,6 +69,21 @@ def test_reference_experiment_is_valid():
     assert len(exp.runs) == 24 and {r.config.model_options.n_layers for r in exp.runs} == {1, 2, 3, 6}
 
 
+#: the converged study's parts (issue 24): runs per part; the CPU and GPU halves of scale and pool together make
+#: width 32/128/256 x depth 2/3/6 x 2 tasks and K = 1...1024 x 2 tasks, 10 seeds each
+CONVERGED = {"affine": 60, "recurrences": 200, "priors": 30, "regression": 160, "scale": 60, "scale-gpu": 120,
+             "pool": 60, "pool-linreg": 60}
+
+
+def test_every_shipped_experiment_file_is_valid():
+    for path in sorted((ROOT / "experiments").rglob("*.yaml")):
+        exp = load_experiment(path)
+        assert exp.runs, path
+        if path.parent.name == "converged":
+            assert len(exp.runs) == CONVERGED[path.stem], path
+            assert next(iter(yaml.safe_load(path.read_text())["grid"])) == "seed", path  # a stopped part: low seeds
+
+
 BASE = "base: {task: affine, model: gpt3l}\n"
 
 
