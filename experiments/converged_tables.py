@@ -230,7 +230,7 @@ def further(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
                   md(pd.DataFrame(cells)), "",
                   md(aggregate(pd.concat([base, seeds]).rename(columns={"variant": "prior"}), ["prior"])), ""]
     cells, claims = scale(runs, every)
-    if (cells.d_model != 64).any() if len(cells) else False:
+    if len(cells) and (cells.d_model != 64).any():
         parts += ["## Scale: width x depth (d_model 64 at depths 2, 3, 6 are gpt2l, gpt3l, gpt6l)", "",
                   "Learned seeds and training length per cell:", "", md(cells), "",
                   "The claims over the learned seeds per cell:", "", md(claims), ""]
