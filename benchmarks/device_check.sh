@@ -4,16 +4,17 @@
 # the reference study's gpt12l cells (issue 15: affine x 10 seeds stacked, 1500 steps, specialization probe),
 # the benchmark (fp32 with 8 seeds stacked vs separate, bf16), run --seeds stacked vs one after another,
 # CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep,
-# a sweep whose seeds train as one stacked job. Then the converged study's GPU cells (issue 24: the regression
-# family at every depth, each cell's 10 seeds stacked, trained until flat) while time is left, skipping the cells
-# whose records an earlier sitting committed.
+# a sweep whose seeds train as one stacked job. Then the converged study's GPU parts (issue 24: regression,
+# scale-gpu, pool-linreg; each cell's 10 seeds stacked, trained until flat) while time is left, resuming from the
+# runs whose records earlier sittings committed.
 # PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep stacksweep
 # converged.
 # Every part has its own timeout, is skipped once the deadline (DEADLINE seconds, default 480) has passed, and a
 # failing part does not stop the rest.
 #   bash benchmarks/device_check.sh            (from the repository root)
-# Outputs: the log on stdout; with OUT set, $OUT/device_check.log and $OUT/gpt12l-runs.tgz (the study's run
-# directories without their 38 MB weights, to unpack into results/reference-runs).
+# Outputs: the log on stdout; with OUT set, $OUT/device_check.log, $OUT/gpt12l-runs.tgz (the study's run
+# directories without their 38 MB weights, to unpack into results/reference-runs) and $OUT/converged.tgz (the
+# converged study's new compact records and reference models, to unpack at the repository root).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -137,34 +138,42 @@ t0=$(date +%s)
 run 90 $PY -m iclbench.cli sweep "$WORK/stacksweep.yaml" --stack yes --jobs 1 --quiet | tail -3
 echo "sweep --stack yes: $(( $(date +%s) - t0 )) s wall for 4 seeds (training and evaluation)"; }
 
-converged_cell() {  # converged_cell TASK MODEL [--set ...]: 10 seeds stacked until flat (the task's recipe), + probes
-    local task=$1 model=$2; shift 2
-    run 240 $PY -m iclbench.cli run --task "$task" --model "$model" --device cuda --out "$CONV" --no-probes \
-        --set train.max_steps=12000 "$@" --seeds 0-9 --stack yes --quiet | tail -2
-    ls -d "$CONV/$task-$model"-*-s* | run 90 xargs -P 10 -I{} sh -c "test -f {}/metrics.json || exit 0;
-        for p in specialization circuit; do OMP_NUM_THREADS=1 $PY -m iclbench.cli probe {} --probe \$p \
-        --device cuda > /dev/null; done"
+# The converged study's GPU parts (issue 24), resuming where earlier sittings stopped: the committed compact
+# records count as finished runs, so each sweep trains only what no sitting has finished (seeds stacked per cell;
+# a pool's seeds cannot stack and run 8 at once). New runs are probed here; their records and seed 0's exported
+# weights come back in $OUT/converged.tgz, to unpack at the repository root and commit.
+converged() {
+    local records=results/reference/records
+    mkdir -p results
+    for d in converged-runs converged-pool-runs; do
+        rm -rf "results/$d"; if [ -d "$records/$d" ]; then cp -r "$records/$d" "results/$d"; fi
+    done
+    find "$records" -mindepth 2 -maxdepth 2 -type d | sort > "$WORK/records-before"
+    touch "$WORK/stamp"
+    for p in regression scale-gpu; do
+        run $(( $(left) - 240 )) $PY -m iclbench.cli sweep "experiments/converged/$p.yaml" --stack yes --jobs 1 --quiet \
+            | tail -2
+    done
+    run $(( $(left) - 240 )) $PY -m iclbench.cli sweep experiments/converged/pool-linreg.yaml --stack no --jobs 8 \
+        --cpus-per-run 1 --quiet | tail -2
+    ls -d results/converged-runs/*/ results/converged-pool-runs/*/ | run $(( $(left) - 100 )) xargs -P 8 -I{} sh -c '
+        test -f {}/metrics.json || exit 0
+        for p in specialization circuit; do grep -q "\"$p\"" {}/probes.json 2>/dev/null ||
+            OMP_NUM_THREADS=1 '"$PY"' -m iclbench.cli probe {} --probe $p > /dev/null; done'
+    bash experiments/converged.sh records | tail -1
+    run 60 $PY experiments/reference_models.py results/converged-runs 2>/dev/null | tail -1
+    find "$records" -mindepth 2 -maxdepth 2 -type d | sort | comm -13 "$WORK/records-before" - > "$WORK/new-records"
+    find results/reference/models -mindepth 1 -maxdepth 1 -newer "$WORK/stamp" >> "$WORK/new-records"
+    echo "converged: $(grep -c . "$WORK/new-records") new records and exports"
 }
-CONV=$WORK/converged-runs
-# A cell whose 10 seeds' compact records are committed (results/reference/records/converged-runs, from an earlier
-# sitting) is skipped, so each sitting with a GPU trains the next cells; CELLS="task:model ..." picks cells.
-CELLS=${CELLS:-"linreg:gpt3l relu-nn:gpt3l sparse-linreg:gpt3l decision-tree:gpt3l linreg:gpt2l linreg:gpt6l
-    relu-nn:gpt2l relu-nn:gpt6l sparse-linreg:gpt2l sparse-linreg:gpt6l decision-tree:gpt2l decision-tree:gpt6l
-    linreg:gpt1l relu-nn:gpt1l sparse-linreg:gpt1l decision-tree:gpt1l"}
-for cell in $CELLS; do
-  task=${cell%%:*} model=${cell#*:}
-  h8='[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]'  # a config hash: gpt3l is not gpt3l-attn
-  done_seeds=$(ls results/reference/records/converged-runs/"$task-$model"-$h8-s*/metrics.json 2>/dev/null | wc -l)
-  [ "$done_seeds" -ge 10 ] && continue
-  [ "$(left)" -gt 300 ] || break
-  part converged "converged study: $task $model x 10 seeds stacked, until flat (cap 12000)" && converged_cell "$task" "$model"
-done
+part converged "converged study: regression, scale-gpu and pool-linreg, resuming from the committed records" &&
+  [ "$(left)" -gt 300 ] && converged
 
 echo; echo "=== done in $(( $(date +%s) - START ))s; outputs under $WORK"
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpt12l-runs.tgz" --exclude=model.safetensors --exclude=train_state.pt -C "$RUNS" .
-  if [ -d "$CONV" ]; then  # seed 0's weights are kept (the reference models), the others' are not
-    tar czf "$OUT/converged-runs.tgz" --exclude=train_state.pt --exclude="*-s[1-9]/model.safetensors" -C "$CONV" .
+  if [ -s "$WORK/new-records" ]; then  # the new runs' compact records and reference models (no other weights)
+    tar czf "$OUT/converged.tgz" -T "$WORK/new-records"
   fi
   ls -la "$OUT"
 fi
