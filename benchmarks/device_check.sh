@@ -156,14 +156,15 @@ converged() {
     done
     run $(( $(left) - 240 )) $PY -m iclbench.cli sweep experiments/converged/pool-linreg.yaml --stack no --jobs 8 \
         --cpus-per-run 1 --quiet | tail -2
-    ls -d results/converged-runs/*/ results/converged-pool-runs/*/ | run $(( $(left) - 100 )) xargs -P 8 -I{} sh -c '
+    ls -d results/converged-runs/*/ results/converged-pool-runs/*/ 2>/dev/null | run $(( $(left) - 100 )) xargs -P 8 -I{} sh -c '
         test -f {}/metrics.json || exit 0
         for p in specialization circuit; do grep -q "\"$p\"" {}/probes.json 2>/dev/null ||
             OMP_NUM_THREADS=1 '"$PY"' -m iclbench.cli probe {} --probe $p > /dev/null; done'
     bash experiments/converged.sh records | tail -1
     run 60 $PY experiments/reference_models.py results/converged-runs 2>/dev/null | tail -1
     find "$records" -mindepth 2 -maxdepth 2 -type d | sort | comm -13 "$WORK/records-before" - > "$WORK/new-records"
-    find results/reference/models -mindepth 1 -maxdepth 1 -newer "$WORK/stamp" >> "$WORK/new-records"
+    find results/reference/models -mindepth 1 -maxdepth 1 -type d -newer "$WORK/stamp" | grep . >> "$WORK/new-records" &&
+        echo results/reference/models/README.md >> "$WORK/new-records"  # the index, when an export is new
     echo "converged: $(grep -c . "$WORK/new-records") new records and exports"
 }
 part converged "converged study: regression, scale-gpu and pool-linreg, resuming from the committed records" &&
