@@ -437,3 +437,38 @@ def test_the_opposite_tasks_answer_is_the_most_opposite_earlier_value():
     want = [[min(seq[:t + 1], key=lambda v, q=seq[t]: q * v) for t in range(len(seq))] for seq in x]
     assert torch.allclose(OppositeTask.answer(batch.inputs)[..., 0], torch.tensor(want))
     assert torch.equal(batch.targets, OppositeTask.answer(batch.inputs))  # noise 0: the target is the answer
+
+
+def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_seed_interval():
+    """experiments/converged_tables.py's task-diversity table: on fresh rules a model at Bayes's error is at 0
+    (in-context), at dMMSE's at 1 (recalls its pool); the verdict on "nearer Bayes" comes from the Student-t
+    interval over seeds; the unbounded gpt3l cell of the main study is the K = ∞ row."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    experiments = Path(__file__).resolve().parent.parent / "experiments"
+    sys.path.insert(0, str(experiments))
+    spec = importlib.util.spec_from_file_location("converged_tables", experiments / "converged_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    def run(k, model, dmmse=1.1, bayes=0.1, label="gpt3l", width=64):
+        summary = {"model": {"mean": model}, "bayes": {"mean": bayes}} | ({"dmmse": {"mean": dmmse}} if k else {})
+        ood = {"pool_rules": {"summary": {"model": {"mean": 0.05}, "bayes": {"mean": 0.0}}}} if k else {}
+        return {"task": "linreg", "variant": "linreg", "label": label, "pool": k, "d_model": width, "depth": 3,
+                "attn_only": False, "learned": "learned" if model < 0.3 else "not learned",
+                "metrics": {"summary": summary, "ood": ood}}
+
+    pooled = pd.DataFrame([run(4, e) for e in (1.0, 1.02, 0.98)] + [run(64, e) for e in (0.2, 0.25, 0.15)])
+    unbounded = pd.DataFrame([run(0, 0.12), run(0, 0.13), run(0, 0.5, label="gpt3l model.d_model=32", width=32)])
+    table, claims = tables.pool(pooled, unbounded, pd.DataFrame(), pd.DataFrame())
+    table = table.set_index("K")
+    assert list(table.index) == [4, 64, "∞"] and table.loc["∞", "runs"] == 2  # the scale variant is not K = ∞
+    lo, hi = stats.seed_ci([0.1, 0.15, 0.05])
+    assert table.loc[64, "fresh: 0 = Bayes, 1 = dMMSE"] == f"0.10 [{lo:.2f}, {hi:.2f}]"
+    assert table.loc[64, "< 0.5 (< 0.25 / < 0.75)"] == "holds (" + stats.verdict((lo, hi), 0.25, above=False) + \
+        " / holds)"
+    assert table.loc[4, "< 0.5 (< 0.25 / < 0.75)"].startswith("fails")  # at 0.90 [0.87, 0.93]: it recalls its pool
+    assert table.loc[4, "learned (fresh rules)"] == "0/3" and table.loc[64, "learned (fresh rules)"] == "3/3"
+    assert table.loc["∞", "fresh: 0 = Bayes, 1 = dMMSE"] == "—" and table.loc[4, "dMMSE, pool rules"] == "0.000"
