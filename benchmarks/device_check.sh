@@ -5,7 +5,7 @@
 # the benchmark (fp32 with 8 seeds stacked vs separate, bf16), run --seeds stacked vs one after another,
 # CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep,
 # a sweep whose seeds train as one stacked job. Then the converged study's GPU parts (issue 24: regression,
-# scale-gpu, pool-linreg; each cell's 10 seeds stacked, trained until flat) while time is left, resuming from the
+# gpt12l, scale-gpu, pool-linreg; each cell's 10 seeds stacked, trained until flat) while time is left, resuming from the
 # runs whose records earlier sittings committed.
 # PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep stacksweep
 # converged.
@@ -150,7 +150,7 @@ converged() {
     done
     find "$records" -mindepth 2 -maxdepth 2 -type d | sort > "$WORK/records-before"
     touch "$WORK/stamp"
-    for p in regression scale-gpu; do
+    for p in regression gpt12l scale-gpu; do
         run $(( $(left) - 240 )) $PY -m iclbench.cli sweep "experiments/converged/$p.yaml" --stack yes --jobs 1 --quiet \
             | tail -2
     done
@@ -167,7 +167,7 @@ converged() {
         echo results/reference/models/README.md >> "$WORK/new-records"  # the index, when an export is new
     echo "converged: $(grep -c . "$WORK/new-records") new records and exports"
 }
-part converged "converged study: regression, scale-gpu and pool-linreg, resuming from the committed records" &&
+part converged "converged study: regression, gpt12l, scale-gpu and pool-linreg, resuming from the committed records" &&
   [ "$(left)" -gt 300 ] && converged
 
 echo; echo "=== done in $(( $(date +%s) - START ))s; outputs under $WORK"

@@ -3,7 +3,7 @@
 # unfoolable verdicts and the circuit probe, then scale (width x depth) and task diversity (a finite pool of K
 # rules). Resumable in parts that fit a sitting:
 #   bash experiments/converged.sh PART...   # affine | recurrences | priors | scale | pool (CPU work)
-#                                           # | regression | scale-gpu | pool-linreg (GPU work)
+#                                           # | regression | gpt12l | scale-gpu | pool-linreg (GPU work)
 #                                           # | probes | records | tables
 # A sweep skips runs that are complete, a run killed mid-training continues from its last checkpoint, and a run
 # already probed by this code is not probed again. `records` copies each finished run's compact record (config,
@@ -62,16 +62,16 @@ tables() {  # the leaderboard at convergence and the answer tables, from the run
 }
 part() {
     case "$1" in
-        affine|recurrences|priors|scale|pool|regression|scale-gpu|pool-linreg) sweep "$1" ;;
+        affine|recurrences|priors|scale|pool|regression|gpt12l|scale-gpu|pool-linreg) sweep "$1" ;;
         probes) probe_all ;;
         records) records ;;
         tables) tables ;;
-        *) echo "converged.sh: unknown part '$1' (affine, recurrences, priors, scale, pool, regression, scale-gpu," \
-                "pool-linreg, probes, records, tables)" >&2; exit 2 ;;
+        *) echo "converged.sh: unknown part '$1' (affine, recurrences, priors, scale, pool, regression, gpt12l," \
+                "scale-gpu, pool-linreg, probes, records, tables)" >&2; exit 2 ;;
     esac
 }
 if [ $# -eq 0 ]; then
-    set -- affine recurrences priors scale pool regression scale-gpu pool-linreg probes records tables
+    set -- affine recurrences priors scale pool regression gpt12l scale-gpu pool-linreg probes records tables
 fi
 for p in "$@"; do
     start=$(date +%s); part "$p"; echo "converged: part $p took $(( $(date +%s) - start )) s"

@@ -34,8 +34,6 @@ from iclbench.rundir import find_runs  # noqa: E402
 
 ALL_TASKS = TASKS + ["decision-tree"]
 TWINS = ["gpt2l", "gpt2l-attn", "gpt3l", "gpt3l-attn"]
-#: the order of models in a table: the depths, then the attention-only twins
-RANK = {m: i for i, m in enumerate(DEPTHS + ["gpt2l-attn", "gpt3l-attn"])}
 #: the scale study: width x depth on these tasks (experiments/converged/scale.yaml)
 SCALE_TASKS, SCALE_DEPTHS = ["affine", "linreg"], [2, 3, 6]
 
@@ -47,6 +45,10 @@ def source(name: str) -> Path:
 
 
 RUNS, PRIORS, POOL = (source(n) for n in ("converged-runs", "converged-priors-runs", "converged-pool-runs"))
+if "gpt12l" not in DEPTHS and any(RUNS.glob("*-gpt12l-*-s*")):  # GPU cells (experiments/converged/gpt12l.yaml)
+    DEPTHS.append("gpt12l")  # study_tables' own list, which its order() and heatmap() read
+#: the order of models in a table: the depths, then the attention-only twins
+RANK = {m: i for i, m in enumerate(DEPTHS + ["gpt2l-attn", "gpt3l-attn"])}
 
 
 def training(results: Path) -> pd.DataFrame:

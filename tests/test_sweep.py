@@ -72,7 +72,7 @@ def test_reference_experiment_is_valid():
 #: the converged study's parts (issue 24): runs per part; the CPU and GPU halves of scale and pool together make
 #: width 32/128/256 x depth 2/3/6 x 2 tasks and K = 1...1024 x 2 tasks, 10 seeds each
 CONVERGED = {"affine": 60, "recurrences": 200, "priors": 30, "regression": 160, "scale": 60, "scale-gpu": 120,
-             "pool": 60, "pool-linreg": 60}
+             "pool": 60, "pool-linreg": 60, "gpt12l": 100}
 
 
 def test_every_shipped_experiment_file_is_valid():
