@@ -9,7 +9,9 @@
 # already probed by this code is not probed again. `records` copies each finished run's compact record (config,
 # metrics with the held-out curve and the stop reason, status, probe summaries and the small probe tables; no
 # weights) to results/reference/records/, so a later sitting on a fresh machine can build the tables.
-# On a GPU the sweeps train each cell's seeds stacked: STACK=yes bash experiments/converged.sh regression.
+# On a GPU the sweeps train each cell's seeds stacked (STACK=auto); a sitting lent a GPU runs the GPU parts through
+# PARTS=converged bash benchmarks/device_check.sh, which resumes from the committed records.
+# Run it from a worktree of its own and never change this file while it runs: bash reads a script as it goes.
 # CPU cost per run on one thread: recurrences 1-3 min, regression 10-40 min (BENCHMARKS.md); wall times of
 # each part, as run, are in results/reference/README.md.
 set -euo pipefail
