@@ -27,7 +27,8 @@ sweep() {
 }
 probe_all() {  # the verdicts (specialization, with its untrained controls) and the circuit on every finished run
     for d in $dirs; do
-        ls -d "$d"/*/ 2>/dev/null | xargs -r -P "$jobs" -I{} sh -c '
+        test -d "$d" || continue  # (under pipefail a part not yet run would end the script here)
+        ls -d "$d"/*/ | xargs -r -P "$jobs" -I{} sh -c '
             test -f {}/metrics.json || exit 0
             for p in specialization circuit; do
                 grep -q "\"$p\"" {}/probes.json 2>/dev/null || iclbench probe {} --probe $p > /dev/null || exit 0
