@@ -218,6 +218,13 @@ def untrained(cells: list[tuple[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def related_pairs(overlap: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a circuit-overlap table whose two cells ("MODEL on TASK") share the task or the model: across
+    depths on one task, and across tasks at one depth."""
+    a, b = (overlap[c].str.split(" on ") for c in ("cell a", "cell b"))
+    return overlap[(a.str[0] == b.str[0]) | (a.str[1] == b.str[1])]
+
+
 def further(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
     """The sections on priors, scale and task diversity, for the parts that have runs."""
     parts = []
@@ -297,7 +304,8 @@ def main():
         circuits = circuits.assign(model=circuits.model.str.split().str[0])
         parts += ["## Circuits per cell (learned seeds' circuits; Jaccard overlap over pairs of seeds)", "",
                   md(Circuit.cross_run_table(circuits)), "",
-                  "## Circuit overlap across cells", "", md(circuit_overlap(circuits).round(2)), ""]
+                  "## Circuit overlap across cells (pairs of cells that share their task or their model)", "",
+                  md(related_pairs(circuit_overlap(circuits)).round(2)), ""]
     parts += further(runs, all_seeds)
     (OUT / "converged.md").write_text("\n".join(parts))
     print(f"wrote {OUT / 'converged.md'}")
