@@ -74,6 +74,12 @@ def training(results: Path) -> pd.DataFrame:
                                        "metrics"])
 
 
+def named(label: str) -> bool:
+    """Whether a model label ("gpt3l d_model=32 train.lr=...") is a named model with at most training and
+    evaluation settings changed, not one of the scale study's widths and depths."""
+    return all(w.startswith(("train.", "eval.")) for w in label.split()[1:])
+
+
 def shape(config: dict) -> dict:
     """Width, depth and whether attention-only, from a run's resolved config."""
     model = config["model"]
@@ -190,7 +196,7 @@ def roles(results: Path) -> pd.DataFrame:
     counts ("bayes 7/8"): which layer does what, and how consistently across seeds."""
     runs = collect_probe(results, "specialization", registry=get_registry())
     runs = runs[runs.summary.map(lambda s: isinstance(s, dict) and "roles" in s) & (runs.learned != "not learned")
-                & ~runs.model.str.contains(" model.")]  # the named models; the scale study has its own tables
+                & runs.model.map(named)]  # the named models; the scale study has its own tables
     rows = []
     for (task, model), g in runs.groupby([runs.task.str.split().str[0], runs.model.str.split().str[0]], sort=False):
         row = {"task": task, "model": model, "learned seeds": len(g)}
@@ -234,7 +240,7 @@ def further(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
                  for v, g in pd.concat([default, priors]).groupby("variant", sort=False)]
         seeds = seeds_table(PRIORS)
         base = every[(every.variant == "affine") & (every.label.str.split().str[0] == "gpt3l")
-                     & ~every.label.str.contains(" model.")]
+                     & every.label.map(named)]
         parts += ["## The seed task under other priors (gpt3l; the first row is the default prior)", "",
                   md(pd.DataFrame(cells)), "",
                   md(aggregate(pd.concat([base, seeds]).rename(columns={"variant": "prior"}), ["prior"])), ""]
@@ -263,8 +269,7 @@ def main():
     runs = training(RUNS)
     main_runs = runs[runs.label == runs.model]  # the named depths, not the scale study's variants
     every = all_seeds = seeds_table(RUNS)
-    scaled = every.label.str.contains(" model.")  # the scale study's widths and depths, tabled on their own
-    every = every[(every.variant == every.task) & ~scaled]  # the default prior and pool, the named models
+    every = every[(every.variant == every.task) & every.label.map(named)]  # the default prior and pool, the named models
     seeds = order(every)  # the named depths
     family = {t: f for f, ts in FAMILIES.items() for t in ts}
     seeds = seeds.assign(family=seeds.task.map(family))
@@ -299,7 +304,7 @@ def main():
         parts += ["## Untrained controls (seed 0 of each cell's model at initialisation)", "",
                   md(untrained(cells)), ""]
     circuits = collect_probe(RUNS, "circuit", registry=registry)
-    circuits = circuits[~circuits.model.str.contains(" model.")]  # the named models
+    circuits = circuits[circuits.model.map(named)]
     if len(circuits):
         circuits = circuits.assign(model=circuits.model.str.split().str[0])
         parts += ["## Circuits per cell (learned seeds' circuits; Jaccard overlap over pairs of seeds)", "",
