@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_tables import DEPTHS, FAMILIES, OUT, ROOT, TASKS, aggregate, heatmap, md, order, seeds_table  # noqa: E402
@@ -64,12 +63,13 @@ def training(results: Path) -> pd.DataFrame:
         stop = m["train"].get("stop") or {}
         excess = m["curves"]["predictors"]["model"].get("excess_bayes") or {}
         label = " ".join(w for w in model.split() if not w.startswith(("train.", "eval.")))  # the model alone
-        rows.append({"task": task.split()[0], "variant": task, "model": model.split()[0], "label": label,
+        rows.append({"run": str(run_dir), "task": task.split()[0], "variant": task, "model": model.split()[0],
+                     "label": label,
                      "seed": m["seed"], "reason": stop.get("reason", "steps"), "steps": m["train"]["steps"],
                      "flat_at": stop.get("decay_from"), "train_s": m["train"]["train_time_s"],
                      "learned": excess.get("learned"), "relative": excess.get("relative"),
                      **shape(m["config"]), "pool": m["config"]["task"].get("pool", 0), "metrics": m})
-    return pd.DataFrame(rows, columns=["task", "variant", "model", "label", "seed", "reason", "steps", "flat_at",
+    return pd.DataFrame(rows, columns=["run", "task", "variant", "model", "label", "seed", "reason", "steps", "flat_at",
                                        "train_s", "learned", "relative", "d_model", "depth", "attn_only", "pool",
                                        "metrics"])
 
@@ -86,11 +86,12 @@ def shape(config: dict) -> dict:
     return {"d_model": model.get("d_model"), "depth": model.get("n_layers"), "attn_only": model.get("attn_only")}
 
 
-def with_shape(seeds: pd.DataFrame) -> pd.DataFrame:
-    """The per-seed claims table with each run's width and depth (from its config.yaml) and task pool size."""
-    configs = [yaml.safe_load((Path(run) / "config.yaml").read_text()) for run in seeds.run]
-    return seeds.assign(**{k: [shape(c)[k] for c in configs] for k in ("d_model", "depth", "attn_only")},
-                        pool=[c["task"].get("pool", 0) for c in configs])
+def with_shape(seeds: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The per-seed claims table with each run's width, depth and task pool size (from ``training(...)`` of
+    the same folder)."""
+    if not len(seeds):
+        return seeds
+    return seeds.merge(runs[["run", "d_model", "depth", "attn_only", "pool"]], on="run", how="left")
 
 
 def scale(runs: pd.DataFrame, seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -98,7 +99,7 @@ def scale(runs: pd.DataFrame, seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
     and training length per cell, and the claims over learned seeds per cell."""
     keep = lambda df: df[df.task.isin(SCALE_TASKS) & (df.attn_only == False) & (df.pool == 0)  # noqa: E712,E731
                          & df.depth.isin(SCALE_DEPTHS) & (df.variant == df.task)]
-    runs, seeds = keep(runs), keep(with_shape(seeds))
+    runs, seeds = keep(runs), keep(with_shape(seeds, runs))
     cells = []
     for (task, width, depth), g in runs.groupby(["task", "d_model", "depth"]):
         cells.append({"task": task, "d_model": width, "depth": depth, "runs": len(g),
@@ -125,6 +126,7 @@ def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
     on "nearer Bayes than dMMSE", < 0.5, and at 0.25 / 0.75), and the claims over the learned seeds. K = ∞ is
     the unbounded gpt3l cell of the main study."""
     tasks = set(runs.task)
+    seeds, unbounded_seeds = with_shape(seeds, runs), with_shape(unbounded_seeds, unbounded)
     gpt3l = lambda df: df[(df.d_model == 64) & (df.depth == 3) & (df.attn_only == False)  # noqa: E712,E731
                           & (df.variant == df.task) & df.task.isin(tasks)]
     runs = pd.concat([runs, gpt3l(unbounded)])
@@ -145,7 +147,7 @@ def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
                      f"{sum(position) / len(position):.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
                      "< 0.5 (< 0.25 / < 0.75)": "—" if ci is None else
                      "{} ({} / {})".format(*[verdict(ci, c, above=False) for c in (0.5, 0.25, 0.75)])})
-    seeds = pd.concat([with_shape(seeds), gpt3l(with_shape(unbounded_seeds))]) if len(seeds) else seeds
+    seeds = pd.concat([seeds, gpt3l(unbounded_seeds)]) if len(seeds) else seeds
     if len(seeds):
         seeds = seeds.sort_values(["task", "pool", "seed"],
                                   key=lambda c: c.replace(0, 10**18) if c.name == "pool" else c)
@@ -153,26 +155,22 @@ def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
     return pd.DataFrame(rows), seeds
 
 
-def learned_cell(g: pd.DataFrame) -> str:
-    k, p = int((g.learned == "learned").sum()), int(g.learned.astype(str).str.startswith("partly").sum())
-    return f"{k}/{len(g)}" + (f" ({p} partly)" if p else "")
+def learned_cell(g: pd.DataFrame, bar: bool = False) -> str:
+    """'k/n' seeds learned, with how many partly; with ``bar``, ✗ where the cell misses the study's bar (9 of
+    10 learned; for sparse-linreg, learned or partly)."""
+    n, k, p = len(g), int((g.learned == "learned").sum()), int(g.learned.astype(str).str.startswith("partly").sum())
+    short = (k + p if g.task.iloc[0] == "sparse-linreg" else k) < 0.9 * n
+    return f"{k}/{n}" + (f" ({p} partly)" if p else "") + (" ✗" if bar and short else "")
 
 
 def learned_cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """Task x depth: 'k/n' seeds learned (l), partly (p), not (n); the study's bar per cell."""
-    def cell(g):
-        n = len(g)
-        k = int((g.learned == "learned").sum())
-        p = int(g.learned.astype(str).str.startswith("partly").sum())
-        bar = "partly" if g.task.iloc[0] == "sparse-linreg" else "learned"
-        ok = (k + p if bar == "partly" else k) >= 0.9 * n
-        return f"{k}/{n} learned" + (f", {p} partly" if p else "") + ("" if ok else " ✗")
+    """Task x depth: 'k/n' seeds learned, how many partly, ✗ where the cell misses the study's bar."""
     rows = []
     for task in [t for t in ALL_TASKS if t in set(runs.task)]:
         row = {"task": task}
         for model in [m for m in DEPTHS + ["gpt2l-attn", "gpt3l-attn"] if m in set(runs.model)]:
             g = runs[(runs.task == task) & (runs.model == model) & (runs.label == model)]
-            row[model] = cell(g) if len(g) else "—"
+            row[model] = learned_cell(g, bar=True) if len(g) else "—"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -229,6 +227,39 @@ def related_pairs(overlap: pd.DataFrame) -> pd.DataFrame:
     depths on one task, and across tasks at one depth."""
     a, b = (overlap[c].str.split(" on ") for c in ("cell a", "cell b"))
     return overlap[(a.str[0] == b.str[0]) | (a.str[1] == b.str[1])]
+
+
+def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
+    """The answer per training length: each cell of the 1500-step study (study.md) beside the same cell trained
+    until flat. Learned seeds in every cell (the 1500-step study's per-seed labels, specialization-seeds.csv: the
+    same learned rule); the claims only where both lengths were probed by the same verdicts, gpt3l on affine
+    under the default prior and with noise 0.1 (the 1500-step study's own models, probed by the new verdicts in
+    `bash experiments/study.sh verdicts`; their records are committed). The other cells' 1500-step claims used the old, fooled tests and their
+    weights were not kept, so they are not compared."""
+    fixed = pd.read_csv(OUT / "specialization-seeds.csv")
+    fixed = fixed[fixed.variant == fixed.task]
+    rows = []
+    for task, cells in order(fixed).groupby("task", sort=False):
+        row = {"task": task}
+        for model, g in cells.groupby("model", sort=False):
+            flat = runs[(runs.task == task) & (runs.label == model)]
+            row[model] = f"{learned_cell(g)} → {learned_cell(flat) if len(flat) else 'not run yet'}"
+        rows.append(row)
+    parts = ["## The answer per training length: 1500 steps (study.md) against until flat or the cap (this study)", "",
+             "Learned seeds per cell, 1500 steps → until flat, by the same rule at both lengths (the stop step per "
+             "cell is under \"Why training stopped\"):", "", md(pd.DataFrame(rows)), ""]
+    probed = ROOT / "results" / "study-verdicts-runs"
+    probed = probed if probed.exists() else OUT / "records" / "study-verdicts-runs"
+    if probed.exists() and len(short := seeds_table(probed)):
+        long = every[(every.variant == "affine") & (every.model == "gpt3l")]
+        if PRIORS.exists():
+            priors = seeds_table(PRIORS)
+            long = pd.concat([long, priors[priors.variant == "affine noise=0.1"]])
+        both = pd.concat([short.assign(training="1500 steps"), long.assign(training="until flat")])
+        parts += ["The claims at both lengths, by the same verdicts (gpt3l on affine; the 1500-step models are the "
+                  "1500-step study's own; probed again by today's code they give the same summaries, checked on all 20):", "",
+                  md(aggregate(both.sort_values(["variant", "training", "seed"]), ["variant", "training"])), ""]
+    return parts
 
 
 def further(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
@@ -311,7 +342,7 @@ def main():
                   md(Circuit.cross_run_table(circuits)), "",
                   "## Circuit overlap across cells (pairs of cells that share their task or their model)", "",
                   md(related_pairs(circuit_overlap(circuits)).round(2)), ""]
-    parts += further(runs, all_seeds)
+    parts += training_length(main_runs, every) + further(runs, all_seeds)
     (OUT / "converged.md").write_text("\n".join(parts))
     print(f"wrote {OUT / 'converged.md'}")
 

@@ -439,10 +439,8 @@ def test_the_opposite_tasks_answer_is_the_most_opposite_earlier_value():
     assert torch.equal(batch.targets, OppositeTask.answer(batch.inputs))  # noise 0: the target is the answer
 
 
-def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_seed_interval():
-    """experiments/converged_tables.py's task-diversity table: on fresh rules a model at Bayes's error is at 0
-    (in-context), at dMMSE's at 1 (recalls its pool); the verdict on "nearer Bayes" comes from the Student-t
-    interval over seeds; the unbounded gpt3l cell of the main study is the K = ∞ row."""
+def converged_tables():
+    """experiments/converged_tables.py as a module."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -452,6 +450,32 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
     spec = importlib.util.spec_from_file_location("converged_tables", experiments / "converged_tables.py")
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
+    return tables
+
+
+def test_converged_learned_cells_mark_the_cells_short_of_the_bar():
+    """The bar per cell: 9 of 10 seeds learned; for sparse-linreg, learned or partly learned."""
+    tables = converged_tables()
+
+    def cell(task, model, labels):
+        return [{"task": task, "model": model, "label": model, "learned": label} for label in labels]
+
+    runs = pd.DataFrame(cell("linreg", "gpt2l", ["learned"] * 9 + ["partly (late)"])
+                        + cell("linreg", "gpt3l", ["learned"] * 8 + ["not learned"] * 2)
+                        + cell("sparse-linreg", "gpt2l", ["learned"] * 2 + ["partly (late)"] * 7 + ["not learned"])
+                        + cell("sparse-linreg", "gpt3l", ["learned"] * 2 + ["partly (late)"] * 6 + ["not learned"] * 2))
+    table = tables.learned_cells(runs).set_index("task")
+    assert table.loc["linreg", "gpt2l"] == "9/10 (1 partly)" and table.loc["linreg", "gpt3l"] == "8/10 ✗"
+    assert table.loc["sparse-linreg", "gpt2l"] == "2/10 (7 partly)"
+    assert table.loc["sparse-linreg", "gpt3l"] == "2/10 (6 partly) ✗"
+    assert tables.learned_cell(runs[runs.model == "gpt3l"].iloc[:10]) == "8/10"  # no bar mark without bar=True
+
+
+def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_seed_interval():
+    """experiments/converged_tables.py's task-diversity table: on fresh rules a model at Bayes's error is at 0
+    (in-context), at dMMSE's at 1 (recalls its pool); the verdict on "nearer Bayes" comes from the Student-t
+    interval over seeds; the unbounded gpt3l cell of the main study is the K = ∞ row."""
+    tables = converged_tables()
 
     def run(k, model, dmmse=1.1, bayes=0.1, label="gpt3l", width=64):
         summary = {"model": {"mean": model}, "bayes": {"mean": bayes}} | ({"dmmse": {"mean": dmmse}} if k else {})
