@@ -103,7 +103,7 @@ def collect(results: Path, warn=lambda msg: print(msg, file=sys.stderr), metric:
     for run_dir in distinct_runs(find_runs(results), lambda msg: warn(f"iclbench: warning: {msg}")):
         try:
             m = RunDir(run_dir).metrics()
-            unstable = m.get("unstable") or unstable_reason(m)
+            unstable = unstable_reason(m)
             if unstable and not include_unstable:
                 warn(f"iclbench: warning: leaving out unstable run {run_dir}: {unstable} (--include-unstable "
                      "shows it)")

@@ -422,7 +422,7 @@ def non_finite_options(cfg: RunConfig) -> list[str]:
 
 def unstable_warning(run_dir, metrics: dict) -> str | None:
     """The one line a command ends with for an unstable run (:func:`iclbench.store.unstable_reason`), or None."""
-    unstable = metrics.get("unstable") or store.unstable_reason(metrics)
+    unstable = store.unstable_reason(metrics)
     if not unstable:
         return None
     return (f"run {Path(run_dir).name} is unstable: {' '.join(str(unstable).split())}; recorded but left off the "

@@ -1075,7 +1075,7 @@ def _record(plan: PlannedRun, outcome: Outcome, shipped: bool, report: SweepRepo
         record.update(state="ran", error=None)
         try:
             metrics = store.read_run(run_dir)
-            unstable = metrics.get("unstable") or store.unstable_reason(metrics)
+            unstable = store.unstable_reason(metrics)
         except store.DamagedRun:
             unstable = None
         if unstable:

@@ -405,6 +405,21 @@ def test_an_absurd_but_finite_result_is_unstable():
     assert store.unstable_reason({**metrics, "summary": {"model": {"mean": 1.4}}}) is None  # poor, not absurd
 
 
+def test_a_pool_model_that_recalls_its_pool_is_not_unstable_on_fresh_rules():
+    """Found in the converged study's pool part: gpt3l trained on one affine rule (task.pool=1) learned it
+    (training loss 3e-6, error 1e-6 on the pool's rule) and scores 3.3 on fresh rules. That is memorisation, the
+    point of the pool sweep, not a diverged run; it was flagged unstable and left off the leaderboard. A pool
+    run is judged on its pool's rules, and a stored flag from the old rule no longer hides it."""
+    pool = lambda err: {"ood": {"pool_rules": {"summary": {"model": {"mean": err}}}}}  # noqa: E731
+    memoriser = {"summary": {"model": {"mean": 3.317}}, "reference": {"zero": {"mean": 1.0}},
+                 "train": {"final_loss": 2.864e-06}, **pool(1.4e-06)}
+    assert store.unstable_reason(memoriser) is None
+    assert store.unstable_reason({**memoriser, "unstable": "model error 3.317 is over 3x"}) is None
+    assert "3.317" in store.unstable_reason({**memoriser, **pool(4.0)})  # absurd on its own pool too: unstable
+    assert "3.317" in store.unstable_reason({**memoriser, **pool(float("nan"))})
+    assert "inf" in store.unstable_reason({**memoriser, "summary": {"model": {"mean": float("inf")}}})
+
+
 def test_an_unstable_run_warns_at_its_end_and_stays_off_the_leaderboard(tmp_path, capsys):
     from conftest import CHEAP, sets, tiny_run
 
