@@ -110,6 +110,22 @@ def scale(runs: pd.DataFrame, seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
     return pd.DataFrame(cells), claims
 
 
+def scale_circuits(circuits: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The circuit probe per width x depth cell of the scale study: seeds with a circuit, the overlap of two
+    seeds' circuits, faithfulness and the share of edges kept (the per-layer heads are left to the runs)."""
+    cells = runs[runs.task.isin(SCALE_TASKS) & (runs.attn_only == False) & (runs.pool == 0)  # noqa: E712
+                 & runs.depth.isin(SCALE_DEPTHS) & (runs.variant == runs.task)]
+    circuits = circuits.merge(cells[["run", "d_model", "depth"]], on="run")
+    if not len(circuits):
+        return pd.DataFrame()
+    shape = {f"d_model {w}, depth {d}": (w, d) for w, d in zip(circuits.d_model, circuits.depth)}
+    table = Circuit.cross_run_table(circuits.assign(task=circuits.task.str.split().str[0],
+                                                    model=[f"d_model {w}, depth {d}" for w, d in
+                                                           zip(circuits.d_model, circuits.depth)]))
+    table = table.iloc[sorted(range(len(table)), key=lambda i: (table.task[i], shape[table.model[i]]))]
+    return table[[c for c in table.columns if not c.endswith(" heads")]]
+
+
 def fresh_position(m: dict) -> float | None:
     """Where a pool-trained model sits on fresh rules between the task's Bayes predictor (0: it infers the rule
     in context) and the posterior over its training pool, dMMSE (1: it recalls the pool)."""
@@ -262,7 +278,7 @@ def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
     return parts
 
 
-def further(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
+def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame) -> list[str]:
     """The sections on priors, scale and task diversity, for the parts that have runs."""
     parts = []
     if PRIORS.exists() and len(priors := training(PRIORS)):
@@ -279,7 +295,8 @@ def further(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
     if len(cells) and (cells.d_model != 64).any():
         parts += ["## Scale: width x depth (d_model 64 at depths 2, 3, 6 are gpt2l, gpt3l, gpt6l)", "",
                   "Learned seeds and training length per cell:", "", md(cells), "",
-                  "The claims over the learned seeds per cell:", "", md(claims), ""]
+                  "The claims over the learned seeds per cell:", "", md(claims), "",
+                  "The circuits per cell (as in \"Circuits per cell\"):", "", md(scale_circuits(circuits, runs)), ""]
     if POOL.exists() and len(pooled := training(POOL)):
         table, claims = pool(pooled, runs, seeds_table(POOL), every)
         parts += ["## Task diversity: a finite pool of K training rules (gpt3l)", "",
@@ -334,15 +351,15 @@ def main():
                        key=lambda c: (ALL_TASKS.index(c[0]) if c[0] in ALL_TASKS else 99, c[1]))
         parts += ["## Untrained controls (seed 0 of each cell's model at initialisation)", "",
                   md(untrained(cells)), ""]
-    circuits = collect_probe(RUNS, "circuit", registry=registry)
-    circuits = circuits[circuits.model.map(named)]
+    every_circuit = collect_probe(RUNS, "circuit", registry=registry)
+    circuits = every_circuit[every_circuit.model.map(named)]
     if len(circuits):
         circuits = circuits.assign(model=circuits.model.str.split().str[0])
         parts += ["## Circuits per cell (learned seeds' circuits; Jaccard overlap over pairs of seeds)", "",
                   md(Circuit.cross_run_table(circuits)), "",
                   "## Circuit overlap across cells (pairs of cells that share their task or their model)", "",
                   md(related_pairs(circuit_overlap(circuits)).round(2)), ""]
-    parts += training_length(main_runs, every) + further(runs, all_seeds)
+    parts += training_length(main_runs, every) + further(runs, all_seeds, every_circuit)
     (OUT / "converged.md").write_text("\n".join(parts))
     print(f"wrote {OUT / 'converged.md'}")
 
