@@ -205,20 +205,24 @@ def stops(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def roles(results: Path) -> pd.DataFrame:
+def roles(results: Path, variants: bool = False) -> pd.DataFrame:
     """Per cell and layer: the roles the specialization probe gives that layer over the learned seeds, with
-    counts ("bayes 7/8"): which layer does what, and how consistently across seeds."""
+    counts ("bayes 7/8"): which layer does what, and how consistently across seeds. ``variants``: a cell per
+    task variant ("affine pool=16"), in the order of its last number, instead of per task."""
     runs = collect_probe(results, "specialization", registry=get_registry())
     runs = runs[runs.summary.map(lambda s: isinstance(s, dict) and "roles" in s) & (runs.learned != "not learned")
                 & runs.model.map(named)]  # the named models; the scale study has its own tables
     rows = []
-    for (task, model), g in runs.groupby([runs.task.str.split().str[0], runs.model.str.split().str[0]], sort=False):
+    task = runs.task if variants else runs.task.str.split().str[0]
+    for (task, model), g in runs.groupby([task, runs.model.str.split().str[0]], sort=False):
         row = {"task": task, "model": model, "learned seeds": len(g)}
         for layer in range(max(len(s["roles"]) for s in g.summary)):
             counts = pd.Series([s["roles"][layer] for s in g.summary if layer < len(s["roles"])]).value_counts()
             row[f"layer {layer}"] = ", ".join(f"{r} {c}/{len(g)}" for r, c in counts.items())
         rows.append(row)
-    rows.sort(key=lambda r: (ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, RANK.get(r["model"], 99)))
+    last_number = lambda t: float(t.rsplit("=", 1)[1]) if "=" in t else float("inf")  # noqa: E731
+    rows.sort(key=lambda r: (last_number(r["task"]),) if variants else (
+        ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, RANK.get(r["model"], 99)))
     return pd.DataFrame(rows).fillna("—")
 
 
@@ -305,7 +309,9 @@ def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame) -> 
                   "posterior over the pool (dMMSE). The position column puts the model's fresh-rule error between "
                   "Bayes (0: it infers each rule in context) and dMMSE (1: it recalls its pool), with its "
                   "Student-t interval over seeds and the verdict on \"nearer Bayes\" (< 0.5).", "",
-                  md(table), "", "The claims over the learned seeds per pool size:", "", md(claims), ""]
+                  md(table), "", "The claims over the learned seeds per pool size:", "", md(claims), "",
+                  "Which layer does what per pool size (roles over the seeds not \"not learned\", as in \"Which "
+                  "layer does what\"):", "", md(roles(POOL, variants=True)), ""]
     return parts
 
 
