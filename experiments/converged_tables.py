@@ -64,14 +64,14 @@ def training(results: Path) -> pd.DataFrame:
         excess = m["curves"]["predictors"]["model"].get("excess_bayes") or {}
         label = " ".join(w for w in model.split() if not w.startswith(("train.", "eval.")))  # the model alone
         rows.append({"run": str(run_dir), "task": task.split()[0], "variant": task, "model": model.split()[0],
-                     "label": label,
-                     "seed": m["seed"], "reason": stop.get("reason", "steps"), "steps": m["train"]["steps"],
-                     "flat_at": stop.get("decay_from"), "train_s": m["train"]["train_time_s"],
+                     "label": label, "seed": m["seed"], "reason": stop.get("reason", "steps"),
+                     "steps": m["train"]["steps"], "flat_at": stop.get("decay_from"),
+                     "train_s": m["train"]["train_time_s"],
                      "learned": excess.get("learned"), "relative": excess.get("relative"),
                      **shape(m["config"]), "pool": m["config"]["task"].get("pool", 0), "metrics": m})
-    return pd.DataFrame(rows, columns=["run", "task", "variant", "model", "label", "seed", "reason", "steps", "flat_at",
-                                       "train_s", "learned", "relative", "d_model", "depth", "attn_only", "pool",
-                                       "metrics"])
+    return pd.DataFrame(rows, columns=["run", "task", "variant", "model", "label", "seed", "reason", "steps",
+                                       "flat_at", "train_s", "learned", "relative", "d_model", "depth",
+                                       "attn_only", "pool", "metrics"])
 
 
 def named(label: str) -> bool:
@@ -118,10 +118,10 @@ def scale_circuits(circuits: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     circuits = circuits.merge(cells[["run", "d_model", "depth"]], on="run")
     if not len(circuits):
         return pd.DataFrame()
-    shape = {f"d_model {w}, depth {d}": (w, d) for w, d in zip(circuits.d_model, circuits.depth)}
-    table = Circuit.cross_run_table(circuits.assign(task=circuits.task.str.split().str[0],
-                                                    model=[f"d_model {w}, depth {d}" for w, d in
-                                                           zip(circuits.d_model, circuits.depth)]))
+    circuits = circuits.assign(task=circuits.task.str.split().str[0],
+                               model=[f"d_model {w}, depth {d}" for w, d in zip(circuits.d_model, circuits.depth)])
+    shape = dict(zip(circuits.model, zip(circuits.d_model, circuits.depth)))
+    table = Circuit.cross_run_table(circuits)
     table = table.iloc[sorted(range(len(table)), key=lambda i: (table.task[i], shape[table.model[i]]))]
     return table[[c for c in table.columns if not c.endswith(" heads")]]
 
@@ -254,8 +254,8 @@ def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
     until flat. Learned seeds in every cell (the 1500-step study's per-seed labels, specialization-seeds.csv: the
     same learned rule); the claims only where both lengths were probed by the same verdicts, gpt3l on affine
     under the default prior and with noise 0.1 (the 1500-step study's own models, probed by the new verdicts in
-    `bash experiments/study.sh verdicts`; their records are committed). The other cells' 1500-step claims used the old, fooled tests and their
-    weights were not kept, so they are not compared."""
+    `bash experiments/study.sh verdicts`; their records are committed). The other cells' 1500-step claims used
+    the old, fooled tests and their weights were not kept, so they are not compared."""
     fixed = pd.read_csv(OUT / "specialization-seeds.csv")
     fixed = fixed[fixed.variant == fixed.task]
     rows = []
@@ -265,7 +265,8 @@ def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
             flat = runs[(runs.task == task) & (runs.label == model)]
             row[model] = f"{learned_cell(g)} → {learned_cell(flat) if len(flat) else 'not run yet'}"
         rows.append(row)
-    parts = ["## The answer per training length: 1500 steps (study.md) against until flat or the cap (this study)", "",
+    parts = ["## The answer per training length: 1500 steps (study.md) against until flat or the cap (this study)",
+             "",
              "Learned seeds per cell, 1500 steps → until flat, by the same rule at both lengths (the stop step per "
              "cell is under \"Why training stopped\"):", "", md(pd.DataFrame(rows)), ""]
     probed = ROOT / "results" / "study-verdicts-runs"
@@ -277,7 +278,8 @@ def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
             long = pd.concat([long, priors[priors.variant == "affine noise=0.1"]])
         both = pd.concat([short.assign(training="1500 steps"), long.assign(training="until flat")])
         parts += ["The claims at both lengths, by the same verdicts (gpt3l on affine; the 1500-step models are the "
-                  "1500-step study's own; probed again by today's code they give the same summaries, checked on all 20):", "",
+                  "1500-step study's own; probed again by today's code they give the same summaries, checked on "
+                  "all 20):", "",
                   md(aggregate(both.sort_values(["variant", "training", "seed"]), ["variant", "training"])), ""]
     return parts
 
@@ -323,7 +325,7 @@ def main():
     runs = training(RUNS)
     main_runs = runs[runs.label == runs.model]  # the named depths, not the scale study's variants
     every = all_seeds = seeds_table(RUNS)
-    every = every[(every.variant == every.task) & every.label.map(named)]  # the default prior and pool, the named models
+    every = every[(every.variant == every.task) & every.label.map(named)]  # default prior and pool; named models
     seeds = order(every)  # the named depths
     family = {t: f for f, ts in FAMILIES.items() for t in ts}
     seeds = seeds.assign(family=seeds.task.map(family))
