@@ -311,7 +311,8 @@ def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame) -> 
                   "posterior over the pool (dMMSE). The position column puts the model's fresh-rule error between "
                   "Bayes (0: it infers each rule in context) and dMMSE (1: it recalls its pool), with its "
                   "Student-t interval over seeds and the verdict on \"nearer Bayes\" (< 0.5).", "",
-                  md(table), "", "The claims over the learned seeds per pool size:", "", md(claims), "",
+                  md(table), "", "The claims per pool size, over the seeds that are not \"not learned\" (the "
+                  "`learned` column: learned, partly or inconclusive, as in every claims table):", "", md(claims), "",
                   "Which layer does what per pool size (roles over the seeds not \"not learned\", as in \"Which "
                   "layer does what\"):", "", md(roles(POOL, variants=True)), ""]
     return parts
