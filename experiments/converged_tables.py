@@ -94,12 +94,16 @@ def with_shape(seeds: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return seeds.merge(runs[["run", "d_model", "depth", "attn_only", "pool"]], on="run", how="left")
 
 
+def scale_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the scale study: its tasks and depths, GPT blocks with MLPs, the default prior and pool."""
+    return df[df.task.isin(SCALE_TASKS) & (df.attn_only == False) & (df.pool == 0)  # noqa: E712
+              & df.depth.isin(SCALE_DEPTHS) & (df.variant == df.task)]
+
+
 def scale(runs: pd.DataFrame, seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Width x depth on the scale study's tasks (GPT blocks with MLPs, default prior and pool): learned seeds
     and training length per cell, and the claims over learned seeds per cell."""
-    keep = lambda df: df[df.task.isin(SCALE_TASKS) & (df.attn_only == False) & (df.pool == 0)  # noqa: E712,E731
-                         & df.depth.isin(SCALE_DEPTHS) & (df.variant == df.task)]
-    runs, seeds = keep(runs), keep(with_shape(seeds, runs))
+    runs, seeds = scale_cells(runs), scale_cells(with_shape(seeds, runs))
     cells = []
     for (task, width, depth), g in runs.groupby(["task", "d_model", "depth"]):
         cells.append({"task": task, "d_model": width, "depth": depth, "runs": len(g),
@@ -113,9 +117,7 @@ def scale(runs: pd.DataFrame, seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
 def scale_circuits(circuits: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """The circuit probe per width x depth cell of the scale study: seeds with a circuit, the overlap of two
     seeds' circuits, faithfulness and the share of edges kept (the per-layer heads are left to the runs)."""
-    cells = runs[runs.task.isin(SCALE_TASKS) & (runs.attn_only == False) & (runs.pool == 0)  # noqa: E712
-                 & runs.depth.isin(SCALE_DEPTHS) & (runs.variant == runs.task)]
-    circuits = circuits.merge(cells[["run", "d_model", "depth"]], on="run")
+    circuits = circuits.merge(scale_cells(runs)[["run", "d_model", "depth"]], on="run")
     if not len(circuits):
         return pd.DataFrame()
     circuits = circuits.assign(task=circuits.task.str.split().str[0],
@@ -249,7 +251,7 @@ def related_pairs(overlap: pd.DataFrame) -> pd.DataFrame:
     return overlap[(a.str[0] == b.str[0]) | (a.str[1] == b.str[1])]
 
 
-def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
+def training_length(runs: pd.DataFrame, every: pd.DataFrame, priors: pd.DataFrame) -> list[str]:
     """The answer per training length: each cell of the 1500-step study (study.md) beside the same cell trained
     until flat. Learned seeds in every cell (the 1500-step study's per-seed labels, specialization-seeds.csv: the
     same learned rule); the claims only where both lengths were probed by the same verdicts, gpt3l on affine
@@ -273,8 +275,7 @@ def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
     probed = probed if probed.exists() else OUT / "records" / "study-verdicts-runs"
     if probed.exists() and len(short := seeds_table(probed)):
         long = every[(every.variant == "affine") & (every.model == "gpt3l")]
-        if PRIORS.exists():
-            priors = seeds_table(PRIORS)
+        if len(priors):
             long = pd.concat([long, priors[priors.variant == "affine noise=0.1"]])
         both = pd.concat([short.assign(training="1500 steps"), long.assign(training="until flat")])
         parts += ["The claims at both lengths, by the same verdicts (gpt3l on affine; the 1500-step models are the "
@@ -284,19 +285,20 @@ def training_length(runs: pd.DataFrame, every: pd.DataFrame) -> list[str]:
     return parts
 
 
-def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame) -> list[str]:
-    """The sections on priors, scale and task diversity, for the parts that have runs."""
+def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame,
+            prior_seeds: pd.DataFrame) -> list[str]:
+    """The sections on priors, scale and task diversity, for the parts that have runs (``prior_seeds``: the
+    priors part's per-seed claims)."""
     parts = []
     if PRIORS.exists() and len(priors := training(PRIORS)):
         default = runs[(runs.task == "affine") & (runs.label == "gpt3l")]
         cells = [{"prior": v, "runs": len(g), "learned": learned_cell(g), "steps (median)": f"{g.steps.median():.0f}"}
                  for v, g in pd.concat([default, priors]).groupby("variant", sort=False)]
-        seeds = seeds_table(PRIORS)
         base = every[(every.variant == "affine") & (every.label.str.split().str[0] == "gpt3l")
                      & every.label.map(named)]
         parts += ["## The seed task under other priors (gpt3l; the first row is the default prior)", "",
                   md(pd.DataFrame(cells)), "",
-                  md(aggregate(pd.concat([base, seeds]).rename(columns={"variant": "prior"}), ["prior"])), ""]
+                  md(aggregate(pd.concat([base, prior_seeds]).rename(columns={"variant": "prior"}), ["prior"])), ""]
     cells, claims = scale(runs, every)
     if len(cells) and (cells.d_model != 64).any():
         parts += ["## Scale: width x depth (d_model 64 at depths 2, 3, 6 are gpt2l, gpt3l, gpt6l)", "",
@@ -368,7 +370,8 @@ def main():
                   md(Circuit.cross_run_table(circuits)), "",
                   "## Circuit overlap across cells (pairs of cells that share their task or their model)", "",
                   md(related_pairs(circuit_overlap(circuits)).round(2)), ""]
-    parts += training_length(main_runs, every) + further(runs, all_seeds, every_circuit)
+    priors = seeds_table(PRIORS) if PRIORS.exists() else pd.DataFrame()  # per-seed claims, read once for two sections
+    parts += training_length(main_runs, every, priors) + further(runs, all_seeds, every_circuit, priors)
     (OUT / "converged.md").write_text("\n".join(parts))
     print(f"wrote {OUT / 'converged.md'}")
 
