@@ -422,6 +422,9 @@ def _add_plugin_tools(sub):
     r = sub.add_parser("rescore", help="score baselines installed after a run finished, without retraining")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="task.KEY=VALUE",
+                   help="turn on a baseline a task option registers, e.g. --set task.sklearn=true (decision-tree); "
+                   "only options that never change the data")
 
 
 def cmd_check(args) -> int:
@@ -443,7 +446,7 @@ def cmd_rescore(args) -> int:
 
     resolve_device(args.device)  # before any run: an impossible device is refused whatever needs scoring
     for run_dir in args.run_dirs:
-        out = rescore(run_dir, device=args.device)
+        out = rescore(run_dir, device=args.device, overrides=args.overrides)
         added = ", ".join(out["added"]) or "no new baseline"
         print(f"{run_dir}: {added}" + "".join(f"\n  refused {n}: {r}" for n, r in out["refused"].items()))
     return 0

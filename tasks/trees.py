@@ -19,7 +19,9 @@ integrated in closed form.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -42,8 +44,11 @@ class TreeOptions(LinRegOptions):
     n_points: int = 24
     depth: int = 4
     #: also register scikit-learn's GradientBoostingRegressor (``pip install 'iclbench[trees]'``): one fit per
-    #: sequence and prefix, ~35 ms each, so about an hour per 4096-sequence evaluation set: off by default
+    #: sequence and prefix, ~35 ms each, so about an hour of one core per 4096-sequence evaluation set (spread
+    #: over the cores): off by default. A finished run gains it by ``iclbench rescore RUN --set task.sklearn=true``
     sklearn: bool = False
+    #: options that add baselines and never change the data, so ``iclbench rescore --set`` may turn them on later
+    scoring_only: ClassVar[frozenset] = frozenset({"sklearn"})
 
     def validate(self):
         super().validate()
@@ -271,23 +276,35 @@ def sign_lookup(x, y):
     return (same.to(y) * y[:, None]).sum(-1) / n.clamp_min(1)
 
 
-def sklearn_boosting(x, y, **params):
-    """scikit-learn's GradientBoostingRegressor (squared error; 100 stages of depth-3 trees, learning rate
-    0.1 unless ``params`` say otherwise) fitted on the pairs before each query, one fit per sequence and
-    prefix; the mean of y with a single pair, 0 before any."""
+def _boosting_rows(xn, yn, params):
+    """:func:`sklearn_boosting` on a block of sequences (numpy ``[b, N, d]``, ``[b, N]``) → ``[b, N]``."""
+    import numpy as np
     from sklearn.ensemble import GradientBoostingRegressor
 
-    xn, yn = x.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()
-    B, N, _ = xn.shape
-    out = torch.zeros(B, N, dtype=torch.float64)
-    for b in range(B):
-        for i in range(1, N):
-            if i == 1:
-                out[b, i] = float(yn[b, 0])
-                continue
+    out = np.zeros(yn.shape)
+    out[:, 1:2] = yn[:, :1]  # one pair: its y (no fit)
+    for b in range(len(xn)):
+        for i in range(2, xn.shape[1]):
             model = GradientBoostingRegressor(random_state=0, **params).fit(xn[b, :i], yn[b, :i])
-            out[b, i] = float(model.predict(xn[b, i:i + 1])[0])
-    return out.to(x.dtype).to(x.device)
+            out[b, i] = model.predict(xn[b, i:i + 1])[0]
+    return out
+
+
+def sklearn_boosting(x, y, jobs: int | None = None, **params):
+    """scikit-learn's GradientBoostingRegressor (squared error; 100 stages of depth-3 trees, learning rate
+    0.1 unless ``params`` say otherwise) fitted on the pairs before each query, one fit per sequence and
+    prefix; the mean of y with a single pair, 0 before any. The sequences are spread over ``jobs`` processes
+    (joblib, scikit-learn's own; default: every core this process may use); each fit is seeded, so the
+    prediction does not depend on ``jobs``."""
+    import numpy as np
+    from joblib import Parallel, delayed
+
+    xn, yn = x.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    blocks = np.array_split(np.arange(len(xn)), max(1, min(jobs * 4, len(xn))))
+    rows = Parallel(n_jobs=jobs)(delayed(_boosting_rows)(xn[i], yn[i], params) for i in blocks if len(i))
+    return torch.from_numpy(np.concatenate(rows)).to(x.dtype).to(x.device)
 
 
 _NOTED: list = []

@@ -188,15 +188,47 @@ def test_sklearn_boosting_is_optional(monkeypatch, capsys):
     assert baseline_problem("gradient_boosting", fn, batch) is None
 
 
+def test_sklearn_boosting_is_one_fit_per_prefix_whatever_the_processes():
+    """Against GradientBoostingRegressor fitted by hand on each prefix; one process or two give the same."""
+    if not sklearn_available():
+        pytest.skip("scikit-learn not installed (pip install 'iclbench[trees]')")
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    from iclbench.tasks.trees import sklearn_boosting
+
+    x, y = examples(sample(DecisionTreeRegression(TreeOptions(d=3, n_points=5)), 3, seed=4))
+    one, two = sklearn_boosting(x, y, jobs=1), sklearn_boosting(x, y, jobs=2)
+    assert torch.equal(one, two)
+    xd, yd = x.double().numpy(), y.double().numpy()
+    for b, i in itertools.product(range(3), range(2, 5)):
+        want = GradientBoostingRegressor(random_state=0).fit(xd[b, :i], yd[b, :i]).predict(xd[b, i:i + 1])[0]
+        assert one[b, i].item() == pytest.approx(want, rel=1e-6)
+    assert torch.equal(one[:, 0], torch.zeros(3)) and torch.allclose(one[:, 1], y[:, 0])
+
+
 @pytest.mark.slow
-def test_decision_tree_runs_end_to_end(tmp_path):
+def test_decision_tree_runs_end_to_end_and_gains_boosting_by_rescore(tmp_path, capsys):
+    """A run; then `rescore --set task.sklearn=true` adds gradient_boosting on the run's own sequences, and an
+    option that would change the data is refused in one line."""
     from iclbench.cli import main
 
     code = main(["run", "--task", "decision-tree", "--model", "gpt1l", "--steps", "20", "--out", str(tmp_path),
-                 "--set", "model.d_model=16", "--set", "model.d_mlp=32", "--set", "eval.n_sequences=64",
-                 "--set", "eval.bootstrap=10", "--set", "eval.probes=false"])
+                 "--set", "model.d_model=16", "--set", "model.d_mlp=32", "--set", "eval.n_sequences=32",
+                 "--set", "task.n_points=6", "--set", "eval.bootstrap=10", "--set", "eval.probes=false"])
     assert code == 0
     (metrics,) = tmp_path.glob("*/metrics.json")
     m = json.loads(metrics.read_text())
     assert not m["refused_baselines"]
     assert {"model", "bayes", "greedy_tree", "greedy_tree_full", "sign_lookup"} <= set(m["summary"])
+    (run_dir,) = (p.parent for p in tmp_path.glob("*/metrics.json"))
+    capsys.readouterr()
+    assert main(["rescore", str(run_dir), "--set", "task.noise=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "task.noise=0.5" in err and "task.sklearn" in err
+    if not sklearn_available():
+        return
+    assert main(["rescore", str(run_dir), "--set", "task.sklearn=true"]) == 0
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert "gradient_boosting" in after["summary"] and after["rescored"][-1]["set"] == ["task.sklearn=true"]
+    assert after["summary"]["model"] == m["summary"]["model"]  # the model's numbers untouched
+    assert "sklearn: false" in (run_dir / "config.yaml").read_text()  # the run's config stays as trained
