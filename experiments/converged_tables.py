@@ -148,19 +148,23 @@ def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
     gpt3l = lambda df: df[(df.d_model == 64) & (df.depth == 3) & (df.attn_only == False)  # noqa: E712,E731
                           & (df.variant == df.task) & df.task.isin(tasks)]
     runs = pd.concat([runs, gpt3l(unbounded)])
-    mean = lambda values: f"{sum(values) / len(values):.3f}" if values else "—"  # noqa: E731
+    mean = lambda values: f"{sum(values) / len(values):.3g}" if values else "—"  # noqa: E731
     rows = []
     for (task, k), g in sorted(runs.groupby(["task", "pool"]), key=lambda kv: (kv[0][0], kv[0][1] or 1e18)):
         fresh = [m["summary"] for m in g.metrics]
         pooled = [m["ood"]["pool_rules"]["summary"] for m in g.metrics if "pool_rules" in m.get("ood", {})]
         position = [p for p in map(fresh_position, g.metrics) if p is not None]
         ci = seed_ci(position)
+        gap = [s["dmmse"]["mean"] - s["bayes"]["mean"] for s in fresh if "dmmse" in s]
+        gap_ci = seed_ci(gap)
         rows.append({"task": task, "K": k or "∞", "runs": len(g), "learned (fresh rules)": learned_cell(g),
                      "model, fresh": mean([s["model"]["mean"] for s in fresh]),
                      "Bayes, fresh": mean([s["bayes"]["mean"] for s in fresh]),
                      "dMMSE, fresh": mean([s["dmmse"]["mean"] for s in fresh if "dmmse" in s]),
                      "model, pool rules": mean([s["model"]["mean"] for s in pooled]),
                      "dMMSE, pool rules": mean([s["bayes"]["mean"] for s in pooled]),
+                     "dMMSE − Bayes, fresh": "—" if gap_ci is None else
+                     f"{sum(gap) / len(gap):.2g} [{gap_ci[0]:.2g}, {gap_ci[1]:.2g}]",
                      "fresh: 0 = Bayes, 1 = dMMSE": "—" if ci is None else
                      f"{sum(position) / len(position):.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
                      "< 0.5 (< 0.25 / < 0.75)": "—" if ci is None else
@@ -312,7 +316,10 @@ def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame,
                   "number); pool rules are the K rules the model trained on, where the Bayes predictor is the "
                   "posterior over the pool (dMMSE). The position column puts the model's fresh-rule error between "
                   "Bayes (0: it infers each rule in context) and dMMSE (1: it recalls its pool), with its "
-                  "Student-t interval over seeds and the verdict on \"nearer Bayes\" (< 0.5).", "",
+                  "Student-t interval over seeds and the verdict on \"nearer Bayes\" (< 0.5). It divides the "
+                  "model's excess over Bayes by dMMSE − Bayes (its own column, with its interval over seeds): where "
+                  "that gap is near the K = ∞ model's own excess over Bayes (the floor of this training recipe), no "
+                  "trained model can be placed.", "",
                   md(table), "", "The claims per pool size, over the seeds that are not \"not learned\" (the "
                   "`learned` column: learned, partly or inconclusive, as in every claims table):", "", md(claims), "",
                   "Which layer does what per pool size (roles over the seeds not \"not learned\", as in \"Which "
