@@ -19,7 +19,6 @@ integrated in closed form.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -301,7 +300,9 @@ def sklearn_boosting(x, y, jobs: int | None = None, **params):
 
     xn, yn = x.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()
     if jobs is None:
-        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from iclbench.sweep import available_cores
+
+        jobs = available_cores()
     blocks = np.array_split(np.arange(len(xn)), max(1, min(jobs * 4, len(xn))))
     rows = Parallel(n_jobs=jobs)(delayed(_boosting_rows)(xn[i], yn[i], params) for i in blocks if len(i))
     return torch.from_numpy(np.concatenate(rows)).to(x.dtype).to(x.device)
