@@ -495,4 +495,7 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
         " / holds)"
     assert table.loc[4, "< 0.5 (< 0.25 / < 0.75)"].startswith("fails")  # at 0.90 [0.87, 0.93]: it recalls its pool
     assert table.loc[4, "learned (fresh rules)"] == "0/3" and table.loc[64, "learned (fresh rules)"] == "3/3"
-    assert table.loc["∞", "fresh: 0 = Bayes, 1 = dMMSE"] == "—" and table.loc[4, "dMMSE, pool rules"] == "0.000"
+    assert table.loc["∞", "fresh: 0 = Bayes, 1 = dMMSE"] == "—" and table.loc[4, "dMMSE, pool rules"] == "0"
+    assert table.loc[4, "model, fresh"] == "1" and table.loc[64, "model, fresh"] == "0.2"  # 3 significant digits
+    # the position's denominator, dMMSE - Bayes, with its own interval over seeds (here 1.0 in every seed)
+    assert table.loc[64, "dMMSE − Bayes, fresh"] == "1 [1, 1]" and table.loc["∞", "dMMSE − Bayes, fresh"] == "—"
