@@ -155,12 +155,13 @@ def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
         pooled = [m["ood"]["pool_rules"]["summary"] for m in g.metrics if "pool_rules" in m.get("ood", {})]
         position = [p for p in map(fresh_position, g.metrics) if p is not None]
         ci = seed_ci(position)
-        gap = [s["dmmse"]["mean"] - s["bayes"]["mean"] for s in fresh if "dmmse" in s]
+        dmmse = [s for s in fresh if "dmmse" in s]
+        gap = [s["dmmse"]["mean"] - s["bayes"]["mean"] for s in dmmse]
         gap_ci = seed_ci(gap)
         rows.append({"task": task, "K": k or "∞", "runs": len(g), "learned (fresh rules)": learned_cell(g),
                      "model, fresh": mean([s["model"]["mean"] for s in fresh]),
                      "Bayes, fresh": mean([s["bayes"]["mean"] for s in fresh]),
-                     "dMMSE, fresh": mean([s["dmmse"]["mean"] for s in fresh if "dmmse" in s]),
+                     "dMMSE, fresh": mean([s["dmmse"]["mean"] for s in dmmse]),
                      "model, pool rules": mean([s["model"]["mean"] for s in pooled]),
                      "dMMSE, pool rules": mean([s["bayes"]["mean"] for s in pooled]),
                      "dMMSE − Bayes, fresh": "—" if gap_ci is None else

@@ -23,8 +23,8 @@ from .registry import Registry, get_registry
 from .rundir import RunDir
 
 
-def scoring_only_overrides(registry: Registry, task_name: str, overrides) -> list[str]:
-    """``overrides`` (``KEY=VALUE``) checked to be options of the run's task that only add baselines."""
+def check_scoring_only(registry: Registry, task_name: str, overrides) -> None:
+    """Refuse an override (``KEY=VALUE``) that is not an option of the run's task that only adds baselines."""
     allowed = sorted(getattr(registry.task(task_name).Options, "scoring_only", ()))
     for item in overrides:
         key = item.partition("=")[0].strip()
@@ -32,7 +32,6 @@ def scoring_only_overrides(registry: Registry, task_name: str, overrides) -> lis
             might = ", ".join(f"task.{k}" for k in allowed) or "none for this task"
             raise ICLBenchError(f"rescore --set {item}: only options that add baselines without changing the "
                                 f"evaluation data may be set after a run ({task_name}: {might})")
-    return list(overrides)
 
 
 def rescore(run_dir, registry: Registry | None = None, device: str = "cpu", overrides=()) -> dict:
@@ -49,7 +48,7 @@ def rescore(run_dir, registry: Registry | None = None, device: str = "cpu", over
         raise ICLBenchError(f"{run.path} is not a complete run directory: {exc}") from None
     cfg = resolve(registry, config=metrics["config"])
     if overrides:
-        overrides = scoring_only_overrides(registry, cfg.task, overrides)
+        check_scoring_only(registry, cfg.task, overrides)
         cfg = resolve(registry, config=metrics["config"], overrides=overrides)
     task = registry.task(cfg.task)(cfg.task_options)
     task.run_seed = cfg.seed  # a task trained on a pool of rules: dMMSE over the run's pool
@@ -74,6 +73,6 @@ def rescore(run_dir, registry: Registry | None = None, device: str = "cpu", over
     metrics["oracles"] = sorted(set(metrics.get("oracles", [])) | set(scores.oracles))
     metrics.setdefault("rescored", []).append({"time": time.time(), "added": added, "refused": sorted(scores.refused),
                                                "plugins": registry.plugin_versions(),
-                                               **({"set": overrides} if overrides else {})})
+                                               **({"set": list(overrides)} if overrides else {})})
     store.write_json(run.path / store.METRICS, metrics)
     return {"added": added, "refused": scores.refused}

@@ -304,7 +304,7 @@ def sklearn_boosting(x, y, jobs: int | None = None, **params):
 
         jobs = available_cores()
     blocks = np.array_split(np.arange(len(xn)), max(1, min(jobs * 4, len(xn))))
-    rows = Parallel(n_jobs=jobs)(delayed(_boosting_rows)(xn[i], yn[i], params) for i in blocks if len(i))
+    rows = Parallel(n_jobs=jobs)(delayed(_boosting_rows)(xn[i], yn[i], params) for i in blocks)
     return torch.from_numpy(np.concatenate(rows)).to(x.dtype).to(x.device)
 
 
