@@ -293,16 +293,14 @@ def sklearn_boosting(x, y, jobs: int | None = None, **params):
     """scikit-learn's GradientBoostingRegressor (squared error; 100 stages of depth-3 trees, learning rate
     0.1 unless ``params`` say otherwise) fitted on the pairs before each query, one fit per sequence and
     prefix; the mean of y with a single pair, 0 before any. The sequences are spread over ``jobs`` processes
-    (joblib, scikit-learn's own; default: every core this process may use); each fit is seeded, so the
-    prediction does not depend on ``jobs``."""
+    (joblib, scikit-learn's own; default: the torch threads this process was given, so a sweep worker with
+    ``--cpus-per-run 1`` fits in one process and does not oversubscribe the machine); each fit is seeded, so
+    the prediction does not depend on ``jobs``."""
     import numpy as np
     from joblib import Parallel, delayed
 
     xn, yn = x.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()
-    if jobs is None:
-        from iclbench.sweep import available_cores
-
-        jobs = available_cores()
+    jobs = jobs or torch.get_num_threads()
     blocks = np.array_split(np.arange(len(xn)), max(1, min(jobs * 4, len(xn))))
     rows = Parallel(n_jobs=jobs)(delayed(_boosting_rows)(xn[i], yn[i], params) for i in blocks)
     return torch.from_numpy(np.concatenate(rows)).to(x.dtype).to(x.device)

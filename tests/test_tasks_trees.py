@@ -206,6 +206,27 @@ def test_sklearn_boosting_is_one_fit_per_prefix_whatever_the_processes():
     assert torch.equal(one[:, 0], torch.zeros(3)) and torch.allclose(one[:, 1], y[:, 0])
 
 
+def test_sklearn_boosting_uses_the_torch_threads_this_process_was_given(monkeypatch):
+    """A sweep worker with --cpus-per-run 1 has one torch thread: its fits stay in one process."""
+    if not sklearn_available():
+        pytest.skip("scikit-learn not installed (pip install 'iclbench[trees]')")
+    import joblib
+
+    from iclbench.tasks.trees import sklearn_boosting
+
+    seen, real = [], joblib.Parallel
+    monkeypatch.setattr(joblib, "Parallel", lambda n_jobs, **kw: seen.append(n_jobs) or real(n_jobs=n_jobs, **kw))
+    x, y = examples(sample(DecisionTreeRegression(TreeOptions(d=3, n_points=3)), 1, seed=4))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            sklearn_boosting(x, y)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 3]
+
+
 @pytest.mark.slow
 def test_decision_tree_runs_end_to_end_and_gains_boosting_by_rescore(tmp_path, capsys):
     """A run; then `rescore --set task.sklearn=true` adds gradient_boosting on the run's own sequences, and an
