@@ -499,3 +499,24 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
     assert table.loc[4, "model, fresh"] == "1" and table.loc[64, "model, fresh"] == "0.2"  # 3 significant digits
     # the position's denominator, dMMSE - Bayes, with its own interval over seeds (here 1.0 in every seed)
     assert table.loc[64, "dMMSE − Bayes, fresh"] == "1 [1, 1]" and table.loc["∞", "dMMSE − Bayes, fresh"] == "—"
+
+
+def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse_linreg_its_recipe():
+    """A recipe change that renamed a committed cell would orphan its records (the part would rerun it, the
+    tables would count both): every committed regression record is a run the part still plans; sparse-linreg,
+    the slow learner, runs at its recipe's cap and tolerance, the others at the part's 12000-step cap."""
+    from pathlib import Path
+
+    from iclbench.sweep import load_experiment
+
+    root = Path(__file__).resolve().parent.parent
+    part = load_experiment(root / "experiments" / "converged" / "regression.yaml")
+    planned = {r.name: r.config for r in part.runs}
+    assert len(planned) == 160
+    tasks = {c.task for c in planned.values()}
+    committed = [p.name for p in (root / "results" / "reference" / "records" / "converged-runs").iterdir()
+                 if p.name.rsplit("-", 3)[0] in tasks]
+    assert committed and set(committed) <= set(planned)
+    for cfg in planned.values():
+        sparse = cfg.task == "sparse-linreg"
+        assert (cfg.train.max_steps, cfg.train.flat_tol) == ((20000, 0.01) if sparse else (12000, 0.05))
