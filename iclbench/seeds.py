@@ -12,7 +12,17 @@ diverges is recorded so while the others train on.
 
 from __future__ import annotations
 
+import os
+
 from .errors import ICLBenchError
+
+
+def available_cores() -> int:
+    """The cores this process may use (its affinity, as ``taskset`` sets it), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 #: the most seeds one ``--seeds`` may name (each is a run of its own); counted before the range is expanded
@@ -95,8 +105,6 @@ def run_seeds(seeds: list[int], *, jobs: int | None = None, stack: bool | None =
     cpu = device_type == "cpu"
     if stack is None:
         stack = stacks_by_default(cfgs[0], device_type)
-    from .sweep import available_cores  # the cores this process may use (taskset), not the machine's
-
     jobs = min(len(seeds), jobs or available_cores()) if cpu and not stack else 1
     if jobs <= 1:
         results = run_configs(cfgs, registry, quiet=kwargs.get("quiet", True), resume=kwargs.get("resume", False),

@@ -48,6 +48,7 @@ from . import store
 from .config import TOP_LEVEL, RunConfig, resolve
 from .errors import ICLBenchError, did_you_mean, interruption, raise_on_signals, restore_signals
 from .registry import Registry, get_registry
+from .seeds import available_cores
 from .terminal import bar_size, isatty
 
 EXPERIMENT_KEYS = ("name", "base", "grid", "runs")
@@ -553,13 +554,6 @@ def run_threads(plan: PlannedRun, default: int) -> int:
         return default
     return threads if isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= 1024 \
         else default
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class LocalExecutor:
