@@ -5,7 +5,8 @@
 Reads results/reference-runs (every task x depth x seed at 1500 steps), results/study-priors-runs (gpt3l on
 affine under other priors) and results/study-steps-runs (gpt3l trained 3x longer). Every verdict here is a
 count of per-seed verdicts (each itself from a confidence interval) or an interval over seeds; nothing is a
-point estimate against a cut. Runs that did not learn their task (Bayes-excess rule) are not evidence.
+point estimate against a cut. Runs that may not have learned their task (the interval of their excess over
+Bayes reaches past the not-learned cut) are not evidence.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def seeds_table(results: Path) -> pd.DataFrame:
         if not (isinstance(s, dict) and "claim_1" in s):
             continue
         row = {"task": r.task.split()[0], "variant": r.task, "model": r.model.split()[0], "seed": r.seed,
-               "learned": r.learned, "run": r.run, "label": r.model}
+               "learned": r.learned, "evidence": r.evidence, "run": r.run, "label": r.model}
         verdicts = claim_verdicts(s)
         row.update({c: verdicts[c] for c in CLAIMS})
         rows.append(row)
@@ -72,7 +73,7 @@ def aggregate(seeds: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     rows = []
     for key, g in seeds.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        learned = g[g["learned"] != "not learned"]
+        learned = g[g["evidence"]]
         row = dict(zip(by, key)) | {"models": len(g), "learned": len(learned)}
         for claim in CLAIMS:
             tested = learned[learned[claim] != "n/a"]
@@ -100,7 +101,7 @@ def heatmap(seeds: pd.DataFrame, path: Path):
         for i, t in enumerate(TASKS):
             for j, m in enumerate(DEPTHS):
                 g = seeds[(seeds.task == t) & (seeds.model == m)]
-                learned = g[g.learned != "not learned"]
+                learned = g[g.evidence]
                 tested = learned[learned[claim] != "n/a"]
                 if len(g) == 0:
                     text = ""
@@ -227,8 +228,9 @@ def main():
         "Each claim cell: in k of n learned models (training seeds) the claim holds by its own per-model interval "
         "test; [95% Wilson interval of the share]; then the verdict on \"it holds in more than 25% / 50% / 75% "
         "of trained models\" (holds when the interval is above the share, fails when below, else inconclusive). "
-        "Models that did not learn their task (Bayes-excess rule) are left out; n/a where the claim cannot be "
-        "tested (one block has no later layer).",
+        "Models that may not have learned their task are left out (the interval of their relative excess over "
+        "Bayes reaches above 0.5, `iclbench.evaluate.is_evidence`); n/a where the claim cannot be tested (one "
+        "block has no later layer).",
         "",
         "## Per depth (all tasks)", "", md(per_depth), "",
         "## Per task family and depth", "", md(per_family), "",

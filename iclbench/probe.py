@@ -117,9 +117,10 @@ class Probe:
     def cross_run_table(cls, runs: pd.DataFrame) -> pd.DataFrame | None:
         """Combine this probe's summaries over many runs into one table, or ``None`` if it has no such
         table. ``runs`` has one row per run: ``run``, ``task``, ``model``, ``seed``, ``summary`` (a dict),
-        ``learned``, ``excess_bayes`` and ``error`` (the run's headline error, the leaderboard's number;
-        :func:`iclbench.probing.collect_probe`). A table with ``task`` and
-        ``model`` columns gets those cells linked to the runs' sections in the report."""
+        ``learned``, ``excess_bayes``, ``evidence`` (whether the run learned its task well enough to count,
+        :func:`iclbench.evaluate.is_evidence`) and ``error`` (the run's headline error, the leaderboard's number;
+        :func:`iclbench.probing.collect_probe`). A table with ``task`` and ``model`` columns gets those cells
+        linked to the runs' sections in the report."""
         return None
 
     @classmethod

@@ -17,6 +17,7 @@ import torch
 
 from . import store
 from .errors import ICLBenchError, warn
+from .evaluate import is_evidence
 from .labels import run_labels
 from .registry import Registry, get_registry
 from .rundir import EXPORT_MANIFEST, NOT_RUNS, PROBES_DIR, PROBES_JSON, RunDir, distinct_runs, find_runs
@@ -132,7 +133,8 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
     """One row per run under ``results`` that stored ``probe``: run, task, model (labelled by the options
     that differ from the defaults), seed, summary, and whether the run learned its task (``learned``: the
     Bayes-excess label of :func:`iclbench.evaluate.learned_label`; ``excess_bayes``: its mean; None where the
-    task has no Bayes baseline) and ``error``: the run's headline error, the leaderboard's number."""
+    task has no Bayes baseline; ``evidence``: whether the run counts as evidence for the claims,
+    :func:`iclbench.evaluate.is_evidence`) and ``error``: the run's headline error, the leaderboard's number."""
     registry = registry or get_registry()
     rows = []
     for run_dir in distinct_runs(find_runs(Path(results)), lambda msg: warn(f"iclbench: warning: {msg}")):
@@ -149,12 +151,12 @@ def collect_probe(results, probe: str, warn=lambda m: print(m, file=sys.stderr),
             excess = ((metrics.get("curves") or {}).get("predictors", {}).get("model") or {}).get("excess_bayes") or {}
             error = ((metrics.get("summary") or {}).get("model") or {}).get("mean")
             rows.append({"run": str(run_dir), "seed": metrics["seed"], "summary": entry["summary"],
-                         "learned": excess.get("learned"), "excess_bayes": excess.get("mean"), "error": error,
-                         "task": task, "model": model})
+                         "learned": excess.get("learned"), "excess_bayes": excess.get("mean"),
+                         "evidence": is_evidence(excess), "error": error, "task": task, "model": model})
         except (store.DamagedRun, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             warn(f"iclbench: warning: skipping run directory {run_dir}: {exc}")
     return pd.DataFrame(rows, columns=["run", "task", "model", "seed", "summary", "learned", "excess_bayes",
-                                       "error"])
+                                       "evidence", "error"])
 
 
 def cross_run(results, probe: str, fmt: str = "github", registry: Registry | None = None,

@@ -373,6 +373,36 @@ def test_runs_that_did_not_learn_their_task_are_not_evidence():
     assert table.loc["mixed", "excess over Bayes"].startswith("0.3")
 
 
+def test_a_run_whose_interval_reaches_into_not_learned_is_not_evidence():
+    """Review finding (session 8): the claims tables counted every run not labelled "not learned", so an
+    "inconclusive" run whose interval straddles the not-learned cut 0.5 (the converged sparse-linreg seed 1,
+    relative excess [0.489, 0.516]) gave a layer roles and claim verdicts as if it had learned its task. The
+    interval decides: only runs whose whole interval lies at or below 0.5 are evidence."""
+    from iclbench.evaluate import is_evidence, learned_label
+
+    sparse_s1, relu_s4 = [0.489, 0.516], [0.088, 0.1001]  # two committed converged records, both "inconclusive"
+    assert learned_label(*sparse_s1) == learned_label(*relu_s4) == "inconclusive"
+    assert not is_evidence({"learned": "inconclusive", "relative_ci": sparse_s1})
+    assert is_evidence({"learned": "inconclusive", "relative_ci": relu_s4})  # learned or partly, either way
+    for ci in ([0.01, 0.05], [0.2, 0.5], [0.05, 0.5]):  # learned, partly, across 0.1: below the cut
+        assert is_evidence({"learned": learned_label(*ci), "relative_ci": ci})
+    for ci in ([0.45, 0.51], [0.6, 0.9], [0.05, 0.7]):
+        assert not is_evidence({"learned": learned_label(*ci), "relative_ci": ci})
+    assert is_evidence(None) and is_evidence({"learned": None})  # no Bayes baseline: every run counts
+    assert not is_evidence({"learned": "inconclusive"})  # no interval recorded: only learned and partly count
+
+    est = {"mean": 0.5, "ci": [0.4, 0.6]}
+    holds = {"roles": ["copy_last", "bayes"], "claim_1": {"verdict": "holds"},
+             "claim_2": {"verdict": "holds", "any_later_layer": "holds"},
+             "refines_with_depth": {"verdict": "holds", "relative_gain": est}, "model_error": est}
+    runs = pd.DataFrame([{"task": "t", "model": "m", "seed": s, "summary": holds, "learned": "inconclusive",
+                          "excess_bayes": 0.5, "evidence": is_evidence({"learned": "inconclusive",
+                                                                        "relative_ci": ci})}
+                         for s, ci in enumerate([sparse_s1, relu_s4])])
+    table = Specialization.cross_run_table(runs).set_index("task")
+    assert table.loc["t", "claim 1: layer 0 copies"] == "holds 1/1"  # the seed across 0.5 is not counted
+
+
 def test_share_interval_is_wilson_and_covers():
     """The interval behind "the claim holds in most trained models": Wilson's closed form, checked by hand at
     one point and by Monte Carlo coverage at small n, where a normal interval would fail at k = 0."""
@@ -401,13 +431,15 @@ def test_study_tables_count_learned_models_and_judge_the_share_by_its_interval()
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     claims = list(study.CLAIMS)
-    rows = [{"model": "m", "learned": "learned", **{c: "holds" for c in claims}} for _ in range(9)]
-    rows += [{"model": "m", "learned": "learned", **{c: "fails" for c in claims}}]
-    rows += [{"model": "m", "learned": "not learned", **{c: "fails" for c in claims}} for _ in range(5)]
-    rows += [{"model": "one", "learned": "learned", **{c: "n/a" for c in claims}}]
-    rows += [{"model": "dead", "learned": "not learned", **{c: "fails" for c in claims}}]
+    rows = [{"model": "m", "learned": "learned", "evidence": True, **{c: "holds" for c in claims}} for _ in range(9)]
+    rows += [{"model": "m", "learned": "learned", "evidence": True, **{c: "fails" for c in claims}}]
+    rows += [{"model": "m", "learned": "not learned", "evidence": False, **{c: "fails" for c in claims}}
+             for _ in range(4)]
+    rows += [{"model": "m", "learned": "inconclusive", "evidence": False, **{c: "holds" for c in claims}}]
+    rows += [{"model": "one", "learned": "learned", "evidence": True, **{c: "n/a" for c in claims}}]
+    rows += [{"model": "dead", "learned": "not learned", "evidence": False, **{c: "fails" for c in claims}}]
     table = study.aggregate(pd.DataFrame(rows), ["model"]).set_index("model")
-    assert table.loc["m", "models"] == 15 and table.loc["m", "learned"] == 10
+    assert table.loc["m", "models"] == 15 and table.loc["m", "learned"] == 10  # the straddling run is left out
     lo, hi = stats.share_ci(9, 10)
     assert table.loc["m", claims[0]] == f"9/10 [{lo:.2f}, {hi:.2f}] holds / holds / inconclusive"
     assert table.loc["one", claims[0]] == "n/a" and table.loc["dead", claims[0]] == "not learned"

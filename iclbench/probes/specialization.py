@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 
 from iclbench import Probe, ProbeResult
+from iclbench.evaluate import is_evidence
 
 from .attribution import contributions
 from .common import baselines, clean, has_heads, probe_batch, scored_positions, sq_error
@@ -384,19 +385,22 @@ class Specialization(Probe):
         """One row per (task, model): each claim's labels over seeds, and the key numbers as the mean over
         seeds with a 95% Student-t interval over seeds, labelled against the probe's own criteria (so the
         row's verdict is about the population of trained models, not one seed). Only runs that learned their
-        task count as evidence for or against a claim: a cell whose every run is "not learned" (by the
-        Bayes-excess rule, :func:`iclbench.evaluate.learned_label`) says so instead of a verdict."""
+        task count as evidence for or against a claim (:func:`iclbench.evaluate.is_evidence`: the interval of
+        the run's excess over Bayes lies below the not-learned cut); a cell without one says "not learned"
+        instead of a verdict."""
         rows = []
         runs = runs[runs["summary"].map(lambda s: isinstance(s, dict) and "claim_1" in s)]
         if "learned" not in runs:  # a caller without the Bayes labels: every run counts
             runs = runs.assign(learned=None, excess_bayes=None)
+        if "evidence" not in runs:
+            runs = runs.assign(evidence=[is_evidence({"learned": label}) for label in runs["learned"]])
         depth = max((len(s["roles"]) for s in runs["summary"]), default=0)  # a column per layer of the deepest
         for (task, model), group in runs.groupby(["task", "model"], sort=True):
             every = list(group["summary"])
             # the evidence: runs that learned their task (or partly, or a task without a Bayes baseline);
-            # a model that did not learn it says nothing about how a trained model solves it
+            # a model that may not have learned it says nothing about how a trained model solves it
             learned = [label if isinstance(label, str) else NA for label in group["learned"]]
-            summaries = [s for s, label in zip(every, learned) if label != "not learned"]
+            summaries = [s for s, evidence in zip(every, group["evidence"]) if evidence]
             n = len(summaries)
             row = {"task": task, "model": model, "seeds": len(every), "learned": across_seeds(learned)}
             for l in range(depth):
