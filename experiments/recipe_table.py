@@ -1,4 +1,4 @@
-"""The table of experiments/recipes.yaml: per run, the recipe, why and when it stopped, the time it took, the
+"""The table of experiments/recipes.yaml: per run, the recipe and seed, why and when it stopped, the time it took, the
 evaluation's error beside Bayes and the best classical baseline, the learned label, and when the held-out
 relative excess over Bayes first cleared 0.1 (learned) by its interval.
 
@@ -25,7 +25,7 @@ def row(metrics: dict) -> list:
     task_label, model_label = run_labels(metrics["config"])
     best = BEST.get(metrics["task"])
     model = summary["model"]
-    return [task_label, model_label, stop["reason"], stop["decay_from"] or "—", stop["steps"],
+    return [task_label, model_label, metrics["seed"], stop["reason"], stop["decay_from"] or "—", stop["steps"],
             f"{stop['time_s']:.0f}", f"{model['mean']:.3f} [{model['ci'][0]:.3f}, {model['ci'][1]:.3f}]",
             f"{summary['bayes']['mean']:.3f}", f"{best} {summary[best]['mean']:.3f}" if best in summary else "—",
             metrics["curves"]["predictors"]["model"]["excess_bayes"]["learned"],
@@ -39,8 +39,8 @@ def main(results: str = "results/reference/records/recipes-runs") -> None:
             rows.append(row(read_run(run)))
         except DamagedRun as exc:  # still training, or stopped by hand: said, not tabled
             print(f"({run.name}: {exc})", file=sys.stderr)
-    print(tabulate(sorted(rows, key=lambda r: (r[0], r[1])),
-                   headers=["task", "recipe", "stop", "flat at", "steps", "train s", "model error [95% CI]", "bayes",
+    print(tabulate(sorted(rows, key=lambda r: (r[0], r[1], r[2])),
+                   headers=["task", "recipe", "seed", "stop", "flat at", "steps", "train s", "model error [95% CI]", "bayes",
                             "best baseline", "label", "learned at (held-out)"], tablefmt="github",
                    disable_numparse=True))
 

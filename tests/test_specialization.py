@@ -536,7 +536,8 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
 def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse_linreg_its_recipe():
     """A recipe change that renamed a committed cell would orphan its records (the part would rerun it, the
     tables would count both): every committed regression record is a run the part still plans; sparse-linreg,
-    the slow learner, runs at its recipe's cap and tolerance, the others at the part's 12000-step cap."""
+    the slow learner, runs at its recipe's cap, tolerance and learning rate, the others at the part's 12000-step
+    cap."""
     from pathlib import Path
 
     from iclbench.sweep import load_experiment
@@ -551,4 +552,5 @@ def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse
     assert committed and set(committed) <= set(planned)
     for cfg in planned.values():
         sparse = cfg.task == "sparse-linreg"
-        assert (cfg.train.max_steps, cfg.train.flat_tol) == ((20000, 0.01) if sparse else (12000, 0.05))
+        assert (cfg.train.max_steps, cfg.train.flat_tol, cfg.train.lr) == \
+            ((20000, 0.01, 3e-4) if sparse else (12000, 0.05, 1e-3))
