@@ -1,6 +1,6 @@
-"""The table of experiments/recipes.yaml: per run, the recipe and seed, why and when it stopped, the time it took, the
-evaluation's error beside Bayes and the best classical baseline, the learned label, and when the held-out
-relative excess over Bayes first cleared 0.1 (learned) by its interval.
+"""The table of experiments/recipes.yaml: per run, the recipe and seed, why and when it stopped, the time it
+took, the evaluation's error beside Bayes and the best classical baseline, the learned label, and when the
+held-out relative excess over Bayes first cleared 0.1 (learned) by its interval.
 
     python experiments/recipe_table.py [RESULTS_DIR]   # default: the committed records
 """
@@ -40,8 +40,8 @@ def main(results: str = "results/reference/records/recipes-runs") -> None:
         except DamagedRun as exc:  # still training, or stopped by hand: said, not tabled
             print(f"({run.name}: {exc})", file=sys.stderr)
     print(tabulate(sorted(rows, key=lambda r: (r[0], r[1], r[2])),
-                   headers=["task", "recipe", "seed", "stop", "flat at", "steps", "train s", "model error [95% CI]", "bayes",
-                            "best baseline", "label", "learned at (held-out)"], tablefmt="github",
+                   headers=["task", "recipe", "seed", "stop", "flat at", "steps", "train s", "model error [95% CI]",
+                            "bayes", "best baseline", "label", "learned at (held-out)"], tablefmt="github",
                    disable_numparse=True))
 
 
