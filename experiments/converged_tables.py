@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_tables import DEPTHS, FAMILIES, OUT, ROOT, TASKS, aggregate, heatmap, md, order, seeds_table  # noqa: E402
 
 from iclbench import store  # noqa: E402
+from iclbench.evaluate import is_evidence  # noqa: E402
 from iclbench.labels import run_labels  # noqa: E402
 from iclbench.probes.circuit import Circuit, circuit_overlap  # noqa: E402
 from iclbench.probes.specialization import claim_verdicts, layer_roles  # noqa: E402
@@ -138,11 +139,11 @@ def fresh_position(m: dict) -> float | None:
 
 
 def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
-         unbounded_seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+         unbounded_seeds: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Task diversity (Raventós et al.): per task and pool size K, the model on fresh rules and on the pool's
     rules beside Bayes and dMMSE, where it sits between them on fresh rules (over seeds, Student-t; the verdict
     on "nearer Bayes than dMMSE", < 0.5, and at 0.25 / 0.75), and the claims over the learned seeds. K = ∞ is
-    the unbounded gpt3l cell of the main study."""
+    the unbounded gpt3l cell of the main study. Third, the claims at each evidence cut."""
     tasks = set(runs.task)
     seeds, unbounded_seeds = with_shape(seeds, runs), with_shape(unbounded_seeds, unbounded)
     gpt3l = lambda df: df[(df.d_model == 64) & (df.depth == 3) & (df.attn_only == False)  # noqa: E712,E731
@@ -171,31 +172,109 @@ def pool(runs: pd.DataFrame, unbounded: pd.DataFrame, seeds: pd.DataFrame,
                      "< 0.5 (< 0.25 / < 0.75)": "—" if ci is None else
                      "{} ({} / {})".format(*[verdict(ci, c, above=False) for c in (0.5, 0.25, 0.75)])})
     seeds = pd.concat([seeds, gpt3l(unbounded_seeds)]) if len(seeds) else seeds
+    claims = cuts = pd.DataFrame()
     if len(seeds):
         seeds = seeds.sort_values(["task", "pool", "seed"],
                                   key=lambda c: c.replace(0, 10**18) if c.name == "pool" else c)
-        seeds = aggregate(seeds.assign(K=seeds.pool.map(lambda k: k or "∞")), ["task", "K"])
-    return pd.DataFrame(rows), seeds
+        seeds = seeds.assign(K=seeds.pool.map(lambda k: k or "∞"))
+        claims, cuts = aggregate(seeds, ["task", "K"]), evidence_cuts(seeds, runs, ["task", "K"])
+    return pd.DataFrame(rows), claims, cuts
+
+
+def short(g: pd.DataFrame) -> bool:
+    """Whether a cell of the main study misses its bar: 9 of 10 seeds learned (for sparse-linreg, learned or
+    partly), in every gpt2l-gpt6l (and gpt12l) cell."""
+    k = int((g.learned == "learned").sum())
+    if g.task.iloc[0] == "sparse-linreg":
+        k += int(g.learned.astype(str).str.startswith("partly").sum())
+    return g.model.iloc[0] in DEPTHS[1:] and k < 0.9 * len(g)
 
 
 def learned_cell(g: pd.DataFrame, bar: bool = False) -> str:
-    """'k/n' seeds learned, with how many partly; with ``bar``, ✗ where the cell misses the study's bar (9 of
-    10 learned; for sparse-linreg, learned or partly)."""
+    """'k/n' seeds learned, with how many partly; with ``bar``, ✗ where the cell misses the study's bar."""
     n, k, p = len(g), int((g.learned == "learned").sum()), int(g.learned.astype(str).str.startswith("partly").sum())
-    short = (k + p if g.task.iloc[0] == "sparse-linreg" else k) < 0.9 * n
-    return f"{k}/{n}" + (f" ({p} partly)" if p else "") + (" ✗" if bar and short else "")
+    return f"{k}/{n}" + (f" ({p} partly)" if p else "") + (" ✗" if bar and short(g) else "")
+
+
+def cells(runs: pd.DataFrame):
+    """The main study's cells, (task, model, its runs), tasks and models in the study's order."""
+    for task in [t for t in ALL_TASKS if t in set(runs.task)]:
+        for model in [m for m in RANK if m in set(runs.model)]:
+            g = runs[(runs.task == task) & (runs.model == model) & (runs.label == model)]
+            if len(g):
+                yield task, model, g
 
 
 def learned_cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Task x depth: 'k/n' seeds learned, how many partly, ✗ where the cell misses the study's bar."""
+    table = pd.DataFrame([{"task": t, "model": m, "cell": learned_cell(g, bar=True)} for t, m, g in cells(runs)])
+    table = table.pivot(index="task", columns="model", values="cell").fillna("—")
+    return table.loc[[t for t in ALL_TASKS if t in table.index], [m for m in RANK if m in table.columns]].reset_index()
+
+
+def held_out(m: dict, step: int | None) -> float | None:
+    """A run's held-out relative excess over Bayes at ``step`` (the middle of its interval; the last scoring
+    at or before it), from the stop record's curve."""
+    curve = [e for e in m["train"]["stop"]["heldout"] if step is None or e["step"] <= step]
+    return sum(curve[-1]["relative_excess"]) / 2 if curve else None
+
+
+def short_cells(runs: pd.DataFrame, path: Path) -> list[str]:
+    """The cells short of the bar: per seed, why and when training stopped, the held-out relative excess when
+    its cooldown began and at its end, the evaluation's interval and label; and a figure of every seed's
+    held-out curve (``path``)."""
+    import matplotlib.pyplot as plt
+
+    shorts = [(t, m, g.sort_values("seed")) for t, m, g in cells(runs) if short(g)]
+    if not shorts:
+        return []
     rows = []
-    for task in [t for t in ALL_TASKS if t in set(runs.task)]:
-        row = {"task": task}
-        for model in [m for m in DEPTHS + ["gpt2l-attn", "gpt3l-attn"] if m in set(runs.model)]:
-            g = runs[(runs.task == task) & (runs.model == model) & (runs.label == model)]
-            row[model] = learned_cell(g, bar=True) if len(g) else "—"
-        rows.append(row)
-    return pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, len(shorts), figsize=(6 * len(shorts), 4), squeeze=False)
+    for ax, (task, model, g) in zip(axes[0], shorts):
+        for r in g.itertuples():
+            flat_at = int(r.flat_at) if pd.notna(r.flat_at) else None
+            stop, ci = r.metrics["train"]["stop"], r.metrics["curves"]["predictors"]["model"]["excess_bayes"]
+            rows.append({"task": task, "model": model, "seed": r.seed, "stopped": r.reason,
+                         "cooldown from": flat_at or "—", "steps": r.steps,
+                         "held-out at cooldown": f"{held_out(r.metrics, flat_at):.3f}" if flat_at else "—",
+                         "held-out at end": f"{held_out(r.metrics, None):.3f}",
+                         "relative excess [95% CI]": f"{ci['relative']:.3f} [{ci['relative_ci'][0]:.3f}, "
+                                                     f"{ci['relative_ci'][1]:.3f}]", "label": r.learned})
+            curve = stop["heldout"]
+            line, = ax.plot([e["step"] for e in curve], [sum(e["relative_excess"]) / 2 for e in curve],
+                            lw=1, label=f"seed {r.seed} ({r.learned})")
+            if flat_at:
+                ax.plot([flat_at], [held_out(r.metrics, flat_at)], "o", color=line.get_color(), ms=4)
+        for cut in (0.1, 0.5):
+            ax.axhline(cut, color="grey", ls="--", lw=0.8)
+        ax.set(yscale="log", xlabel="step", ylabel="held-out relative excess over Bayes",
+               title=f"{task} on {model} (dots: cooldown begins)")
+        ax.legend(fontsize=6, ncol=2)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return ["## Cells short of the bar: each seed's held-out curve and why it stopped", "",
+            "The held-out relative excess over Bayes (1024 held-out sequences, scored every `eval_every` steps during "
+            "training; the middle of its interval) when the cooldown began and at the end, beside the evaluation's "
+            "interval (4096 sequences) that gives the label (learned: below 0.1; not learned: above 0.5).", "",
+            md(pd.DataFrame(rows)), "", f"![held-out curves of the cells short of the bar]({path.name})", ""]
+
+
+#: cuts on the top of a run's relative-excess interval for it to count as evidence: learned only, 0.25, the
+#: study's 0.5 (the not-learned cut), and every run
+CUTS = [(0.1, "0.1 (learned)"), (0.25, "0.25"), (0.5, "0.5 (the study's)"), (float("inf"), "none (every run)")]
+
+
+def evidence_cuts(seeds: pd.DataFrame, runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """The claims per group at each evidence cut (:data:`CUTS`): how a verdict moves when the rule for which
+    runs count moves (``runs``: ``training(...)`` of the same folder, for each run's interval)."""
+    excess = {r: m["curves"]["predictors"]["model"].get("excess_bayes") for r, m in zip(runs.run, runs.metrics)}
+    tables = []
+    for _, g in seeds.groupby(by, sort=False):
+        for cut, name in CUTS:
+            tables.append(aggregate(g.assign(**{"evidence cut": name,
+                                                "evidence": [is_evidence(excess.get(r), cut) for r in g.run]}),
+                                    by + ["evidence cut"]))
+    return pd.concat(tables, ignore_index=True).rename(columns={"learned": "counted"}) if tables else pd.DataFrame()
 
 
 def stops(runs: pd.DataFrame) -> pd.DataFrame:
@@ -311,7 +390,7 @@ def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame,
                   "The claims over the learned seeds per cell:", "", md(claims), "",
                   "The circuits per cell (as in \"Circuits per cell\"):", "", md(scale_circuits(circuits, runs)), ""]
     if POOL.exists() and len(pooled := training(POOL)):
-        table, claims = pool(pooled, runs, seeds_table(POOL), every)
+        table, claims, cuts = pool(pooled, runs, seeds_table(POOL), every)
         parts += ["## Task diversity: a finite pool of K training rules (gpt3l)", "",
                   "Errors are means over seeds. Fresh rules are new draws from the prior (the leaderboard's "
                   "number); pool rules are the K rules the model trained on, where the Bayes predictor is the "
@@ -323,6 +402,8 @@ def further(runs: pd.DataFrame, every: pd.DataFrame, circuits: pd.DataFrame,
                   "trained model can be placed.", "",
                   md(table), "", "The claims per pool size, over the seeds that learned the task at least "
                   "partly by their interval (the `learned` column, as in every claims table):", "", md(claims), "",
+                  "The same claims as the rule for which seeds count moves: a seed counts when the top of its "
+                  "relative-excess interval is at most the cut (the study's rule is 0.5):", "", md(cuts), "",
                   "Which layer does what per pool size (roles over the same seeds, as in \"Which layer does "
                   "what\"):", "", md(roles(POOL, variants=True)), ""]
     return parts
@@ -354,9 +435,14 @@ def main():
         "✗ where a cell is short)",
         "", md(learned_cells(main_runs)), "",
         "## Why training stopped", "", md(stops(main_runs)), "",
+        *short_cells(main_runs, OUT / "converged-short.png"),
     ]
     if len(seeds):
         parts += ["## Claims per depth (all tasks)", "", md(order(aggregate(seeds, ["model"]))), "",
+                  "The same claims as the rule for which models count moves: a model counts when the top of the "
+                  "interval of its relative excess over Bayes is at most the cut (the study's rule is 0.5, the "
+                  "not-learned cut; tasks without a Bayes baseline count at every cut):", "",
+                  md(evidence_cuts(seeds, runs, ["model"])), "",
                   "## Claims per task family and depth", "", md(order(aggregate(seeds, ["family", "model"]))), "",
                   "## Claims per task and depth", "", md(order(aggregate(seeds, ["task", "model"]))), "",
                   "![claims by task and depth](converged-claims.png)", ""]

@@ -99,18 +99,20 @@ def learned_label(lo: float, hi: float) -> str:
     return "inconclusive"
 
 
-def is_evidence(excess: dict | None) -> bool:
+def is_evidence(excess: dict | None, cut: float = NOT_LEARNED_ABOVE) -> bool:
     """Whether a run's model counts as evidence about how a trained model solves its task, from its
     ``excess_bayes`` record: the CI of its relative excess lies wholly at or below the not-learned cut 0.5
     (learned, partly, or inconclusive only across 0.1), or its task has no Bayes baseline (no label: every run
     counts). A run whose CI reaches past 0.5 may not have learned the task at all, and an untrained-like model
-    says nothing about how a trained one solves it; the interval decides, as for the label."""
+    says nothing about how a trained one solves it; the interval decides, as for the label. ``cut``: another
+    cut, to show how a verdict moves with it."""
     if not excess or excess.get("learned") is None:
         return True
     ci = excess.get("relative_ci")
-    if ci is None:  # a record without the interval: only the labels whose interval was below the cut
-        return excess["learned"] in ("learned", "partly")
-    return float(ci[1]) <= NOT_LEARNED_ABOVE
+    if ci is None:  # a record without the interval: the bound its label puts on the interval's top
+        bound = {"learned": LEARNED_BELOW, "partly": NOT_LEARNED_ABOVE}.get(excess["learned"])
+        return bound is not None and bound <= cut
+    return float(ci[1]) <= cut
 
 
 def evaluation_batch(task, o: EvalOptions, device: torch.device) -> Batch:

@@ -390,6 +390,12 @@ def test_a_run_whose_interval_reaches_into_not_learned_is_not_evidence():
         assert not is_evidence({"learned": learned_label(*ci), "relative_ci": ci})
     assert is_evidence(None) and is_evidence({"learned": None})  # no Bayes baseline: every run counts
     assert not is_evidence({"learned": "inconclusive"})  # no interval recorded: only learned and partly count
+    # another cut, to show how a verdict moves with it: the same interval decides, and a record without one
+    # counts where its label's bound on the interval (learned: below 0.1, partly: at most 0.5) clears the cut
+    assert is_evidence({"learned": "partly", "relative_ci": [0.2, 0.3]}, cut=0.3)
+    assert not is_evidence({"learned": "partly", "relative_ci": [0.2, 0.3]}, cut=0.25)
+    assert is_evidence({"learned": "learned"}, cut=0.1) and not is_evidence({"learned": "partly"}, cut=0.25)
+    assert is_evidence({"learned": "partly"}, cut=1.0) and is_evidence({"learned": None}, cut=0.0)
 
     est = {"mean": 0.5, "ci": [0.4, 0.6]}
     holds = {"roles": ["copy_last", "bayes"], "claim_1": {"verdict": "holds"},
@@ -503,6 +509,53 @@ def test_converged_learned_cells_mark_the_cells_short_of_the_bar():
     assert tables.learned_cell(runs[runs.model == "gpt3l"].iloc[:10]) == "8/10"  # no bar mark without bar=True
 
 
+def test_converged_short_cells_show_each_seeds_curve_and_stop(tmp_path):
+    """Where a cell misses the bar, each seed's stop (why, when the cooldown began) and its held-out relative
+    excess then and at the end, beside the evaluation's interval; the cells that meet the bar are left out."""
+    tables = converged_tables()
+
+    def run(model, seed, label, flat_at):
+        curve = [{"step": s, "relative_excess": [e - 0.01, e + 0.01]} for s, e in ((200, 0.9), (400, 0.3), (600, 0.2))]
+        return {"task": "linreg", "model": model, "label": model, "seed": seed, "learned": label, "steps": 600,
+                "reason": "flat" if flat_at else "cap", "flat_at": flat_at if flat_at else float("nan"),
+                "metrics": {"train": {"stop": {"heldout": curve}}, "curves": {"predictors": {"model": {
+                    "excess_bayes": {"relative": 0.2, "relative_ci": [0.19, 0.21]}}}}}}
+
+    runs = pd.DataFrame([run("gpt2l", s, "partly", 400) for s in range(2)] + [run("gpt2l", 2, "learned", None)]
+                        + [run("gpt3l", s, "learned", 400) for s in range(3)])
+    lines = tables.short_cells(runs, tmp_path / "short.png")
+    assert (tmp_path / "short.png").exists() and lines[0].startswith("## Cells short of the bar")
+    rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| linreg")]
+    assert len(rows) == 3 and all("gpt2l" in r for r in rows)  # the gpt3l cell meets the bar
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[3:8] == ["flat", "400", "600", "0.300", "0.200"] and cells[-2:] == ["0.200 [0.190, 0.210]", "partly"]
+    assert [c.strip() for c in rows[2].split("|")[1:-1]][3:6] == ["cap", "—", "600"]
+    assert tables.short_cells(runs[runs.model == "gpt3l"], tmp_path / "none.png") == []
+
+
+def test_converged_claims_at_each_evidence_cut_count_the_seeds_whose_interval_clears_it():
+    """How a verdict moves when the rule for which models count moves: at each cut, the seeds whose relative
+    excess interval tops out at or below it (a task without a Bayes baseline counts at every cut)."""
+    tables = converged_tables()
+    from study_tables import CLAIMS
+
+    claim = CLAIMS[-1]
+    intervals = {"a": [0.02, 0.05], "b": [0.2, 0.3], "c": [0.45, 0.6], "d": None}  # learned, partly, across 0.5
+    seeds = pd.DataFrame([{"model": "gpt3l", "run": r, "seed": i, "evidence": True,
+                           **{c: "holds" if r in "ab" else "fails" for c in CLAIMS}}
+                          for i, r in enumerate("abc")] + [{"model": "gpt2l", "run": "d", "seed": 0, "evidence": True,
+                                                            **{c: "holds" for c in CLAIMS}}])
+    runs = pd.DataFrame({"run": list(intervals), "metrics": [
+        {"curves": {"predictors": {"model": {"excess_bayes": {"learned": "x", "relative_ci": ci} if ci else None}}}}
+        for ci in intervals.values()]})
+    table = tables.evidence_cuts(seeds, runs, ["model"]).set_index(["model", "evidence cut"])
+    gpt3l = table.loc["gpt3l"]
+    assert list(gpt3l.index) == [name for _, name in tables.CUTS]
+    assert list(gpt3l.counted) == [1, 1, 2, 3] and list(gpt3l.models) == [3] * 4
+    assert gpt3l.loc["none (every run)", claim].startswith("2/3") and gpt3l.iloc[0][claim].startswith("1/1")
+    assert list(table.loc["gpt2l"].counted) == [1] * 4  # no Bayes baseline: it counts at every cut
+
+
 def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_seed_interval():
     """experiments/converged_tables.py's task-diversity table: on fresh rules a model at Bayes's error is at 0
     (in-context), at dMMSE's at 1 (recalls its pool); the verdict on "nearer Bayes" comes from the Student-t
@@ -518,7 +571,8 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
 
     pooled = pd.DataFrame([run(4, e) for e in (1.0, 1.02, 0.98)] + [run(64, e) for e in (0.2, 0.25, 0.15)])
     unbounded = pd.DataFrame([run(0, 0.12), run(0, 0.13), run(0, 0.5, label="gpt3l model.d_model=32", width=32)])
-    table, claims = tables.pool(pooled, unbounded, pd.DataFrame(), pd.DataFrame())
+    table, claims, cuts = tables.pool(pooled, unbounded, pd.DataFrame(), pd.DataFrame())
+    assert claims.empty and cuts.empty  # no probed seeds: no claims
     table = table.set_index("K")
     assert list(table.index) == [4, 64, "∞"] and table.loc["∞", "runs"] == 2  # the scale variant is not K = ∞
     lo, hi = stats.seed_ci([0.1, 0.15, 0.05])
