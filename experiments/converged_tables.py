@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_table import held_out, plot  # noqa: E402
 from study_tables import DEPTHS, FAMILIES, OUT, ROOT, TASKS, aggregate, heatmap, md, order, seeds_table  # noqa: E402
 
 from iclbench import store  # noqa: E402
@@ -212,46 +213,26 @@ def learned_cells(runs: pd.DataFrame) -> pd.DataFrame:
     return table.loc[[t for t in ALL_TASKS if t in table.index], [m for m in RANK if m in table.columns]].reset_index()
 
 
-def held_out(m: dict, step: int | None) -> float | None:
-    """A run's held-out relative excess over Bayes at ``step`` (the middle of its interval; the last scoring
-    at or before it), from the stop record's curve."""
-    curve = [e for e in m["train"]["stop"]["heldout"] if step is None or e["step"] <= step]
-    return sum(curve[-1]["relative_excess"]) / 2 if curve else None
-
-
 def short_cells(runs: pd.DataFrame, path: Path) -> list[str]:
     """The cells short of the bar: per seed, why and when training stopped, the held-out relative excess when
     its cooldown began and at its end, the evaluation's interval and label; and a figure of every seed's
-    held-out curve (``path``)."""
-    import matplotlib.pyplot as plt
-
+    held-out curve (``path``; removed when no cell is short, so it never shows a superseded cell)."""
     shorts = [(t, m, g.sort_values("seed")) for t, m, g in cells(runs) if short(g)]
     if not shorts:
+        path.unlink(missing_ok=True)
         return []
     rows = []
-    fig, axes = plt.subplots(1, len(shorts), figsize=(6 * len(shorts), 4), squeeze=False)
-    for ax, (task, model, g) in zip(axes[0], shorts):
+    for task, model, g in shorts:
         for r in g.itertuples():
             flat_at = int(r.flat_at) if pd.notna(r.flat_at) else None
-            stop, ci = r.metrics["train"]["stop"], r.metrics["curves"]["predictors"]["model"]["excess_bayes"]
+            ci = r.metrics["curves"]["predictors"]["model"]["excess_bayes"]
             rows.append({"task": task, "model": model, "seed": r.seed, "stopped": r.reason,
                          "cooldown from": flat_at or "—", "steps": r.steps,
                          "held-out at cooldown": f"{held_out(r.metrics, flat_at):.3f}" if flat_at else "—",
-                         "held-out at end": f"{held_out(r.metrics, None):.3f}",
+                         "held-out at end": f"{held_out(r.metrics):.3f}",
                          "relative excess [95% CI]": f"{ci['relative']:.3f} [{ci['relative_ci'][0]:.3f}, "
                                                      f"{ci['relative_ci'][1]:.3f}]", "label": r.learned})
-            curve = stop["heldout"]
-            line, = ax.plot([e["step"] for e in curve], [sum(e["relative_excess"]) / 2 for e in curve],
-                            lw=1, label=f"seed {r.seed} ({r.learned})")
-            if flat_at:
-                ax.plot([flat_at], [held_out(r.metrics, flat_at)], "o", color=line.get_color(), ms=4)
-        for cut in (0.1, 0.5):
-            ax.axhline(cut, color="grey", ls="--", lw=0.8)
-        ax.set(yscale="log", xlabel="step", ylabel="held-out relative excess over Bayes",
-               title=f"{task} on {model} (dots: cooldown begins)")
-        ax.legend(fontsize=6, ncol=2)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    plot({f"{task} on {model} (dots: cooldown begins)": list(g.metrics) for task, model, g in shorts}, path)
     return ["## Cells short of the bar: each seed's held-out curve and why it stopped", "",
             "The held-out relative excess over Bayes (1024 held-out sequences, scored every `eval_every` steps during "
             "training; the middle of its interval) when the cooldown began and at the end, beside the evaluation's "

@@ -526,6 +526,12 @@ def main(argv=None) -> int:
     except RecursionError:
         print("iclbench: error: input nested too deeply", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`iclbench sweep FILE --dry-run | head`): stop quietly
+        try:  # and leave no second error for the interpreter's final flush of stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it
     except Exception as exc:  # an internal error: one line unless asked for the traceback
         if os.environ.get("ICLBENCH_DEBUG"):
             raise

@@ -4,6 +4,7 @@ fix; each takes a few seconds at most."""
 
 import os
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -555,3 +556,22 @@ def test_a_tampered_training_state_is_refused_in_one_line_of_ours(tmp_path, caps
     path.write_bytes(b"garbage, not a checkpoint")
     with pytest.raises(store.DamagedRun, match="unreadable"):
         store.load_training_state(path)
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly(monkeypatch):
+    """Found piping a sweep's plan into `head`: the closed pipe gave "internal error: BrokenPipeError". A
+    reader that goes away ends the command as it ends a shell tool: exit 141 (128 + SIGPIPE), nothing on
+    stderr."""
+    import io
+
+    class Gone(io.StringIO):  # stdout whose reader has gone away
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", Gone())
+    monkeypatch.setattr(sys, "stderr", err)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert cli_module.main(["sweep", os.path.join(root, "experiments", "converged", "regression.yaml"),
+                            "--dry-run"]) == 141
+    assert err.getvalue() == ""

@@ -518,8 +518,9 @@ def test_converged_short_cells_show_each_seeds_curve_and_stop(tmp_path):
         curve = [{"step": s, "relative_excess": [e - 0.01, e + 0.01]} for s, e in ((200, 0.9), (400, 0.3), (600, 0.2))]
         return {"task": "linreg", "model": model, "label": model, "seed": seed, "learned": label, "steps": 600,
                 "reason": "flat" if flat_at else "cap", "flat_at": flat_at if flat_at else float("nan"),
-                "metrics": {"train": {"stop": {"heldout": curve}}, "curves": {"predictors": {"model": {
-                    "excess_bayes": {"relative": 0.2, "relative_ci": [0.19, 0.21]}}}}}}
+                "metrics": {"seed": seed, "train": {"stop": {"heldout": curve, "decay_from": flat_at}},
+                            "curves": {"predictors": {"model": {"excess_bayes": {
+                                "relative": 0.2, "relative_ci": [0.19, 0.21], "learned": label}}}}}}
 
     runs = pd.DataFrame([run("gpt2l", s, "partly", 400) for s in range(2)] + [run("gpt2l", 2, "learned", None)]
                         + [run("gpt3l", s, "learned", 400) for s in range(3)])
@@ -530,7 +531,8 @@ def test_converged_short_cells_show_each_seeds_curve_and_stop(tmp_path):
     cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert cells[3:8] == ["flat", "400", "600", "0.300", "0.200"] and cells[-2:] == ["0.200 [0.190, 0.210]", "partly"]
     assert [c.strip() for c in rows[2].split("|")[1:-1]][3:6] == ["cap", "—", "600"]
-    assert tables.short_cells(runs[runs.model == "gpt3l"], tmp_path / "none.png") == []
+    assert tables.short_cells(runs[runs.model == "gpt3l"], tmp_path / "short.png") == []
+    assert not (tmp_path / "short.png").exists()  # no cell short: no figure of a superseded one
 
 
 def test_converged_claims_at_each_evidence_cut_count_the_seeds_whose_interval_clears_it():
@@ -590,8 +592,9 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
 def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse_linreg_its_recipe():
     """A recipe change that renamed a committed cell would orphan its records (the part would rerun it, the
     tables would count both): every committed regression record is a run the part still plans; sparse-linreg,
-    the slow learner, runs at its recipe's cap, tolerance and learning rate, the others at the part's 12000-step
-    cap."""
+    the slow learner, runs at its recipe's cap, tolerance and learning rate, linreg on gpt2l (still falling when
+    a 800-step window called it flat) at a 24000-step cap with a 2000-step window, the others at the part's
+    12000-step cap."""
     from pathlib import Path
 
     from iclbench.sweep import load_experiment
@@ -605,6 +608,7 @@ def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse
                  if p.name.rsplit("-", 3)[0] in tasks]
     assert committed and set(committed) <= set(planned)
     for cfg in planned.values():
-        sparse = cfg.task == "sparse-linreg"
+        sparse, slow = cfg.task == "sparse-linreg", (cfg.task, cfg.model) == ("linreg", "gpt2l")
         assert (cfg.train.max_steps, cfg.train.flat_tol, cfg.train.lr) == \
-            ((20000, 0.01, 3e-4) if sparse else (12000, 0.05, 1e-3))
+            ((20000, 0.01, 3e-4) if sparse else (24000, 0.05, 1e-3) if slow else (12000, 0.05, 1e-3))
+        assert cfg.train.flat_window == (10 if slow else 4)  # linreg on gpt2l: a 2000-step window
