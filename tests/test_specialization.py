@@ -612,3 +612,10 @@ def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse
         assert (cfg.train.max_steps, cfg.train.flat_tol, cfg.train.lr) == \
             ((20000, 0.01, 3e-4) if sparse else (24000, 0.05, 1e-3) if slow else (12000, 0.05, 1e-3))
         assert cfg.train.flat_window == (10 if slow else 4)  # linreg on gpt2l: a 2000-step window
+    # the scale part compares widths at each depth on one recipe: linreg at depth 2 gets gpt2l's at every width
+    scale = load_experiment(root / "experiments" / "converged" / "scale-gpu.yaml")
+    linreg = [r.config for r in scale.runs if r.config.task == "linreg"]
+    assert {c.model_options.d_model for c in linreg} == {32, 128, 256}
+    for cfg in linreg:
+        depth2 = cfg.model_options.n_layers == 2
+        assert (cfg.train.max_steps, cfg.train.flat_window) == ((24000, 10) if depth2 else (12000, 4))
