@@ -4,9 +4,10 @@ them, from their compact records committed under results/reference/records/.
     python experiments/converged_tables.py      # writes results/reference/converged.md and its figure
 
 What it shows, per part that has runs: why and when each cell's training stopped; how many seeds learned
-(the study's bar: at least 9 of 10 in every gpt2l-gpt6l cell, "partly" for sparse-linreg); the seed paper's
-claims per depth, family and task (counts of per-model interval verdicts, with the Wilson interval of the
-share and the verdict at three criteria); the same probe on an untrained model of every cell, the control
+(the study's bar: at least 9 of 10 in every gpt2l-gpt6l cell, "partly" for sparse-linreg), and for a cell short
+of it each seed's stop and held-out curve; the seed paper's claims per depth, family and task (counts of
+per-model interval verdicts, with the Wilson interval of the share and the verdict at three criteria), and per
+depth and pool size at four evidence cuts; the same probe on an untrained model of every cell, the control
 every statement must beat; and the circuits per cell and their overlap across depths. Cells still being
 trained are marked by their seed counts, so a partial study reads as partial.
 """
