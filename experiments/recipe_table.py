@@ -35,11 +35,16 @@ def row(metrics: dict) -> list:
             "—" if learned is None else f"{learned['step']} ({learned['elapsed_s']:.0f} s)"]
 
 
+def middle(scoring: dict) -> float:
+    """The middle of one held-out scoring's relative-excess interval."""
+    return sum(scoring["relative_excess"]) / 2
+
+
 def held_out(metrics: dict, step: int | None = None) -> float | None:
-    """A run's held-out relative excess over Bayes at ``step`` (the middle of its interval; the last scoring
-    at or before it; None: at the end), from its stop record's curve."""
+    """A run's held-out relative excess over Bayes at ``step`` (:func:`middle`; the last scoring at or before
+    it; None: at the end), from its stop record's curve."""
     curve = [e for e in metrics["train"]["stop"]["heldout"] if step is None or e["step"] <= step]
-    return sum(curve[-1]["relative_excess"]) / 2 if curve else None
+    return middle(curve[-1]) if curve else None
 
 
 def curve_panel(ax, runs: list[dict], title: str) -> None:
@@ -48,7 +53,7 @@ def curve_panel(ax, runs: list[dict], title: str) -> None:
     for m in sorted(runs, key=lambda m: m["seed"]):
         curve, start = m["train"]["stop"]["heldout"], m["train"]["stop"].get("decay_from")
         label = m["curves"]["predictors"]["model"]["excess_bayes"]["learned"]
-        line, = ax.plot([e["step"] for e in curve], [sum(e["relative_excess"]) / 2 for e in curve], lw=1,
+        line, = ax.plot([e["step"] for e in curve], [middle(e) for e in curve], lw=1,
                         label=f"seed {m['seed']} ({label})")
         if start:
             ax.plot([start], [held_out(m, start)], "o", color=line.get_color(), ms=4)
