@@ -212,10 +212,11 @@ def _lock_holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
+def run_lock(run_dir: Path, wait: bool = False):
     """Hold the run directory's OS lock (``flock`` on ``.lock``) for the ``with`` block: one writer per run.
 
-    Non-blocking: raises :class:`RunBusy` naming the holder. The kernel drops the lock when its process
+    Non-blocking: raises :class:`RunBusy` naming the holder (``wait``: waits for the holder instead, for a
+    lock held only for a moment, such as the sweep records'). The kernel drops the lock when its process
     dies (kill -9 included), so a lock is never stale; the file is removed on a clean exit."""
     try:
         import fcntl
@@ -234,7 +235,7 @@ def run_lock(run_dir: Path):
                 continue
             raise _write_error(path, exc, "lock") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = _lock_holder(fd)
             os.close(fd)

@@ -941,9 +941,20 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
             records[plan.name] = {"state": "pending", "label": plan.label}
 
     def save_record():
-        store.write_json(report.record_path, {"experiment": str(experiment.path), "executor": executor,
-                                              "updated": time.time(), "runs": records}
-                         | ({"interrupted_by": report.signal} if report.signal else {}))
+        """Write this sweep's runs into the record, keeping the entries of other runs in it: two sweeps of one
+        name (two files, or one file twice at once) each keep their runs' states. The top-level keys are the
+        last writer's."""
+        path = report.record_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with store.run_lock(path.parent, wait=True):
+            try:
+                runs = store.read_json(path).get("runs")
+            except store.DamagedRun:  # none yet, or unreadable: this sweep's runs only
+                runs = None
+            store.write_json(path, {"experiment": str(experiment.path), "executor": executor,
+                                    "updated": time.time(),
+                                    "runs": (runs if isinstance(runs, dict) else {}) | records}
+                             | ({"interrupted_by": report.signal} if report.signal else {}))
 
     save_record()
     if not todo:

@@ -310,6 +310,40 @@ def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path,
     assert record["interrupted_by"] == "Ctrl-C (SIGINT)"
 
 
+def test_two_sweeps_of_one_name_each_keep_their_runs_in_the_record(tmp_path, monkeypatch):
+    """Two sweep files of one experiment name (or one file run twice at once) write one record file: each
+    writes its own runs' states into it and keeps the other's, instead of the last writer replacing them."""
+    from iclbench import sweep
+
+    class Pool:  # every run fails at once
+        ships_files = False
+
+        def submit(self, job):
+            return job[0].name
+
+        def wait(self, handles, timeout):
+            return handles
+
+        def result(self, handle):
+            return sweep.Outcome(error="boom", wall_s=0.0)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sweep, "_start_executor", lambda *a: (Pool(), 1, "fake"))
+    out = tmp_path / "results"
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = load_experiment(experiment(tmp_path / "a", out, grid={"seed": [0, 1]}))
+    second = load_experiment(experiment(tmp_path / "b", out, grid={"seed": [2]}))
+    run_sweep(first, progress=False, stack=False)
+    report = run_sweep(second, progress=False, stack=False)
+    record = json.loads(report.record_path.read_text())
+    assert {name: run["state"] for name, run in record["runs"].items()} == \
+        dict.fromkeys([r.name for r in first.runs + second.runs], "failed")
+    assert record["experiment"] == str(second.path)  # the top-level keys: the last writer's
+    assert not (out / ".sweeps" / ".lock").exists()
+
+
 def test_progress_on_a_terminal_shows_done_running_failed_and_eta():
     import io
 
