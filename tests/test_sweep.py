@@ -332,7 +332,8 @@ def test_two_sweeps_of_one_name_each_keep_their_runs_in_the_record(tmp_path, mon
 
     monkeypatch.setattr(sweep, "_start_executor", lambda *a: (Pool(), 1, "fake"))
     out = tmp_path / "results"
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
     first = load_experiment(experiment(tmp_path / "a", out, grid={"seed": [0, 1]}))
     second = load_experiment(experiment(tmp_path / "b", out, grid={"seed": [2]}))
     run_sweep(first, progress=False, stack=False)
