@@ -4,17 +4,20 @@
 # the reference study's gpt12l cells (issue 15: affine x 10 seeds stacked, 1500 steps, specialization probe),
 # the benchmark (fp32 with 8 seeds stacked vs separate, bf16), run --seeds stacked vs one after another,
 # CUDA-graph capture (--compile), gpt12l benchmark, more gpt12l study cells while time is left, a short sweep,
-# a sweep whose seeds train as one stacked job. Then the converged study's GPU parts (issue 24: regression,
-# gpt12l, scale-gpu, pool-linreg; each cell's 10 seeds stacked, trained until flat) while time is left, resuming from the
-# runs whose records earlier sittings committed.
+# a sweep whose seeds train as one stacked job. Then the converged study's GPU parts (issue 24; each cell's seeds
+# stacked, trained until flat) while time is left, resuming from the runs whose records earlier sittings committed:
+# `converged`, the regression part's d_model-64 cells, several at once (benchmarks/converged_gpu.py; their run
+# directories come back to be probed on a CPU), and `converged-big` (gpt12l, scale-gpu, pool-linreg, probed here).
 # PARTS (default: all) picks parts by key: test default sync study bench seeds compile bench12 more sweep stacksweep
-# converged.
+# converged converged-big.
 # Every part has its own timeout, is skipped once the deadline (DEADLINE seconds, default 480) has passed, and a
 # failing part does not stop the rest.
 #   bash benchmarks/device_check.sh            (from the repository root)
 # Outputs: the log on stdout; with OUT set, $OUT/device_check.log, $OUT/gpt12l-runs.tgz (the study's run
-# directories without their 38 MB weights, to unpack into results/reference-runs) and $OUT/converged.tgz (the
-# converged study's new compact records and reference models, to unpack at the repository root).
+# directories without their 38 MB weights, to unpack into results/reference-runs), $OUT/cells.json and
+# $OUT/cells-N.tgz (part converged: its finished run directories, to unpack at the repository root and probe with
+# `bash experiments/converged.sh probes records`) and $OUT/converged.tgz (part converged-big: the new compact
+# records and reference models, to unpack at the repository root).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,7 +28,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 START=$(date +%s)
 DEADLINE=${DEADLINE:-480}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
-PARTS=" ${PARTS:-test default sync study bench seeds compile bench12 more sweep stacksweep converged} "
+PARTS=" ${PARTS:-test default sync study bench seeds compile bench12 more sweep stacksweep converged converged-big} "
 part() {  # part KEY TITLE: false when KEY is not in PARTS or the deadline has passed
     case "$PARTS" in *" $1 "*) ;; *) return 1 ;; esac
     echo; echo "=== $2 ($(( $(date +%s) - START ))s elapsed)"
@@ -139,18 +142,32 @@ run 90 $PY -m iclbench.cli sweep "$WORK/stacksweep.yaml" --stack yes --jobs 1 --
 echo "sweep --stack yes: $(( $(date +%s) - t0 )) s wall for 4 seeds (training and evaluation)"; }
 
 # The converged study's GPU parts (issue 24), resuming where earlier sittings stopped: the committed compact
-# records count as finished runs, so each sweep trains only what no sitting has finished (seeds stacked per cell;
-# a pool's seeds cannot stack and run 8 at once). New runs are probed here; their records and seed 0's exported
-# weights come back in $OUT/converged.tgz, to unpack at the repository root and commit.
-converged() {
+# records count as finished runs, so each sweep trains only what no sitting has finished.
+from_records() {
     local records=results/reference/records
     mkdir -p results
     for d in converged-runs converged-pool-runs; do
         rm -rf "results/$d"; if [ -d "$records/$d" ]; then cp -r "$records/$d" "results/$d"; fi
     done
+}
+# The regression part's cells (d_model 64), the bar's first and the cheap ones before the rest: one stacked job a
+# cell, several sharing the GPU; cells that cannot end by the deadline are stopped. On an H200 (2026-12-01) two
+# sparse-linreg cells (20000 steps, 6 and 10 seeds) ended in 430 and 480 s with up to five cells beside them.
+converged() {
+    from_records
+    run $(left) $PY benchmarks/converged_gpu.py regression --deadline $(( $(left) - 30 )) --jobs 5 --most 9 \
+        --out "${OUT:-$WORK}" --first decision-tree-gpt2l,decision-tree-gpt3l,linreg-gpt6l,relu-nn-gpt6l,\
+decision-tree-gpt6l,sparse-linreg-gpt6l,linreg-gpt1l,relu-nn-gpt1l,decision-tree-gpt1l,sparse-linreg-gpt1l
+}
+# gpt12l, scale-gpu and pool-linreg (a pool's seeds cannot stack and run 8 at once), one part after another. New
+# runs are probed here (their weights are too large to bring back); their records and seed 0's exported weights
+# come back in $OUT/converged.tgz, to unpack at the repository root and commit.
+converged_big() {
+    local records=results/reference/records
+    from_records
     find "$records" -mindepth 2 -maxdepth 2 -type d | sort > "$WORK/records-before"
     touch "$WORK/stamp"
-    for p in regression gpt12l scale-gpu; do
+    for p in gpt12l scale-gpu; do
         run $(( $(left) - 240 )) $PY -m iclbench.cli sweep "experiments/converged/$p.yaml" --stack yes --jobs 1 --quiet \
             | tail -2
     done
@@ -167,8 +184,10 @@ converged() {
         echo results/reference/models/README.md >> "$WORK/new-records"  # the index, when an export is new
     echo "converged: $(grep -c . "$WORK/new-records") new records and exports"
 }
-part converged "converged study: regression, gpt12l, scale-gpu and pool-linreg, resuming from the committed records" &&
-  [ "$(left)" -gt 300 ] && converged
+part converged "converged study: the regression part's cells, several at once, resuming from the committed records" &&
+  [ "$(left)" -gt 150 ] && converged
+part converged-big "converged study: gpt12l, scale-gpu and pool-linreg, resuming from the committed records" &&
+  [ "$(left)" -gt 300 ] && converged_big
 
 echo; echo "=== done in $(( $(date +%s) - START ))s; outputs under $WORK"
 if [ -n "${OUT:-}" ]; then
