@@ -35,7 +35,7 @@ import yaml
 
 from iclbench.sweep import load_experiment
 
-BUNDLE = 15_500_000  # run-directory bytes in one cells-N.tgz (the device tool brings back 16 MiB a file, 64 in all)
+BUNDLE = 15_500_000  # run-directory bytes in one cells-N.tgz (the device tool brings back 16 MiB a file)
 EVAL_S = 60  # evaluation and writing after the last step, allowed for in a projection
 
 
@@ -88,6 +88,26 @@ def pace(cell: dict, window: float) -> float | None:
     return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
 
 
+def verdict(running: list[dict], paces: list, now: float, deadline: float) -> tuple[dict, str] | None:
+    """The cell to stop and why, when a running cell (in queue order, each with its pace) is projected to end
+    after the deadline; None while every paced cell is on time. Stopping one of n cells that share the GPU
+    speeds the others up by at most n / (n - 1): a late cell needing more than that goes itself (the latest in
+    the queue first); else the latest running cell goes, so that those before it end in time."""
+    late = []
+    for cell, rate in zip(running, paces):
+        if rate:
+            cell["ends"] = now + (cell["cap"] - cell["seen"][-1][1]) / rate + EVAL_S
+            late += [cell] if cell["ends"] > deadline else []
+    if not late:
+        return None
+    n = len(running)
+    hopeless = [c for c in late if n == 1 or (c["ends"] - now) / (deadline - now) > n / (n - 1)]
+    victim = hopeless[-1] if hopeless else running[-1]
+    if victim in late:
+        return victim, f"projected to end {victim['ends'] - deadline:.0f} s past the deadline"
+    return victim, f"to make room for {late[0]['cell']}"
+
+
 def start(cell: dict, logs: Path) -> dict:
     log = open(logs / f"{cell['cell']}.log", "w")
     cell["proc"] = subprocess.Popen(
@@ -135,24 +155,13 @@ def schedule(cells: list[dict], deadline: float, jobs: int, most: int, check: fl
             for cell in running:
                 stop(cell, "the deadline")
             break
-        paces = {id(c): pace(c, window) for c in running}
-        late = []
-        for cell in running:
-            if paces[id(cell)]:
-                cell["ends"] = now + (cell["cap"] - cell["seen"][-1][1]) / paces[id(cell)] + EVAL_S
-                late += [cell] if cell["ends"] > deadline else []
+        paces = [pace(c, window) for c in running]
+        late = verdict(running, paces, now, deadline)
         if late and now >= calm_from:
-            # Stopping one of n cells that share the GPU speeds the others up by at most n / (n - 1): a late
-            # cell needing more than that goes itself (the latest in the queue first); else the latest running
-            # cell goes, so that those before it in the queue end in time.
-            n = len(running)
-            hopeless = [c for c in late if n == 1 or (c["ends"] - now) / (deadline - now) > n / (n - 1)]
-            victim = hopeless[-1] if hopeless else running[-1]
-            running.remove(victim)
-            stop(victim, f"projected to end {victim['ends'] - deadline:.0f} s past the deadline" if victim in late
-                 else f"to make room for {late[0]['cell']}")
+            running.remove(late[0])
+            stop(*late)
             calm_from = now + window  # judge again on paces measured without it
-        elif (not late and queue and len(running) < most and all(paces.values()) and now >= calm_from
+        elif (not late and queue and len(running) < most and all(paces) and now >= calm_from
               and deadline - now > 120):
             running.append(start(queue.pop(0), logs))
             calm_from = now + window
