@@ -157,7 +157,7 @@ converged() {
     from_records
     run $(left) $PY benchmarks/converged_gpu.py regression --deadline $(( $(left) - 30 )) --jobs 5 --most 9 \
         --out "${OUT:-$WORK}" --first decision-tree-gpt2l,decision-tree-gpt3l,linreg-gpt6l,relu-nn-gpt6l,\
-decision-tree-gpt6l,sparse-linreg-gpt6l,linreg-gpt1l,relu-nn-gpt1l,decision-tree-gpt1l,sparse-linreg-gpt1l
+decision-tree-gpt6l,sparse-linreg-gpt6l,decision-tree-gpt1l,sparse-linreg-gpt1l
 }
 # gpt12l, scale-gpu and pool-linreg (a pool's seeds cannot stack and run 8 at once), one part after another. New
 # runs are probed here (their weights are too large to bring back); their records and seed 0's exported weights
