@@ -150,7 +150,7 @@ from_records() {
         rm -rf "results/$d"; if [ -d "$records/$d" ]; then cp -r "$records/$d" "results/$d"; fi
     done
 }
-# The regression part's cells (d_model 64), the bar's first (decision-tree gpt2l last: its budget is undecided,
+# The regression part's cells (d_model 64), the bar's first (decision-tree gpt2l last: its budget is to change,
 # results/reference/README.md): one stacked job a cell, several sharing the GPU; cells that cannot end by the
 # deadline are stopped. On an H200 (2026-12-01) two
 # sparse-linreg cells (20000 steps, 6 and 10 seeds) ended in 430 and 480 s with up to five cells beside them.
