@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from iclbench import store
 from iclbench.sweep import load_experiment
 
 BUNDLE = 15_500_000  # run-directory bytes in one cells-N.tgz (the device tool brings back 16 MiB a file)
@@ -63,7 +64,7 @@ def step_of(cell: dict) -> int:
     best, trained = 0, 0
     for run in cell["runs"]:
         try:
-            lines = (Path(run) / "train.log").read_text().splitlines()
+            lines = (Path(run) / store.LOG).read_text().splitlines()
         except OSError:
             continue
         for line in reversed(lines):
@@ -76,6 +77,14 @@ def step_of(cell: dict) -> int:
                 best = max(best, entry["step"])
                 break
     return cell["cap"] if trained == len(cell["runs"]) else best
+
+
+def complete(run: str) -> bool:
+    try:
+        store.read_run(Path(run))
+        return True
+    except store.DamagedRun:
+        return False
 
 
 def pace(cell: dict, window: float) -> float | None:
@@ -109,10 +118,11 @@ def verdict(running: list[dict], paces: list, now: float, deadline: float) -> tu
 
 
 def start(cell: dict, logs: Path) -> dict:
-    log = open(logs / f"{cell['cell']}.log", "w")
-    cell["proc"] = subprocess.Popen(
-        [sys.executable, "-m", "iclbench.cli", "sweep", cell["file"], "--stack", "yes", "--jobs", "1", "--quiet"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    argv = [sys.executable, "-m", "iclbench.cli", "sweep", cell["file"], "--stack", "yes", "--jobs", "1",
+            "--quiet"]
+    with open(logs / f"{cell['cell']}.log", "w") as log:  # the child keeps its own handle
+        cell["proc"] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     cell.update(started=time.time(), seen=[], state="running")
     say(f"start {cell['cell']} (seeds {cell['seeds']}, cap {cell['cap']})")
     return cell
@@ -147,7 +157,7 @@ def schedule(cells: list[dict], deadline: float, jobs: int, most: int, check: fl
                     cell.setdefault("trained_s", round(now - cell["started"]))
                 continue
             running.remove(cell)
-            done = all((Path(r) / "metrics.json").exists() for r in cell["runs"])
+            done = all(map(complete, cell["runs"]))
             cell.update(state="finished" if done else "failed", rc=cell["proc"].returncode,
                         wall_s=round(now - cell["started"]))
             say(f"{cell['state']} {cell['cell']} in {cell['wall_s']} s")
@@ -174,21 +184,24 @@ def schedule(cells: list[dict], deadline: float, jobs: int, most: int, check: fl
 def pack(cells: list[dict], out: Path, most: int) -> None:
     """The finished cells' run directories (no optimizer state) in bundles of at most BUNDLE bytes."""
     bundles: list[list[str]] = [[]]
+    filled = 0  # bytes in the last bundle
     for run in (run for cell in cells if cell.get("state") == "finished" for run in cell["runs"]):
-        if bundles[-1] and sum(map(size, bundles[-1])) + size(run) > BUNDLE:
+        if bundles[-1] and filled + size(run) > BUNDLE:
             bundles.append([])
+            filled = 0
         bundles[-1].append(run)
+        filled += size(run)
     for i, runs in enumerate(b for b in bundles if b):
         if i >= most:
             print(f"left out (more than {most} bundles): {runs}")
             continue
         with tarfile.open(out / f"cells-{i}.tgz", "w:gz") as tar:
             for run in runs:
-                tar.add(run, arcname=run, filter=lambda t: None if t.name.endswith("train_state.pt") else t)
+                tar.add(run, arcname=run, filter=lambda t: None if t.name.endswith(store.TRAIN_STATE) else t)
 
 
 def size(run: str) -> int:
-    return sum(f.stat().st_size for f in Path(run).iterdir() if f.is_file() and f.name != "train_state.pt")
+    return sum(f.stat().st_size for f in Path(run).iterdir() if f.is_file() and f.name != store.TRAIN_STATE)
 
 
 def main() -> None:
