@@ -3,6 +3,7 @@ scoring function of a model and its baselines (the main evaluation, each OOD shi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -135,20 +136,40 @@ class Scores:
         return sorted(n for n, fn in self.baselines.items() if is_oracle(n, fn))
 
 
+def batch_digest(batch: Batch) -> str:
+    """A digest of ``batch``'s contents (inputs, targets, mask, latents), whatever its device."""
+    h = hashlib.sha256()
+    for t in (batch.inputs, batch.targets, batch.mask, *(batch.latents[k] for k in sorted(batch.latents))):
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def score(model: torch.nn.Module | None, baselines: dict, task, batch: Batch, *, score_from: int, replicates: int,
           confidence: float, seed: int, owners: dict | None = None, strict: bool = True,
-          warn=None) -> Scores:
+          warn=None, memo: dict | None = None) -> Scores:
     """Screen ``baselines`` (:func:`~iclbench.contracts.screen_baselines`: one that peeks or reads latents
     unmarked is refused), let the model (None: none) and then each baseline predict ``batch``, and take the
     error curves normalized by ``task``'s prior-mean error. The model predicts first, so a model that refuses
     the batch (ICLBenchError) costs no baseline time. Predictions of the wrong shape or with NaN/inf at a
     scored position raise a :class:`~iclbench.contracts.PluginError` naming the predictor (``owners``: name
-    → how to call it); with ``strict=False`` a baseline's are refused instead."""
+    → how to call it); with ``strict=False`` a baseline's are refused instead.
+
+    ``memo`` keeps the baselines' screening and predictions across calls, keyed by task, options and the batch's
+    contents: runs that share a task configuration and differ only in their model (the seeds of a stacked
+    cell) screen and run each baseline once. Only for baselines that depend on nothing else (not a per-seed
+    pool)."""
     owners = owners or {}
-    screened = {} if warn is None else {"warn": warn}
-    accepted, refused = screen_baselines(baselines, batch, owners, **screened)
+    known = {} if memo is None else memo.setdefault((task.name, repr(task.options), batch_digest(batch)), {})
+    if "screen" not in known:
+        known["screen"] = screen_baselines(baselines, batch, owners, **({} if warn is None else {"warn": warn}))
+    accepted, refused = (dict(found) for found in known["screen"])
     predictions = {} if model is None else {"model": predict(model, batch)}
-    predictions.update({name: fn(batch).float() for name, fn in accepted.items()})
+    known.setdefault("predictions", {})
+    for name, fn in accepted.items():
+        if name not in known["predictions"]:
+            known["predictions"][name] = fn(batch).float()
+        predictions[name] = known["predictions"][name]
     for name, pred in list(predictions.items()):  # NaN here would only surface later as a JSON error
         default = f"model '{getattr(model, 'name', '?')}'" if name == "model" else f"baseline '{task.name}:{name}'"
         problem = predictions_problem(pred, batch, "gave predictions")

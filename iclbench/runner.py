@@ -156,9 +156,10 @@ def run_configs(cfgs: list[RunConfig], registry: Registry, *, quiet: bool = True
                     diverged.append(r.diverged(outcome))
                 else:
                     r.finish_training(outcome)
+        memo = {}  # the stacked seeds share one task configuration: each baseline predicts once for them all
         for r in live:
             if r.trained:
-                metrics = evaluate(r, registry, dev)
+                metrics = evaluate(r, registry, dev, memo if r in together else None)
                 r.complete(metrics)
                 results[r.path] = RunResult(r.path, metrics, r.cfg, r.task, r.model,
                                             outcome="trained" if r.earlier is None else "resumed",
@@ -184,9 +185,10 @@ def trainee(r: OpenRun) -> Trainee:
 OOD_BOOTSTRAP = 200
 
 
-def evaluate(r: OpenRun, registry: Registry, dev: torch.device) -> dict:
+def evaluate(r: OpenRun, registry: Registry, dev: torch.device, memo: dict | None = None) -> dict:
     """Score the trained model beside the task's baselines, run the probes, score each distribution shift;
-    return the metrics of the run."""
+    return the metrics of the run. ``memo``: baseline predictions shared with runs of the same task
+    configuration (:func:`~iclbench.evaluate.score`)."""
     cfg, task, started = r.cfg, r.task, time.perf_counter()
     batch = evaluation_batch(task, cfg.eval, dev)
     score_from = cfg.eval.score_from if cfg.eval.score_from >= 0 else task.score_from
@@ -194,14 +196,15 @@ def evaluate(r: OpenRun, registry: Registry, dev: torch.device) -> dict:
     owners = {n: f"baseline '{cfg.task}:{n}' (plugin '{e.plugin}')" for n, e in entries.items()}
     owners.update({"model": registry.owner("model", cfg.model), "model.plugin": registry.models[cfg.model].plugin})
     scores = score(r.model, {n: e.obj for n, e in entries.items()}, task, batch, score_from=score_from,
-                   replicates=cfg.eval.bootstrap, confidence=cfg.eval.confidence, seed=cfg.eval.seed, owners=owners)
+                   replicates=cfg.eval.bootstrap, confidence=cfg.eval.confidence, seed=cfg.eval.seed, owners=owners,
+                   memo=memo)
     # the all-zeros predictor anchors the leaderboard's ICL score (0 = zero predictor, 1 = best baseline)
     zero = error_curves({"zero": torch.zeros_like(batch.targets)}, batch, task.normalizer(dev), score_from,
                         replicates=1)["predictors"]["zero"]
     if cfg.eval.probes:  # before metrics.json, which marks the run complete
         r.dir.save_probes(run_probes(r.model, task, seed=cfg.eval.seed + 1, device=dev, registry=registry),
                           replace=True)
-    ood = evaluate_ood(r.model, task, registry, cfg, dev, score_from) if cfg.eval.ood else {}
+    ood = evaluate_ood(r.model, task, registry, cfg, dev, score_from, memo) if cfg.eval.ood else {}
     curves = scores.curves
     return {
         "task": cfg.task,
@@ -225,7 +228,8 @@ def evaluate(r: OpenRun, registry: Registry, dev: torch.device) -> dict:
     }
 
 
-def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.device, score_from: int) -> dict:
+def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.device, score_from: int,
+                 memo: dict | None = None) -> dict:
     """The trained model and the baselines on each of ``task.ood_variants()``, and on the run's pool of rules
     for a task trained on one (``pool_rules``, :mod:`iclbench.pool`).
 
@@ -246,7 +250,7 @@ def evaluate_ood(model, task, registry: Registry, cfg: RunConfig, device: torch.
             curves = score(model, {n: e.obj for n, e in registry.task_baselines(shifted).items()}, shifted,
                            evaluation_batch(shifted, cfg.eval, device), score_from=score_from,
                            replicates=min(cfg.eval.bootstrap, OOD_BOOTSTRAP), confidence=cfg.eval.confidence,
-                           seed=cfg.eval.seed, warn=lambda m: None).curves
+                           seed=cfg.eval.seed, warn=lambda m: None, memo=memo).curves
         except ICLBenchError as exc:
             out[name] = {**entry, "skipped": str(exc)}
             continue

@@ -132,6 +132,48 @@ def test_stacked_runs_write_ordinary_run_directories_matching_separate_runs(tmp_
 
 
 @pytest.mark.slow
+def test_stacked_seeds_score_each_baseline_once_and_record_what_separate_runs_do(tmp_path, monkeypatch):
+    """The seeds of a stacked cell share one task configuration, so each baseline is screened on and predicts each
+    evaluation set (the main one and every OOD shift) once for the cell, not once per seed; every seed still
+    records the baseline scores its separate run records, number for number."""
+    import collections
+    import dataclasses
+    import functools
+
+    from iclbench.registry import Registry
+    from iclbench.seeds import run_seeds
+
+    calls, task_baselines = collections.Counter(), Registry.task_baselines
+
+    def counting(self, task):
+        def count(name, fn):
+            @functools.wraps(fn)
+            def counted(batch):  # the evaluation sets, and the contract screen's few sequences
+                calls[repr(task.options), name, len(batch)] += 1
+                return fn(batch)
+            return counted
+        return {n: dataclasses.replace(e, obj=count(n, e.obj)) for n, e in task_baselines(self, task).items()}
+
+    def seeds(where, stack):
+        return run_seeds([0, 1], jobs=1, stack=stack, task="linrec", model="gpt2l", steps=20, device="cpu",
+                         out=str(tmp_path / where), overrides={**TINY, "eval.ood": True})
+
+    monkeypatch.setattr(Registry, "task_baselines", counting)
+    together = seeds("stacked", True)
+    stacked_calls, calls = calls, collections.Counter()
+    alone = seeds("separate", False)
+    assert len({shift for shift, _, _ in calls}) > 1 and {n for _, _, n in calls} > {256}  # OOD sets; screens
+    assert calls == {call: 2 * count for call, count in stacked_calls.items()}  # two seeds alone, once stacked
+    def baselines(metrics):  # each evaluation set's baseline scores (the model's differ in the last bits)
+        sets = {"main": metrics, **{shift: v for shift, v in metrics["ood"].items()}}
+        return {(s, name): p for s, v in sets.items() if "curves" in v  # a shift the model cannot take: skipped
+                for name, p in v["curves"]["predictors"].items() if name != "model"}
+
+    for (_, _, m1), (_, _, m2) in zip(together, alone):
+        assert len(baselines(m2)) > 10 and baselines(m1) == baselines(m2)
+
+
+@pytest.mark.slow
 def test_a_killed_stacked_job_resumes_seed_by_seed(tmp_path, monkeypatch):
     """Killed after its checkpoint at step 20: each seed holds an ordinary checkpoint, and a rerun continues
     each seed from it (not stacked again) to metrics that match the uninterrupted stacked job."""
