@@ -66,24 +66,36 @@ def test_stacked_seeds_on_cuda_match_one_seed_alone(tmp_path):
     assert a == pytest.approx(b, rel=1e-2)  # fp32; the vmapped kernels differ from the plain model's
 
 
+def training_tasks(task, device, steps: int = 1000):
+    """Every task a run of ``task`` draws training batches from: each curriculum stage (with the curriculum on
+    where it is an option), and a pool's task (:mod:`iclbench.pool`) where the task offers pools."""
+    from iclbench.trainer import Curriculum
+
+    staged = task.with_options(curriculum=True) if hasattr(task.options, "curriculum") else task
+    curriculum = Curriculum(staged, steps, device)
+    stages = {id(stage): stage.task for stage in map(curriculum, range(0, steps, steps // 20))}
+    pooled = [task.with_options(pool=16).training_task(0)] if hasattr(task.options, "pool") else []
+    return [*stages.values(), *pooled]
+
+
 def test_drawing_a_training_batch_of_any_task_on_cuda_makes_no_host_sync():
     """A host sync in sampling stalls every training step on a GPU: the host waits for the queue to drain
     (decision trees asked ``any()`` once per tree level, and trained 10 times slower than the other regression
-    tasks on an H200, with 10 seeds stacked and other cells beside them)."""
+    tasks on an H200, with 10 seeds stacked and other cells beside them). Every curriculum stage and pool too."""
     from iclbench.registry import get_registry
 
     registry, device = get_registry(), torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     syncing = {}
     for name in sorted(registry.tasks):
-        task = registry.task(name)(None)
-        task.sample(8, generator, device)  # lazy initialisation may sync once
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            task.sample(64, generator, device)
-        except RuntimeError as exc:
-            syncing[name] = str(exc).splitlines()[0]
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        for i, task in enumerate(training_tasks(registry.task(name)(None), device)):
+            task.sample(8, generator, device)  # lazy initialisation may sync once
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                task.sample(64, generator, device)
+            except RuntimeError as exc:
+                syncing[f"{name} ({i})"] = str(exc).splitlines()[0]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
     assert not syncing, syncing
