@@ -150,15 +150,14 @@ from_records() {
         rm -rf "results/$d"; if [ -d "$records/$d" ]; then cp -r "$records/$d" "results/$d"; fi
     done
 }
-# The regression part's cells (d_model 64), the bar's first (decision-tree gpt2l last: its budget is to change,
-# results/reference/README.md): one stacked job a cell, several sharing the GPU; cells that cannot end by the
-# deadline are stopped. On an H200 (2026-12-01) two
-# sparse-linreg cells (20000 steps, 6 and 10 seeds) ended in 430 and 480 s with up to five cells beside them.
+# The regression part's cells (d_model 64), the bar's first: one stacked job a cell, several sharing the GPU;
+# cells that cannot end by the deadline are stopped. On an H200 (2026-12-01) two sparse-linreg cells
+# (20000 steps, 6 and 10 seeds) ended in 430 and 480 s with up to five cells beside them.
 converged() {
     from_records
     run $(left) $PY benchmarks/converged_gpu.py regression --deadline $(( $(left) - 30 )) --jobs 5 --most 9 \
-        --out "${OUT:-$WORK}" --first decision-tree-gpt3l,linreg-gpt6l,relu-nn-gpt6l,decision-tree-gpt6l,\
-sparse-linreg-gpt6l,decision-tree-gpt1l,sparse-linreg-gpt1l,decision-tree-gpt2l
+        --out "${OUT:-$WORK}" --first decision-tree-gpt3l,decision-tree-gpt2l,linreg-gpt6l,relu-nn-gpt6l,\
+decision-tree-gpt6l,sparse-linreg-gpt6l,decision-tree-gpt1l,sparse-linreg-gpt1l
 }
 # gpt12l, scale-gpu and pool-linreg (a pool's seeds cannot stack and run 8 at once), one part after another. New
 # runs are probed here (their weights are too large to bring back); their records and seed 0's exported weights

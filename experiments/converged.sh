@@ -62,8 +62,8 @@ records() {  # compact records (no weights) of every finished run, beside the co
 tables() {  # the leaderboard at convergence and the answer tables, from the runs or else their committed records
     local runs=results/converged-runs out=results/reference
     test -d "$runs" || runs=results/reference/records/converged-runs
-    iclbench leaderboard --results "$runs" > "$out/converged-leaderboard.md"
-    iclbench leaderboard --results "$runs" --format csv > "$out/converged-leaderboard.csv"
+    iclbench leaderboard --results "$runs" > "$out/leaderboard.md"
+    iclbench leaderboard --results "$runs" --format csv > "$out/leaderboard.csv"
     python experiments/converged_tables.py
 }
 part() {

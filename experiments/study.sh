@@ -33,13 +33,13 @@ part() {
         tables)
             runs=results/reference-runs out=results/reference
             mkdir -p "$out"
-            iclbench leaderboard --results "$runs" > "$out/leaderboard.md"
-            iclbench leaderboard --results "$runs" --metric icl_score > "$out/leaderboard-icl-score.md"
-            iclbench leaderboard --results "$runs" --metric excess_bayes > "$out/leaderboard-excess-bayes.md"
-            iclbench leaderboard --results "$runs" --format csv > "$out/leaderboard.csv"
+            iclbench leaderboard --results "$runs" > "$out/leaderboard-1500.md"
+            iclbench leaderboard --results "$runs" --metric icl_score > "$out/leaderboard-1500-icl-score.md"
+            iclbench leaderboard --results "$runs" --metric excess_bayes > "$out/leaderboard-1500-excess-bayes.md"
+            iclbench leaderboard --results "$runs" --format csv > "$out/leaderboard-1500.csv"
             rm -rf "$out/report-gpt3l-affine"
             iclbench report "$runs"/affine-gpt3l-$h8-s[012] --out "$out/report-gpt3l-affine" > /dev/null
-            python experiments/study_tables.py ;;   # specialization tables, study.md and its figures
+            python experiments/study_tables.py ;;   # specialization tables, study-1500.md and its figures
         *) echo "study.sh: unknown part '$1' (seeds, priors, attn, steps, depths, probes, tables, verdicts)" >&2; exit 2 ;;
     esac
 }

@@ -253,8 +253,8 @@ def main():
     if not conv.empty:
         parts += ["## Is 1500 steps enough? gpt3l at 1500 vs 4500 steps (same seeds)", "", md(conv), "",
                   "![learning curves](study-curves.png)", ""]
-    (OUT / "study.md").write_text("\n".join(parts))
-    print(f"wrote {OUT}/study.md and figures")
+    (OUT / "study-1500.md").write_text("\n".join(parts))
+    print(f"wrote {OUT}/study-1500.md and figures")
 
 
 if __name__ == "__main__":

@@ -592,9 +592,9 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
 def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse_linreg_its_recipe():
     """A recipe change that renamed a committed cell would orphan its records (the part would rerun it, the
     tables would count both): every committed regression record is a run the part still plans; sparse-linreg,
-    the slow learner, runs at its recipe's cap, tolerance and learning rate, linreg on gpt2l (still falling when
-    a 800-step window called it flat) at a 24000-step cap with a 2000-step window, the others at the part's
-    12000-step cap."""
+    the slow learner, runs at its recipe's cap, tolerance and learning rate, linreg and decision trees on gpt2l
+    (still falling when a 800-step window called them flat) at a 24000-step cap with a 2000-step window, the
+    others at the part's 12000-step cap."""
     from pathlib import Path
 
     from iclbench.sweep import load_experiment
@@ -608,10 +608,11 @@ def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse
                  if p.name.rsplit("-", 3)[0] in tasks]
     assert committed and set(committed) <= set(planned)
     for cfg in planned.values():
-        sparse, slow = cfg.task == "sparse-linreg", (cfg.task, cfg.model) == ("linreg", "gpt2l")
+        sparse = cfg.task == "sparse-linreg"
+        slow = (cfg.task, cfg.model) in {("linreg", "gpt2l"), ("decision-tree", "gpt2l")}
         assert (cfg.train.max_steps, cfg.train.flat_tol, cfg.train.lr) == \
             ((20000, 0.01, 3e-4) if sparse else (24000, 0.05, 1e-3) if slow else (12000, 0.05, 1e-3))
-        assert cfg.train.flat_window == (10 if slow else 4)  # linreg on gpt2l: a 2000-step window
+        assert cfg.train.flat_window == (10 if slow else 4)  # linreg and trees on gpt2l: a 2000-step window
     # the scale part compares widths at each depth on one recipe: linreg at depth 2 gets gpt2l's at every width
     scale = load_experiment(root / "experiments" / "converged" / "scale-gpu.yaml")
     linreg = [r.config for r in scale.runs if r.config.task == "linreg"]
