@@ -5,7 +5,8 @@ committed records count as finished: run from the repository root after copying 
 benchmarks/device_check.sh does). Each cell is one `iclbench sweep --stack yes` process, its seeds trained stacked.
 A d_model-64 model's stacked step is bound by kernel launches and leaves the GPU mostly idle, so several cells
 share it. Every CHECK seconds each running cell's pace (steps per second over the last WINDOW seconds, from its
-runs' train.log) projects when it reaches its cap (a stacked cell ends when its last seed does). When a cell is
+runs' train.log) projects when it ends: its cap, or earlier once every seed's held-out scorings in train.log say
+it is flat and when its cooldown ends (a stacked cell ends when its last seed does). When a cell is
 projected to end after the deadline, one cell is stopped (then none for a window, while the paces settle): the late
 cell itself if stopping one other could not speed it up enough, else the latest cell in the queue, so that those
 before it end in time. A queued cell starts while every running one is on time.
@@ -58,25 +59,36 @@ def cells_of(part: str, tmp: Path) -> list[dict]:
     return cells
 
 
-def step_of(cell: dict) -> int:
-    """The furthest step any of the cell's runs has logged (0 before the first log line); the cap once every
-    run has logged its end of training (the cell is evaluating)."""
-    best, trained = 0, 0
+def progress(cell: dict) -> tuple[int, int]:
+    """The furthest step any of the cell's runs has logged (0 before the first log line), and the step the
+    cell's training ends at as planned now: the latest of its runs' ends, a run's being its last step once it
+    has logged its end of training, else the ``last_step`` of its latest held-out scoring (the cap until it is
+    flat, then the end of its cooldown), else the cap. Once every run has trained (the cell is evaluating),
+    both are that end."""
+    best, ends, trained = 0, [], 0
     for run in cell["runs"]:
         try:
             lines = (Path(run) / store.LOG).read_text().splitlines()
         except OSError:
-            continue
+            lines = []
+        step, end = None, None
         for line in reversed(lines):
             try:
                 entry = json.loads(line)
             except ValueError:  # a line being written
                 continue
-            trained += entry.get("event") == "trained"
-            if "step" in entry:
-                best = max(best, entry["step"])
+            if entry.get("event") == "trained":
+                end, trained = entry["steps"], trained + 1
+            elif end is None and "last_step" in entry:
+                end = entry["last_step"]
+            if step is None and "step" in entry:
+                step = entry["step"]
+            if step is not None and end is not None:
                 break
-    return cell["cap"] if trained == len(cell["runs"]) else best
+        best = max(best, step or 0)
+        ends.append(cell["cap"] if end is None else end)
+    end = max(ends, default=cell["cap"])
+    return (end, end) if trained == len(cell["runs"]) else (best, end)
 
 
 def complete(run: str) -> bool:
@@ -105,7 +117,7 @@ def verdict(running: list[dict], paces: list, now: float, deadline: float) -> tu
     late = []
     for cell, rate in zip(running, paces):
         if rate:
-            cell["ends"] = now + (cell["cap"] - cell["seen"][-1][1]) / rate + EVAL_S
+            cell["ends"] = now + (cell.get("end", cell["cap"]) - cell["seen"][-1][1]) / rate + EVAL_S
             late += [cell] if cell["ends"] > deadline else []
     if not late:
         return None
@@ -135,7 +147,7 @@ def stop(cell: dict, why: str) -> None:
         pass
     cell["proc"].wait()
     cell.update(state="stopped", why=why, wall_s=round(time.time() - cell["started"]))
-    say(f"stop {cell['cell']} at step {step_of(cell)}: {why}")
+    say(f"stop {cell['cell']} at step {progress(cell)[0]}: {why}")
 
 
 def say(line: str) -> None:
@@ -152,8 +164,9 @@ def schedule(cells: list[dict], deadline: float, jobs: int, most: int, check: fl
         now = time.time()
         for cell in list(running):
             if cell["proc"].poll() is None:
-                cell["seen"].append((now, step_of(cell)))
-                if cell["seen"][-1][1] >= cell["cap"]:  # evaluating: how long training took, for the record
+                step, cell["end"] = progress(cell)
+                cell["seen"].append((now, step))
+                if step >= cell["end"]:  # evaluating: how long training took, for the record
                     cell.setdefault("trained_s", round(now - cell["started"]))
                 continue
             running.remove(cell)
@@ -229,7 +242,7 @@ def main() -> None:
         return
     schedule(cells, t0 + a.deadline, a.jobs, a.most, a.check, a.window, tmp)
     for cell in cells:
-        cell["step"] = step_of(cell)
+        cell["step"] = progress(cell)[0]
         seen = cell.pop("seen", [])
         if len(seen) > 1 and seen[-1][1] > seen[0][1]:
             cell["steps_per_s"] = round((seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0]), 2)

@@ -77,7 +77,8 @@ def iclbench_run_started(run_dir, config):
 
 @hookspec
 def iclbench_train_log(run_dir, step, metrics):
-    """Called every ``train.log_every`` steps with a dict of scalars (loss, lr, tokens_per_s, ...)."""
+    """Called every ``train.log_every`` steps with a dict of scalars (loss, lr, tokens_per_s, ...), and under
+    ``train.until: flat`` at each held-out scoring (heldout_error, heldout_excess, last_step)."""
 
 
 @hookspec

@@ -368,7 +368,9 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
 
     def score_heldout(done: int, ending: list[bool]):
         """Score the live seeds due (every ``eval_every`` steps, and at their last step) on the held-out set;
-        start the cooldown of those that are flat."""
+        start the cooldown of those that are flat. Each scoring is logged as it happens (the held-out error, its
+        excess over the reference, and ``last_step``: where the seed's training ends as planned now), so a
+        logger and a watcher of ``train.log`` see the curve and a flat stop before the run ends."""
         errors = stepper.heldout_errors(held)
         may_stop = done >= o.warmup and not stages.changes(done)
         now = elapsed + time.perf_counter() - start
@@ -378,7 +380,10 @@ def train_together(trainees: list[Trainee], task: Task, o: TrainOptions, device:
             if flat_check(stops[i], errors[i], held, done, o, may_stop and not ending[i]) \
                     and stops[i].decay_from is None and done < schedules[i].last_decay:
                 stops[i].decay_from, stops[i].reason = done, "flat"
-            stops[i].history[-1]["elapsed_s"] = now  # training time so far (time to learned, to flat)
+            entry = stops[i].history[-1]
+            entry["elapsed_s"] = now  # training time so far (time to learned, to flat)
+            trainees[i].log(done, {"heldout_error": entry["error"], "heldout_excess": entry["excess"],
+                                   "last_step": done if ending[i] else schedules[i].end})
 
     step = first
     try:

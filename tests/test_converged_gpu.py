@@ -19,17 +19,24 @@ def log(run: Path, *entries, tail: str = "") -> None:
     (run / "train.log").write_text("".join(json.dumps(e) + "\n" for e in entries) + tail)
 
 
-def test_a_cells_step_is_its_furthest_run_and_its_cap_once_every_run_has_trained(tmp_path):
+def test_a_cells_step_is_its_furthest_run_and_its_end_the_latest_planned_end(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     cell = {"runs": [str(a), str(b)], "cap": 1000}
-    assert cg.step_of(cell) == 0  # nothing logged yet
+    assert cg.progress(cell) == (0, 1000)  # nothing logged yet: the cap
     log(a, {"step": 100}, {"step": 200}, tail='{"step": 3')  # a line being written is skipped
     log(b, {"step": 100})
-    assert cg.step_of(cell) == 200
-    log(a, {"step": 600}, {"event": "trained", "steps": 600})  # a seed flat early: the stack goes on
-    assert cg.step_of(cell) == 600
-    log(b, {"step": 800}, {"event": "trained", "steps": 800})  # every seed trained: evaluating
-    assert cg.step_of(cell) == 1000
+    assert cg.progress(cell) == (200, 1000)
+    # a's held-out error is flat at 400: its cooldown ends at 480; b has not said, so the cell may reach the cap
+    log(a, {"step": 400}, {"step": 400, "heldout_error": 0.1, "last_step": 480}, {"step": 450})
+    log(b, {"step": 400}, {"step": 400, "heldout_error": 0.2, "last_step": 1000}, {"step": 450})
+    assert cg.progress(cell) == (450, 1000)
+    log(b, {"step": 400}, {"step": 400, "heldout_error": 0.2, "last_step": 600}, {"step": 450})
+    assert cg.progress(cell) == (450, 600)  # every seed flat: the cell ends with the later cooldown
+    log(a, {"step": 480, "heldout_error": 0.1, "last_step": 480}, {"step": 480})  # a ended, b goes on
+    assert cg.progress(cell) == (480, 600)
+    log(a, {"step": 480}, {"event": "trained", "steps": 480})  # a seed alone, trained early
+    log(b, {"step": 600}, {"event": "trained", "steps": 600})  # every seed trained: evaluating
+    assert cg.progress(cell) == (600, 600)
 
 
 def test_a_pace_waits_for_half_a_window_of_logged_steps():
@@ -48,6 +55,13 @@ def test_the_scheduler_stops_nothing_while_every_cell_is_on_time():
     cells = [running_cell("a", 9000), running_cell("b", 9000)]
     assert cg.verdict(cells, [100.0, 100.0], now=0.0, deadline=100 + cg.EVAL_S) is None
     assert cg.verdict(cells, [None, None], now=0.0, deadline=1.0) is None  # not paced yet
+
+
+def test_a_cell_whose_seeds_are_all_flat_is_projected_to_its_cooldowns_end_not_the_cap():
+    cell = running_cell("a", 5000)
+    assert cg.verdict([cell], [100.0], now=0.0, deadline=25 + cg.EVAL_S)[0] is cell  # 50 s to the cap
+    cell["end"] = 7500
+    assert cg.verdict([cell], [100.0], now=0.0, deadline=25 + cg.EVAL_S) is None  # 25 s to its end: on time
 
 
 def test_a_slightly_late_cell_early_in_the_queue_gets_the_last_cells_share():

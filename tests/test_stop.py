@@ -93,7 +93,9 @@ def tiny_model(task, seed=0):
 def test_training_until_flat_stops_records_why_and_is_deterministic():
     task = get_registry().task("affine")()
     bayes = task.baselines()["bayes"]
-    outcomes = [train(tiny_model(task), task, FLAT, seed=1, device=CPU, reference=bayes) for _ in range(2)]
+    logs = [[], []]
+    outcomes = [train(tiny_model(task), task, FLAT, seed=1, device=CPU, reference=bayes,
+                      log=lambda step, m, lines=lines: lines.append({"step": step, **m})) for lines in logs]
     untimed = [{**o["stop"], "time_s": 0, "heldout": [{**h, "elapsed_s": 0} for h in o["stop"]["heldout"]]}
                for o in outcomes]
     assert untimed[0] == untimed[1]
@@ -102,6 +104,14 @@ def test_training_until_flat_stops_records_why_and_is_deterministic():
     assert [h["step"] for h in stop["heldout"]][:3] == [10, 20, 30] and stop["heldout"][-1]["step"] == stop["steps"]
     if stop["reason"] == "flat":
         assert stop["steps"] == stop["decay_from"] + math.ceil(FLAT.cooldown * stop["decay_from"])
+    # each scoring is logged as it happens, with the step training ends at as planned then: the cap until the
+    # cooldown starts, then the run's end
+    held_lines = [line for line in logs[0] if "heldout_error" in line]
+    assert [(h["step"], h["heldout_error"], h["heldout_excess"]) for h in held_lines] \
+        == [(h["step"], h["error"], h["excess"]) for h in stop["heldout"]]
+    decay = stop["decay_from"] if stop["reason"] == "flat" else stop["steps"]
+    assert {h["last_step"] for h in held_lines if h["step"] < decay} == {FLAT.max_steps}
+    assert {h["last_step"] for h in held_lines if h["step"] >= decay} == {stop["steps"]}
     # the held-out errors are the model's on the full task's held-out sequences, over Bayes'
     model = tiny_model(task)
     train(model, task, FLAT, seed=1, device=CPU, reference=bayes)
