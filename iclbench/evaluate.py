@@ -165,11 +165,11 @@ def score(model: torch.nn.Module | None, baselines: dict, task, batch: Batch, *,
         known["screen"] = screen_baselines(baselines, batch, owners, **({} if warn is None else {"warn": warn}))
     accepted, refused = (dict(found) for found in known["screen"])
     predictions = {} if model is None else {"model": predict(model, batch)}
-    known.setdefault("predictions", {})
+    cached = known.setdefault("predictions", {})
     for name, fn in accepted.items():
-        if name not in known["predictions"]:
-            known["predictions"][name] = fn(batch).float()
-        predictions[name] = known["predictions"][name]
+        if name not in cached:
+            cached[name] = fn(batch).float()
+        predictions[name] = cached[name]
     for name, pred in list(predictions.items()):  # NaN here would only surface later as a JSON error
         default = f"model '{getattr(model, 'name', '?')}'" if name == "model" else f"baseline '{task.name}:{name}'"
         problem = predictions_problem(pred, batch, "gave predictions")
