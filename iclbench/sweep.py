@@ -600,15 +600,17 @@ class LocalExecutor:
         except Exception as exc:  # the worker process died
             return Outcome(error=f"worker process failed: {type(exc).__name__}: {exc}")
 
-    def interrupt(self, handles):
-        """Tell each worker's run in progress that the sweep is interrupted (SIGINT; a worker between runs
-        ignores it, and so does one that was told already, by the terminal)."""
+    def interrupt(self, handles, signame: str = "SIGINT"):
+        """Tell each worker's run in progress that the sweep is interrupted, by the signal the driver got (so a
+        worker names the same cause whether the terminal's signal or this one reaches it first; a worker between
+        runs ignores it, and so does one that was told already)."""
         import signal
 
+        sig = getattr(signal, signame, signal.SIGINT)
         for process in list((getattr(self.pool, "_processes", None) or {}).values()):
             with contextlib.suppress(OSError, AttributeError, TypeError):
                 if process.is_alive():
-                    os.kill(process.pid, signal.SIGINT)
+                    os.kill(process.pid, sig)
 
     def terminate(self):
         """Kill the workers (a run that did not answer an interruption in time)."""
@@ -796,7 +798,7 @@ class RayExecutor:
         except self.ray.exceptions.RayError as exc:  # the worker died or the task could not run
             return Outcome(error=f"Ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
-    def interrupt(self, handles):
+    def interrupt(self, handles, signame: str = "SIGINT"):
         """Cancel the runs in flight (Ray raises KeyboardInterrupt in each task's worker)."""
         for handle in handles:
             with contextlib.suppress(Exception):
@@ -1010,7 +1012,7 @@ def run_sweep(experiment: Experiment, executor: str = "local", *, jobs: int | No
             for name in report.not_run:
                 records[name]["state"] = "not run (interrupted)"
             # each run in flight records itself interrupted (a terminal's signal may have reached it already)
-            pool.interrupt(list(in_flight))
+            pool.interrupt(list(in_flight), getattr(exc, "signame", "SIGINT"))
             deadline = time.monotonic() + INTERRUPT_GRACE
             while in_flight and time.monotonic() < deadline:
                 for handle in pool.wait(list(in_flight), timeout=max(0.1, deadline - time.monotonic())):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import yaml
@@ -264,12 +265,36 @@ def test_a_closed_terminal_marks_a_single_run_interrupted(tmp_path):
     assert status["status"] == "interrupted" and status["resumes_from_step"] >= 10, status
 
 
-@pytest.mark.parametrize("stack", [False, True])
-def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path, monkeypatch, stack):
-    """The driver's side of Ctrl-C: the job in flight is told, a job that does not answer within the grace
-    period is stopped (closing the pool cannot hang) and each of its runs (every seed of a stacked job)
-    recorded interrupted, the rest not run."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP", "SIGTERM"])
+def test_the_local_pool_forwards_the_drivers_signal_to_its_live_workers(monkeypatch, sig):
+    """A worker records whichever interrupting signal it handles first, so the driver forwards the one it got
+    (not always SIGINT): a closed terminal is named SIGHUP however the two signals race."""
     from iclbench import sweep
+
+    class Process:
+        def __init__(self, pid, alive):
+            self.pid, self.alive = pid, alive
+
+        def is_alive(self):
+            return self.alive
+
+    sent = []
+    monkeypatch.setattr(sweep.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    executor = object.__new__(sweep.LocalExecutor)  # no real pool: only its processes are read
+    executor.pool = types.SimpleNamespace(_processes={1: Process(101, True), 2: Process(102, False)})
+    executor.interrupt([], sig)
+    assert sent == [(101, getattr(signal, sig))]
+
+
+@pytest.mark.parametrize("sig", [None, "SIGHUP"])
+@pytest.mark.parametrize("stack", [False, True])
+def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path, monkeypatch, stack, sig):
+    """The driver's side of Ctrl-C (a plain KeyboardInterrupt) and of a closed terminal: the job in flight is
+    told, by the signal the driver got, a job that does not answer within the grace period is stopped (closing
+    the pool cannot hang) and each of its runs (every seed of a stacked job) recorded interrupted, the rest not
+    run."""
+    from iclbench import sweep
+    from iclbench.errors import Interrupted
 
     class Pool:  # one slot; its run never answers
         ships_files, calls = False, []
@@ -280,12 +305,12 @@ def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path,
         def wait(self, handles, timeout):
             if not self.calls:
                 self.calls.append("wait")
-                raise KeyboardInterrupt
+                raise Interrupted(sig) if sig else KeyboardInterrupt
             time.sleep(min(timeout, 0.05))
             return []
 
-        def interrupt(self, handles):
-            self.calls.append(("interrupt", tuple(handles)))
+        def interrupt(self, handles, signame):
+            self.calls.append(("interrupt", tuple(handles), signame))
 
         def terminate(self):
             self.calls.append("terminate")
@@ -300,14 +325,14 @@ def test_an_interrupted_sweep_records_each_run_and_never_waits_forever(tmp_path,
     report = run_sweep(exp, progress=False, stack=stack)
     names = [r.name for r in exp.runs]
     first, in_flight, rest = names[0], names if stack else names[:1], [] if stack else names[1:]
-    assert pool.calls == ["wait", ("interrupt", (first,)), "terminate", "close"]
+    assert pool.calls == ["wait", ("interrupt", (first,), sig or "SIGINT"), "terminate", "close"]
     assert report.interrupted == dict.fromkeys(in_flight) and report.not_run == rest
-    assert report.signal == "Ctrl-C (SIGINT)"
+    assert report.signal == ("SIGHUP (the terminal closed)" if sig else "Ctrl-C (SIGINT)")
     assert f"interrupted {first}: no checkpoint yet: the rerun starts it afresh" in report.summary()
     record = json.loads(report.record_path.read_text())
     assert [record["runs"][n]["state"] for n in names] == ["interrupted"] * len(in_flight) + \
         ["not run (interrupted)"] * len(rest)
-    assert record["interrupted_by"] == "Ctrl-C (SIGINT)"
+    assert record["interrupted_by"] == report.signal
 
 
 def test_two_sweeps_of_one_name_each_keep_their_runs_in_the_record(tmp_path, monkeypatch):
