@@ -214,6 +214,10 @@ def learned_cells(runs: pd.DataFrame) -> pd.DataFrame:
     return table.loc[[t for t in ALL_TASKS if t in table.index], [m for m in RANK if m in table.columns]].reset_index()
 
 
+#: learned cuts on the top of a run's relative-excess interval, around the study's 0.1, for the short cells
+BAR_CUTS = [0.05, 0.1, 0.15, 0.2]
+
+
 def short_cells(runs: pd.DataFrame, path: Path) -> list[str]:
     """The cells short of the bar: per seed, why and when training stopped, the held-out relative excess when
     its cooldown began and at its end, the evaluation's interval and label; and a figure of every seed's
@@ -234,11 +238,17 @@ def short_cells(runs: pd.DataFrame, path: Path) -> list[str]:
                          "relative excess [95% CI]": f"{ci['relative']:.3f} [{ci['relative_ci'][0]:.3f}, "
                                                      f"{ci['relative_ci'][1]:.3f}]", "label": r.learned})
     plot({f"{task} on {model} (dots: cooldown begins)": list(g.metrics) for task, model, g in shorts}, path)
+    tops = {(t, m): [r["curves"]["predictors"]["model"]["excess_bayes"]["relative_ci"][1] for r in g.metrics]
+            for t, m, g in shorts}
+    moves = pd.DataFrame([{"task": t, "model": m, **{f"learned below {c}" + (" (the study's)" if c == 0.1 else ""):
+                                                    f"{sum(top < c for top in ts)}/{len(ts)}" for c in BAR_CUTS}}
+                          for (t, m), ts in tops.items()])
     return ["## Cells short of the bar: each seed's held-out curve and why it stopped", "",
             "The held-out relative excess over Bayes (1024 held-out sequences, scored every `eval_every` steps during "
             "training; the middle of its interval) when the cooldown began and at the end, beside the evaluation's "
             "interval (4096 sequences) that gives the label (learned: below 0.1; not learned: above 0.5).", "",
-            md(pd.DataFrame(rows)), "", f"![held-out curves of the cells short of the bar]({path.name})", ""]
+            md(pd.DataFrame(rows)), "", "How the bar moves with the learned cut (seeds whose interval lies below it):",
+            "", md(moves), "", f"![held-out curves of the cells short of the bar]({path.name})", ""]
 
 
 #: cuts on the top of a run's relative-excess interval for it to count as evidence: learned only, 0.25, the

@@ -514,20 +514,25 @@ def test_converged_short_cells_show_each_seeds_curve_and_stop(tmp_path):
     excess then and at the end, beside the evaluation's interval; the cells that meet the bar are left out."""
     tables = converged_tables()
 
-    def run(model, seed, label, flat_at):
+    def run(model, seed, label, flat_at, ci=(0.19, 0.21)):
         curve = [{"step": s, "relative_excess": [e - 0.01, e + 0.01]} for s, e in ((200, 0.9), (400, 0.3), (600, 0.2))]
         return {"task": "linreg", "model": model, "label": model, "seed": seed, "learned": label, "steps": 600,
                 "reason": "flat" if flat_at else "cap", "flat_at": flat_at if flat_at else float("nan"),
                 "metrics": {"seed": seed, "train": {"stop": {"heldout": curve, "decay_from": flat_at}},
                             "curves": {"predictors": {"model": {"excess_bayes": {
-                                "relative": 0.2, "relative_ci": [0.19, 0.21], "learned": label}}}}}}
+                                "relative": sum(ci) / 2, "relative_ci": list(ci), "learned": label}}}}}}
 
-    runs = pd.DataFrame([run("gpt2l", s, "partly", 400) for s in range(2)] + [run("gpt2l", 2, "learned", None)]
+    runs = pd.DataFrame([run("gpt2l", s, "partly", 400) for s in range(2)]
+                        + [run("gpt2l", 2, "learned", None, ci=(0.07, 0.09))]
                         + [run("gpt3l", s, "learned", 400) for s in range(3)])
     lines = tables.short_cells(runs, tmp_path / "short.png")
     assert (tmp_path / "short.png").exists() and lines[0].startswith("## Cells short of the bar")
-    rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| linreg")]
+    seeds_table, cuts_table = (t for t in "\n".join(lines).split("\n\n") if t.startswith("| task"))
+    rows = [line for line in seeds_table.splitlines() if line.startswith("| linreg")]
     assert len(rows) == 3 and all("gpt2l" in r for r in rows)  # the gpt3l cell meets the bar
+    # how the bar moves with the learned cut: seeds whose interval tops out below 0.05, 0.1, 0.15, 0.2
+    (moves,) = [line for line in cuts_table.splitlines() if line.startswith("| linreg")]
+    assert [c.strip() for c in moves.split("|")[3:-1]] == ["0/3", "1/3", "1/3", "1/3"]
     cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert cells[3:8] == ["flat", "400", "600", "0.300", "0.200"] and cells[-2:] == ["0.200 [0.190, 0.210]", "partly"]
     assert [c.strip() for c in rows[2].split("|")[1:-1]][3:6] == ["cap", "—", "600"]
