@@ -596,7 +596,8 @@ def test_converged_pool_table_places_the_model_between_bayes_and_dmmse_with_a_se
 
 def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse_linreg_its_recipe():
     """A recipe change that renamed a committed cell would orphan its records (the part would rerun it, the
-    tables would count both): every committed regression record is a run the part still plans; sparse-linreg,
+    tables would count both): every committed regression record is a run that a part still plans (this one,
+    or the scale and gpt12l parts that write the same folder); sparse-linreg,
     the slow learner, runs at its recipe's cap, tolerance and learning rate, linreg and decision trees on gpt2l
     (still falling when a 800-step window called them flat) at a 24000-step cap with a 2000-step window, the
     others at the part's 12000-step cap."""
@@ -605,13 +606,14 @@ def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse
     from iclbench.sweep import load_experiment
 
     root = Path(__file__).resolve().parent.parent
-    part = load_experiment(root / "experiments" / "converged" / "regression.yaml")
-    planned = {r.name: r.config for r in part.runs}
+    parts = {p: load_experiment(root / "experiments" / "converged" / f"{p}.yaml")
+             for p in ("regression", "scale-gpu", "gpt12l")}
+    planned = {r.name: r.config for r in parts["regression"].runs}
     assert len(planned) == 160
     tasks = {c.task for c in planned.values()}
     committed = [p.name for p in (root / "results" / "reference" / "records" / "converged-runs").iterdir()
                  if p.name.rsplit("-", 3)[0] in tasks]
-    assert committed and set(committed) <= set(planned)
+    assert committed and set(committed) <= {r.name for part in parts.values() for r in part.runs}
     for cfg in planned.values():
         sparse = cfg.task == "sparse-linreg"
         slow = (cfg.task, cfg.model) in {("linreg", "gpt2l"), ("decision-tree", "gpt2l")}
@@ -619,8 +621,7 @@ def test_the_converged_regression_part_keeps_its_committed_runs_and_gives_sparse
             ((20000, 0.01, 3e-4) if sparse else (24000, 0.05, 1e-3) if slow else (12000, 0.05, 1e-3))
         assert cfg.train.flat_window == (10 if slow else 4)  # linreg and trees on gpt2l: a 2000-step window
     # the scale part compares widths at each depth on one recipe: linreg at depth 2 gets gpt2l's at every width
-    scale = load_experiment(root / "experiments" / "converged" / "scale-gpu.yaml")
-    linreg = [r.config for r in scale.runs if r.config.task == "linreg"]
+    linreg = [r.config for r in parts["scale-gpu"].runs if r.config.task == "linreg"]
     assert {c.model_options.d_model for c in linreg} == {32, 128, 256}
     for cfg in linreg:
         depth2 = cfg.model_options.n_layers == 2
