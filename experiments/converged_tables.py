@@ -25,7 +25,7 @@ from recipe_table import held_out, plot  # noqa: E402
 from study_tables import DEPTHS, FAMILIES, OUT, ROOT, TASKS, aggregate, heatmap, md, order, seeds_table  # noqa: E402
 
 from iclbench import store  # noqa: E402
-from iclbench.evaluate import is_evidence  # noqa: E402
+from iclbench.evaluate import LEARNED_BELOW, is_evidence  # noqa: E402
 from iclbench.labels import run_labels  # noqa: E402
 from iclbench.probes.circuit import Circuit, circuit_overlap  # noqa: E402
 from iclbench.probes.specialization import claim_verdicts, layer_roles  # noqa: E402
@@ -214,8 +214,8 @@ def learned_cells(runs: pd.DataFrame) -> pd.DataFrame:
     return table.loc[[t for t in ALL_TASKS if t in table.index], [m for m in RANK if m in table.columns]].reset_index()
 
 
-#: learned cuts on the top of a run's relative-excess interval, around the study's 0.1, for the short cells
-BAR_CUTS = [0.05, 0.1, 0.15, 0.2]
+#: learned cuts on the top of a run's relative-excess interval, around the study's, for the short cells
+BAR_CUTS = [0.05, LEARNED_BELOW, 0.15, 0.2]
 
 
 def short_cells(runs: pd.DataFrame, path: Path) -> list[str]:
@@ -226,11 +226,12 @@ def short_cells(runs: pd.DataFrame, path: Path) -> list[str]:
     if not shorts:
         path.unlink(missing_ok=True)
         return []
-    rows = []
+    rows, tops = [], {}  # tops: per cell, each seed's top of its relative-excess interval
     for task, model, g in shorts:
         for r in g.itertuples():
             flat_at = int(r.flat_at) if pd.notna(r.flat_at) else None
             ci = r.metrics["curves"]["predictors"]["model"]["excess_bayes"]
+            tops.setdefault((task, model), []).append(ci["relative_ci"][1])
             rows.append({"task": task, "model": model, "seed": r.seed, "stopped": r.reason,
                          "cooldown from": flat_at or "—", "steps": r.steps,
                          "held-out at cooldown": f"{held_out(r.metrics, flat_at):.3f}" if flat_at else "—",
@@ -238,11 +239,9 @@ def short_cells(runs: pd.DataFrame, path: Path) -> list[str]:
                          "relative excess [95% CI]": f"{ci['relative']:.3f} [{ci['relative_ci'][0]:.3f}, "
                                                      f"{ci['relative_ci'][1]:.3f}]", "label": r.learned})
     plot({f"{task} on {model} (dots: cooldown begins)": list(g.metrics) for task, model, g in shorts}, path)
-    tops = {(t, m): [r["curves"]["predictors"]["model"]["excess_bayes"]["relative_ci"][1] for r in g.metrics]
-            for t, m, g in shorts}
-    moves = pd.DataFrame([{"task": t, "model": m, **{f"learned below {c}" + (" (the study's)" if c == 0.1 else ""):
-                                                    f"{sum(top < c for top in ts)}/{len(ts)}" for c in BAR_CUTS}}
-                          for (t, m), ts in tops.items()])
+    cuts = {c: f"learned below {c}" + (" (the study's)" if c == LEARNED_BELOW else "") for c in BAR_CUTS}
+    moves = pd.DataFrame([{"task": t, "model": m, **{name: f"{sum(top < c for top in ts)}/{len(ts)}"
+                                                     for c, name in cuts.items()}} for (t, m), ts in tops.items()])
     return ["## Cells short of the bar: each seed's held-out curve and why it stopped", "",
             "The held-out relative excess over Bayes (1024 held-out sequences, scored every `eval_every` steps during "
             "training; the middle of its interval) when the cooldown began and at the end, beside the evaluation's "
