@@ -67,7 +67,8 @@ def plot(panels: dict[str, list[dict]], path: Path) -> None:
     """One :func:`curve_panel` per entry of ``panels`` (title: runs), side by side, saved to ``path``."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False,
+                             layout="constrained")  # the panels' labels never overlap
     for ax, (title, runs) in zip(axes[0], panels.items()):
         curve_panel(ax, runs, title)
     fig.savefig(path, dpi=110, bbox_inches="tight")
