@@ -19,7 +19,9 @@ cd "$(dirname "$0")/.."
 jobs=${JOBS:-2}
 stack=${STACK:-auto}
 export OMP_NUM_THREADS=1   # one thread per process: a small model's step is GEMM-bound on one core
-dirs="results/converged-runs results/converged-priors-runs results/converged-pool-runs"
+# the run folders `probes` and `records` walk; DIRS=results/my-trial-runs probes and records a trial's runs
+# (to results/reference/records/my-trial-runs) the same way
+dirs=${DIRS:-"results/converged-runs results/converged-priors-runs results/converged-pool-runs"}
 sweep() {
     local args=(--jobs "$jobs" --cpus-per-run 1 --quiet)
     if iclbench sweep --help | grep -q -- "--stack"; then args+=(--stack "$stack"); fi
