@@ -34,7 +34,6 @@ from iclbench.probing import collect_probe  # noqa: E402
 from iclbench.registry import get_registry  # noqa: E402
 from iclbench.rundir import find_runs  # noqa: E402
 
-ALL_TASKS = TASKS + ["decision-tree"]
 TWINS = ["gpt2l", "gpt2l-attn", "gpt3l", "gpt3l-attn"]
 #: the scale study: width x depth on these tasks (experiments/converged/scale.yaml)
 SCALE_TASKS, SCALE_DEPTHS = ["affine", "linreg"], [2, 3, 6]
@@ -200,7 +199,7 @@ def learned_cell(g: pd.DataFrame, bar: bool = False) -> str:
 
 def cells(runs: pd.DataFrame):
     """The main study's cells, (task, model, its runs), tasks and models in the study's order."""
-    for task in [t for t in ALL_TASKS if t in set(runs.task)]:
+    for task in [t for t in TASKS if t in set(runs.task)]:
         for model in [m for m in RANK if m in set(runs.model)]:
             g = runs[(runs.task == task) & (runs.model == model) & (runs.label == model)]
             if len(g):
@@ -211,7 +210,7 @@ def learned_cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Task x depth: 'k/n' seeds learned, how many partly, ✗ where the cell misses the study's bar."""
     table = pd.DataFrame([{"task": t, "model": m, "cell": learned_cell(g, bar=True)} for t, m, g in cells(runs)])
     table = table.pivot(index="task", columns="model", values="cell").fillna("—")
-    return table.loc[[t for t in ALL_TASKS if t in table.index], [m for m in RANK if m in table.columns]].reset_index()
+    return table.loc[[t for t in TASKS if t in table.index], [m for m in RANK if m in table.columns]].reset_index()
 
 
 #: learned cuts on the top of a run's relative-excess interval, around the study's, for the short cells
@@ -278,7 +277,7 @@ def stops(runs: pd.DataFrame) -> pd.DataFrame:
                      "flat at (median step)": f"{flat.flat_at.median():.0f}" if len(flat) else "—",
                      "steps (median)": f"{g.steps.median():.0f}",
                      "train s (median, 1 thread)": f"{g.train_s.median():.0f}"})
-    rows.sort(key=lambda r: (ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, RANK.get(r["model"], 99)))
+    rows.sort(key=lambda r: (TASKS.index(r["task"]) if r["task"] in TASKS else 99, RANK.get(r["model"], 99)))
     return pd.DataFrame(rows)
 
 
@@ -299,7 +298,7 @@ def roles(results: Path, variants: bool = False) -> pd.DataFrame:
         rows.append(row)
     last_number = lambda t: float(t.rsplit("=", 1)[1]) if "=" in t else float("inf")  # noqa: E731
     rows.sort(key=lambda r: (last_number(r["task"]),) if variants else (
-        ALL_TASKS.index(r["task"]) if r["task"] in ALL_TASKS else 99, RANK.get(r["model"], 99)))
+        TASKS.index(r["task"]) if r["task"] in TASKS else 99, RANK.get(r["model"], 99)))
     return pd.DataFrame(rows).fillna("—")
 
 
@@ -445,7 +444,7 @@ def main():
         parts += ["## Which layer does what: roles per layer over learned seeds (none = no better than the "
                   "same read-out on untrained controls)", "", md(roles(RUNS)), ""]
         cells = sorted({(t, m) for t, m in zip(seeds.task, seeds.model)},
-                       key=lambda c: (ALL_TASKS.index(c[0]) if c[0] in ALL_TASKS else 99, c[1]))
+                       key=lambda c: (TASKS.index(c[0]) if c[0] in TASKS else 99, c[1]))
         parts += ["## Untrained controls (seed 0 of each cell's model at initialisation)", "",
                   md(untrained(cells)), ""]
     every_circuit = collect_probe(RUNS, "circuit", registry=registry)
