@@ -50,12 +50,13 @@ HASHED_AS = {("train", "precision", "fp32"): "auto"}
 #: train options that mean something only under ``until: flat`` (and ``steps``, which means nothing there):
 #: left out of the hash where they mean nothing, so that every configuration recorded before the stop rule
 #: existed keeps its hash
-FLAT_ONLY = ("until", "max_steps", "eval_every", "heldout", "flat_window", "flat_tol", "cooldown")
+FLAT_ONLY = ("until", "max_steps", "eval_every", "heldout", "flat_window", "flat_tol", "flat_stat", "cooldown")
 
 
-#: options added to built-in tasks after runs were recorded, left out of the hash at the value that changes
-#: nothing (so every recorded configuration keeps its hash)
-OMIT_AT = {("task", "curriculum"): False, ("task", "active_dims"): 0, ("task", "pool"): 0}
+#: options added after runs were recorded, left out of the hash at the value that changes nothing (so every
+#: recorded configuration keeps its hash)
+OMIT_AT = {("task", "curriculum"): False, ("task", "active_dims"): 0, ("task", "pool"): 0,
+           ("train", "flat_stat"): "mean"}
 
 
 def hashed(section: str, values: dict) -> dict:

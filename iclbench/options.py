@@ -124,7 +124,9 @@ class TrainOptions:
     #: every ``eval_every`` steps on ``heldout`` fixed sequences, flat once the mean over the last
     #: ``flat_window`` scorings has improved on the ``flat_window`` before them by less than ``flat_tol`` of the
     #: reducible error (by its 95 % interval); then the learning rate cools down for ``cooldown`` of the steps
-    #: so far, and training stops. ``max_steps`` caps it (the cooldown then ends at the cap). See
+    #: so far, and training stops. ``max_steps`` caps it (the cooldown then ends at the cap). ``flat_stat``:
+    #: each sequence's error over a window as its "mean" over the window's scorings, or its "median" (one
+    #: outlying scoring, a spike at the full learning rate, then cannot make a falling curve look flat). See
     #: :func:`iclbench.trainer.flat_check` and :class:`iclbench.trainer.Schedule`.
     until: str = "steps"
     max_steps: int = 30000
@@ -132,6 +134,7 @@ class TrainOptions:
     heldout: int = 1024
     flat_window: int = 4
     flat_tol: float = 0.05
+    flat_stat: str = "mean"
     cooldown: float = 0.2
 
     @property
@@ -168,6 +171,8 @@ class TrainOptions:
             raise ValueError(f"heldout must be >= 2 sequences, got {self.heldout}")
         if not self.flat_tol > 0:
             raise ValueError(f"flat_tol must be > 0, got {self.flat_tol}")
+        if self.flat_stat not in ("mean", "median"):
+            raise ValueError(f"flat_stat must be mean or median, got {self.flat_stat!r}")
         if not 0 <= self.cooldown < 1:
             raise ValueError(f"cooldown must be in [0, 1), got {self.cooldown}")
 

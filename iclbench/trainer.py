@@ -150,7 +150,8 @@ def flat_check(stop: Stop, errors: torch.Tensor, held: HeldOut, step: int, o: Tr
                may_stop: bool) -> bool:
     """Record one held-out scoring of a seed in ``stop``; True when it is flat now: the per-sequence mean
     error over the last ``flat_window`` scorings against the ``flat_window`` before them (means over a window,
-    because the error at the full learning rate jitters from one scoring to the next), an improvement whose
+    because the error at the full learning rate jitters from one scoring to the next; medians with
+    ``flat_stat: median``, so that one outlying scoring cannot decide), an improvement whose
     95 % interval (Student's t over the paired sequences) lies wholly below ``flat_tol`` times the reducible
     error (the error over the reference, floored at 0.01; over 0 without a reference).
     Never while ``may_stop`` is False (warmup, a curriculum stage) or before the run is at least partly
@@ -169,7 +170,11 @@ def flat_check(stop: Stop, errors: torch.Tensor, held: HeldOut, step: int, o: Tr
     stop.window = (stop.window + [errors])[-2 * w:]
     flat = False
     if len(stop.window) == 2 * w:
-        before, recent = torch.stack(stop.window[:w]).mean(0), torch.stack(stop.window[w:]).mean(0)
+        scorings = torch.stack(stop.window)  # [2 * w, sequences]
+        if o.flat_stat == "median":
+            before, recent = scorings[:w].quantile(0.5, dim=0), scorings[w:].quantile(0.5, dim=0)
+        else:
+            before, recent = scorings[:w].mean(0), scorings[w:].mean(0)
         gain = before - recent
         gain_half = t * float(gain.std()) / math.sqrt(n)
         scale = max(float((recent - ref).mean()), EXCESS_FLOOR)

@@ -61,6 +61,35 @@ def test_noise_alone_never_makes_a_falling_curve_flat():
     assert first_flat(falling, noise=0.5)[0] is None
 
 
+def test_one_outlying_scoring_stops_a_falling_curve_by_window_means_but_not_by_medians():
+    """A spike at one scoring (the error at the full learning rate jumps for every sequence) inflates the recent
+    window's mean: under ``flat_stat: mean`` a curve still falling by ~3 times the tolerance a window is called
+    flat there (tree gpt2l seed 9 of the converged study stopped so). Medians over the window's scorings ignore
+    it, and still find the curve flat once it stops falling."""
+    mean, median = (dataclasses.replace(FLAT, flat_window=4, flat_stat=s) for s in ("mean", "median"))
+    falling = [0.1 + 0.3 - 0.01 * k for k in range(16)]  # excess 0.30 → 0.15: tolerance ≤ 0.014, gain 0.04
+    spiked = falling[:10] + [falling[10] + 0.15] + falling[11:]
+    assert first_flat(falling, mean)[0] is None and first_flat(falling, median)[0] is None
+    assert first_flat(spiked, mean)[0] == 10  # flat on the spike itself
+    assert first_flat(spiked, median)[0] is None
+    level = falling[:8] + [falling[7]] * 10
+    assert first_flat(level, median)[0] == first_flat(level, mean)[0] == 8 + 4  # the flat part's first window
+    assert first_flat([0.3 - 0.01 * k for k in range(16)], median, noise=0.5)[0] is None  # noise alone: never
+
+
+def test_flat_stat_mean_keeps_every_recorded_hash_and_anything_else_is_one_clear_error():
+    registry = get_registry()
+    flat = resolve(registry, task="affine", model="gpt1l", overrides=["train.until=flat"])
+    assert resolve(registry, task="affine", model="gpt1l", overrides=["train.until=flat", "train.flat_stat=mean"]) \
+        .config_hash == flat.config_hash
+    assert resolve(registry, task="affine", model="gpt1l", overrides=["train.until=flat", "train.flat_stat=median"]) \
+        .config_hash != flat.config_hash
+    assert resolve(registry, task="affine", model="gpt1l", overrides=["train.flat_stat=median"]).config_hash \
+        == resolve(registry, task="affine", model="gpt1l").config_hash  # meaningless under until: steps
+    with pytest.raises(ValueError, match="flat_stat must be mean or median, got 'mode'"):
+        TrainOptions(until="flat", flat_stat="mode").validate()
+
+
 def test_a_plateau_not_yet_partly_learned_is_not_flat_but_the_same_without_a_reference_is():
     """ICL curves sit on long plateaus before they learn; stopping on one would report the plateau."""
     plateau = [0.9] * 10
