@@ -64,8 +64,8 @@ def test_noise_alone_never_makes_a_falling_curve_flat():
 def test_one_outlying_scoring_stops_a_falling_curve_by_window_means_but_not_by_medians():
     """A spike at one scoring (the error at the full learning rate jumps for every sequence) inflates the recent
     window's mean: under ``flat_stat: mean`` a curve still falling by ~3 times the tolerance a window is called
-    flat there (tree gpt2l seed 9 of the converged study stopped so). Medians over the window's scorings ignore
-    it, and still find the curve flat once it stops falling."""
+    flat there. Medians over the window's scorings ignore it, and still find the curve flat once it stops
+    falling."""
     mean, median = (dataclasses.replace(FLAT, flat_window=4, flat_stat=s) for s in ("mean", "median"))
     falling = [0.1 + 0.3 - 0.01 * k for k in range(16)]  # excess 0.30 → 0.15: tolerance ≤ 0.014, gain 0.04
     spiked = falling[:10] + [falling[10] + 0.15] + falling[11:]
