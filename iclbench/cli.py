@@ -285,6 +285,8 @@ def _add_sweep(sub):
     p.add_argument("--out", help="results directory for every run (default: base.out, else results)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs (and the stacked jobs); "
                    "run nothing")
+    p.add_argument("--only", action="append", metavar="GLOB", help="only the runs whose names match this "
+                   "shell-style pattern (repeatable), e.g. 'relu-nn-gpt6l-*-s[0-4]'; --dry-run shows the names")
     p.add_argument("--max-runs", type=int, default=None,
                    help="refuse an experiment of more runs than this (default: 100000), counted before expanding")
     p.add_argument("--quiet", action="store_true", help="no progress display (on a terminal a bar, otherwise a "
@@ -299,6 +301,8 @@ def cmd_sweep(args) -> int:
         raise ICLBenchError(f"--max-runs must be >= 1, got {max_runs}")
     stack = STACK[args.stack]
     experiment = load_experiment(args.experiment, out=args.out, max_runs=max_runs, collect_errors=args.dry_run)
+    if args.only:
+        experiment = experiment.only(args.only)
     if args.dry_run:  # every run's config checked as a run would check it before training: one line each
         checked = check_runs(experiment, devices=args.executor == "local")
         problems = experiment.invalid + list(checked.values())

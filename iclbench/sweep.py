@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import itertools
 import json
 import logging
@@ -109,6 +110,16 @@ class Experiment:
     @property
     def out(self) -> Path:
         return Path(self.runs[0].config.out)
+
+    def only(self, patterns: list[str]) -> Experiment:
+        """The experiment narrowed to the runs whose names match one of the shell-style ``patterns``
+        (``--only 'relu-nn-gpt6l-*-s[0-4]'``): one cell of a study part, run by the names the part gives it."""
+        runs = [p for p in self.runs if any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns)]
+        if not runs:
+            names = ", ".join(p.name for p in self.runs[:2]) + (", ..." if len(self.runs) > 2 else "")
+            raise ICLBenchError(f"{self.path}: no run matches --only {' '.join(repr(p) for p in patterns)}; "
+                                f"its runs are named like {names or '(none)'} (--dry-run lists them)")
+        return dataclasses.replace(self, runs=runs)
 
 
 class _Reader:

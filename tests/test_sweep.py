@@ -128,6 +128,23 @@ def test_cli_bad_experiment_is_one_line_and_nonzero(tmp_path):
         f"iclbench: error: 1 invalid run(s) in {path} (listed above); fix them before running the sweep"]
 
 
+def test_only_narrows_a_sweep_to_the_runs_it_names_and_a_pattern_matching_none_is_one_line(tmp_path):
+    """One cell of a study part, by the names the part gives its runs, with no hand-made file whose names could
+    drift from the part's."""
+    path = experiment(tmp_path, tmp_path / "results", grid={"seed": [0, 1, 2, 3]}, runs=[{"task": "affine"},
+                                                                                         {"task": "linrec"}])
+    names = [p.name for p in load_experiment(path).runs]
+    keep = [n for n in names if n.startswith("linrec-") and n[-1] in "13"]
+    assert [p.name for p in load_experiment(path).only(["linrec-*-s[13]"]).runs] == keep
+    assert len(load_experiment(path).only(["*-s0", "*-s1"]).runs) == 4  # repeated: the union
+    out = cli("sweep", str(path), "--dry-run", "--only", "linrec-*-s[13]")
+    assert out.returncode == 0 and [n for n in names if n in out.stdout] == keep
+    out = cli("sweep", str(path), "--dry-run", "--only", "poly-*")
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.strip().splitlines() == [
+        f"iclbench: error: {path}: no run matches --only 'poly-*'; its runs are named like {names[0]}, "
+        f"{names[1]}, ... (--dry-run lists them)"]
+
+
 # --- running: local process pool ----------------------------------------------------------------------------
 
 GOOD_AND_BROKEN = [{"seed": 0}, {"seed": 1}, {"seed": 2, "device": "cuda:99"}]  # cuda:99 exists nowhere
